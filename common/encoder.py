@@ -1,0 +1,389 @@
+"""The encoder: any HF AutoModel + pooling + prompts + optional projection head + L2 normalisation.
+
+A model directory written by `Encoder.save_pretrained` is a complete encoder:
+- the backbone and tokenizer as `save_pretrained` writes them (safetensors only),
+- `harness_encoder.json`: pooling, normalisation, query/ad prompts, max length, padding side, head,
+- the sentence-transformers files (`modules.json`, `1_Pooling/`, `2_Dense/` for the head,
+  `3_Normalize/`, prompts in `config_sentence_transformers.json`), so that
+  `SentenceTransformer(path).encode(q, prompt_name="query")` gives the same vectors as our loader.
+
+Directories without `harness_encoder.json` (hub models such as Qwen3-Embedding or all-MiniLM-L6-v2)
+are read through their sentence-transformers files, then through the model type.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from common.errors import UserError
+
+ENCODER_CONFIG_NAME = "harness_encoder.json"
+POOLINGS = ("mean", "cls", "last")
+# Decoder LLM embedders (Qwen3-Embedding, gte-Qwen, e5-mistral, ...) pool the last (EOS) token.
+DECODER_MODEL_TYPES = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
+# What decides the vectors; a fingerprint hashes these files (weights sampled, see `model_fingerprint`).
+_FINGERPRINT_SKIP = {"README.md", ".gitattributes", "training_args.json", "all_results.json"}
+
+
+@dataclass
+class EncoderConfig:
+    pooling: str = "mean"
+    normalize: bool = True
+    query_prompt: str = ""
+    ad_prompt: str = ""
+    max_length: int = 128
+    padding_side: str = "right"
+    projection_in: int | None = None
+    projection_out: int | None = None
+    base_model: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def validate(self):
+        if self.pooling not in POOLINGS:
+            raise UserError(f"Unknown pooling '{self.pooling}'; use one of {', '.join(POOLINGS)}.")
+        if self.padding_side not in ("left", "right"):
+            raise UserError(f"Unknown padding side '{self.padding_side}'; use 'left' or 'right'.")
+
+
+def pool(hidden_states, attention_mask, pooling):
+    """Pool token states into one vector per row; correct under left and right padding alike."""
+    mask = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    if pooling == "cls":
+        # First non-pad token: position 0 under right padding, after the pads under left padding.
+        index = (attention_mask * (attention_mask.size(1) - positions)).argmax(1)
+    elif pooling == "last":
+        index = (attention_mask * positions).argmax(1)
+    else:
+        raise UserError(f"Unknown pooling '{pooling}'; use one of {', '.join(POOLINGS)}.")
+    return hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), index]
+
+
+def resolve_model_dir(name_or_path, revision=None, token=None):
+    """Return a local folder for a local path or a hub id (downloaded once into the HF cache)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
+        raise UserError(f"Model path '{name_or_path}' is not a model folder; pass a folder written by save_pretrained.")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "2_Dense/*"]
+    try:
+        return snapshot_download(name_or_path, revision=revision, token=token, allow_patterns=patterns)
+    except Exception as error:  # network, auth, missing repo: all end the same way for the user
+        raise UserError(
+            f"Could not get model '{name_or_path}' from the Hub ({type(error).__name__}); check the id and your "
+            "connection or token, or pass a local folder (offline: download it first with `hf download`)."
+        ) from None
+
+
+def _read_json(folder, *parts):
+    path = os.path.join(folder, *parts)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _config_from_sentence_transformers(folder):
+    """Read pooling, prompts, max length and a Dense head from a sentence-transformers folder."""
+    modules = _read_json(folder, "modules.json")
+    if not modules:
+        return None
+    config, dense_path = EncoderConfig(normalize=False), None
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            pooling_config = _read_json(folder, module["path"], "config.json") or {}
+            mode = pooling_config.get("pooling_mode")
+            if mode is None:
+                flags = {
+                    "pooling_mode_cls_token": "cls",
+                    "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_lasttoken": "last",
+                }
+                mode = next((name for key, name in flags.items() if pooling_config.get(key)), "mean")
+            config.pooling = {"lasttoken": "last", "cls": "cls", "mean": "mean"}.get(mode, mode)
+            if config.pooling not in POOLINGS:
+                raise UserError(f"Pooling mode '{mode}' in {folder} is not supported; use mean, cls or lasttoken.")
+        elif kind == "Dense":
+            dense_path = module["path"]
+        elif kind == "Normalize":
+            config.normalize = True
+    st_config = _read_json(folder, "config_sentence_transformers.json") or {}
+    prompts = st_config.get("prompts") or {}
+    config.query_prompt = prompts.get("query", "")
+    config.ad_prompt = prompts.get("document", prompts.get("passage", ""))
+    bert_config = _read_json(folder, "sentence_bert_config.json") or {}
+    config.max_length = int(bert_config.get("max_seq_length") or config.max_length)
+    if dense_path:
+        dense = _read_json(folder, dense_path, "config.json")
+        activation = dense.get("activation_function", "")
+        if not activation.endswith("Identity"):
+            raise UserError(f"Dense head in {folder} uses activation {activation}; only a linear head is supported.")
+        config.projection_in, config.projection_out = dense["in_features"], dense["out_features"]
+        config.extra["dense_path"] = dense_path
+    return config
+
+
+def model_fingerprint(folder):
+    """A content hash of a model folder: configs and tokenizer in full, weight files sampled.
+
+    Weight files are hashed by their size and 64 evenly spaced 64 KiB blocks, so an 8B model is
+    fingerprinted in well under a second; any training step changes every block.
+    """
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.startswith("checkpoint"))
+        for name in sorted(files):
+            if name in _FINGERPRINT_SKIP or name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode())
+            size = os.path.getsize(path)
+            digest.update(str(size).encode())
+            with open(path, "rb") as handle:
+                if name.endswith((".safetensors", ".bin")) and size > 64 * 65536:
+                    for block in range(64):
+                        handle.seek(block * (size - 65536) // 63)
+                        digest.update(handle.read(65536))
+                else:
+                    digest.update(handle.read())
+    return digest.hexdigest()
+
+
+class Encoder(nn.Module):
+    """Backbone + pooling + optional linear head + optional L2 normalisation."""
+
+    def __init__(self, backbone, tokenizer, config, projection=None):
+        super().__init__()
+        config.validate()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        self.projection = projection
+        self.tokenizer.padding_side = config.padding_side
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.fingerprint = None  # set by from_pretrained; stores record it
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, pooling=None, query_prompt=None, ad_prompt=None, max_length=None,
+                        padding_side=None, normalize=None, dtype=None, trust_remote_code=False, revision=None,
+                        token=None):
+        """Load a model folder or hub id; explicit arguments override what the folder says."""
+        name_or_path = str(name_or_path)
+        folder = resolve_model_dir(name_or_path, revision=revision, token=token)
+        saved = _read_json(folder, ENCODER_CONFIG_NAME)
+        if saved is not None:
+            config = EncoderConfig(**saved)
+        else:
+            config = _config_from_sentence_transformers(folder) or EncoderConfig()
+            try:
+                model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
+            except ValueError as error:
+                raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
+            if model_type in DECODER_MODEL_TYPES:
+                if _read_json(folder, "modules.json") is None:
+                    config.pooling = "last"
+                config.padding_side = "left"
+            config.base_model = name_or_path
+        overrides = {
+            "pooling": pooling, "query_prompt": query_prompt, "ad_prompt": ad_prompt, "max_length": max_length,
+            "padding_side": padding_side, "normalize": normalize,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        if config.pooling == "last" and config.padding_side == "right" and padding_side is None:
+            config.padding_side = "left"
+        torch_dtype = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "float16": torch.float16}[dtype]
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            raise UserError(
+                f"{folder} has no .safetensors weights; convert the checkpoint to safetensors "
+                "(pickle weights are refused because loading them can run arbitrary code)."
+            )
+        backbone = AutoModel.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        projection = None
+        if config.projection_out:
+            projection = nn.Linear(config.projection_in, config.projection_out)
+            dense_path = config.extra.get("dense_path", "2_Dense")
+            weights = load_file(os.path.join(folder, dense_path, "model.safetensors"))
+            projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
+            projection.to(backbone.dtype)
+        encoder = cls(backbone, tokenizer, config, projection)
+        encoder.fingerprint = model_fingerprint(folder)
+        return encoder
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def hidden_size(self):
+        return self.backbone.config.hidden_size
+
+    @property
+    def embedding_dim(self):
+        return self.config.projection_out or self.hidden_size
+
+    def add_projection(self, out_features):
+        """Add a linear head hidden_size -> out_features (used when a student must match a teacher's width)."""
+        self.projection = nn.Linear(self.hidden_size, out_features).to(self.backbone.dtype)
+        self.config.projection_in, self.config.projection_out = self.hidden_size, out_features
+        self.config.extra.pop("dense_path", None)
+
+    # ---------------------------------------------------------------- encoding
+    def prompt_for(self, kind):
+        if kind not in ("query", "ad"):
+            raise ValueError(f"kind must be 'query' or 'ad', got {kind!r}")
+        return self.config.query_prompt if kind == "query" else self.config.ad_prompt
+
+    def tokenize(self, texts, kind):
+        prompt = self.prompt_for(kind)
+        return self.tokenizer(
+            [prompt + text for text in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+
+    def forward(self, input_ids, attention_mask, **model_inputs):
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)
+        embeddings = pool(outputs.last_hidden_state, attention_mask, self.config.pooling)
+        if self.projection is not None:
+            embeddings = self.projection(embeddings)
+        if self.config.normalize:
+            embeddings = F.normalize(embeddings.float(), dim=-1)
+        return embeddings
+
+    @torch.inference_mode()
+    def encode(self, texts, kind, batch_size=64, device=None, progress=False):
+        """Encode texts to a float32 numpy array; batches are length-sorted so padding stays small."""
+        device = device or next(self.parameters()).device
+        order = np.argsort([-len(text) for text in texts], kind="stable")
+        output = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+        was_training = self.training
+        self.eval()
+        for start in starts:
+            index = order[start : start + batch_size]
+            batch = self.tokenize([texts[i] for i in index], kind).to(device)
+            output[index] = self(**batch).float().cpu().numpy()
+        self.train(was_training)
+        return output
+
+    # ---------------------------------------------------------------- saving
+    def save_pretrained(self, folder, state_dict=None):
+        """Write a complete encoder folder (safetensors only). `state_dict` is the full encoder's
+        (e.g. from `accelerator.get_state_dict` under ZeRO-3); by default this module's own."""
+        os.makedirs(folder, exist_ok=True)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(folder, state_dict=backbone_state, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        config = asdict(self.config)
+        config["extra"] = {k: v for k, v in config["extra"].items() if k != "dense_path"}
+        with open(os.path.join(folder, ENCODER_CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+        self._save_sentence_transformers_files(folder, state_dict)
+
+    def _save_sentence_transformers_files(self, folder, state_dict):
+        pooling_flags = {
+            "pooling_mode_cls_token": self.config.pooling == "cls",
+            "pooling_mode_mean_tokens": self.config.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_lasttoken": self.config.pooling == "last",
+            "include_prompt": True,
+        }
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+        _write_json(os.path.join(folder, "1_Pooling", "config.json"),
+                    {"word_embedding_dimension": self.hidden_size, **pooling_flags})
+        if self.projection is not None:
+            dense = os.path.join(folder, "2_Dense")
+            os.makedirs(dense, exist_ok=True)
+            _write_json(os.path.join(dense, "config.json"), {
+                "in_features": self.config.projection_in,
+                "out_features": self.config.projection_out,
+                "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            })
+            head = {k.replace("projection.", "linear.", 1): v.detach().contiguous().cpu()
+                    for k, v in state_dict.items() if k.startswith("projection.")}
+            save_file(head, os.path.join(dense, "model.safetensors"))
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        if self.config.normalize:
+            os.makedirs(os.path.join(folder, "3_Normalize"), exist_ok=True)
+            modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        _write_json(os.path.join(folder, "modules.json"), modules)
+        _write_json(os.path.join(folder, "sentence_bert_config.json"),
+                    {"max_seq_length": self.config.max_length, "do_lower_case": False})
+        _write_json(os.path.join(folder, "config_sentence_transformers.json"), {
+            "prompts": {"query": self.config.query_prompt, "document": self.config.ad_prompt},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        })
+
+
+def _write_json(path, payload):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+
+
+def keep_layers(encoder, layer_indices):
+    """Keep only the given transformer blocks of the backbone (in order); returns the encoder."""
+    layers, owner, attribute = _find_layers(encoder.backbone)
+    if not layer_indices or max(layer_indices) >= len(layers) or min(layer_indices) < 0:
+        raise UserError(f"Layer indices {layer_indices} are out of range for a {len(layers)}-layer model.")
+    setattr(owner, attribute, nn.ModuleList([layers[i] for i in layer_indices]))
+    config = encoder.backbone.config
+    config.num_hidden_layers = len(layer_indices)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layer_indices]
+    for new_index, layer in enumerate(getattr(owner, attribute)):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index  # decoder KV-cache indexing
+    return encoder
+
+
+def evenly_spaced_layers(total, keep):
+    """`keep` layer indices spread over `total`, always including the first and the last."""
+    if keep >= total:
+        return list(range(total))
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def _find_layers(backbone):
+    for owner_name in ("encoder", ""):
+        owner = getattr(backbone, owner_name) if owner_name else backbone
+        for attribute in ("layer", "layers"):
+            layers = getattr(owner, attribute, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers, owner, attribute
+    raise UserError(f"Cannot find the transformer blocks of {type(backbone).__name__}; pass --student_model instead.")

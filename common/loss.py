@@ -1,0 +1,112 @@
+"""InfoNCE for retrieval with in-batch, hard and cross-process negatives (one module, as in open_clip).
+
+Every process computes the loss of its own queries against the candidates of all processes. The
+gather keeps the gradient: its backward sums the gradients that every process sends back to the
+candidates, so with DDP/DeepSpeed averaging the result equals one large-batch loss. It only uses
+all_gather and all_reduce, which both NCCL and gloo have.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(tensor):
+    """Concatenate `tensor` from all processes (same shape on each); gradients flow back to each owner."""
+    if not distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def gather_no_grad(tensor):
+    if not distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+def contrastive_loss(queries, positives, negatives=None, *, temperature, positive_keys=None, negative_keys=None,
+                     query_keys=None, positive_groups=None, false_negative_margin=0.1, query_query=False, ad_ad=False,
+                     gather=True):
+    """InfoNCE of each local query against its positive, with every other candidate as a negative.
+
+    queries, positives: (B, D) local rows (L2-normalised for cosine). negatives: (B*H, D) or None.
+    Candidates are all positives and negatives of all processes; with `query_query` the other queries
+    and with `ad_ad` the positive's similarity to the other positives join the denominator (the
+    Qwen3-Embedding / GTE formulation). Keys (int64 per row, e.g. hashed ad ids or texts) mark
+    duplicates: a candidate with the key of the query's positive is never a negative. With
+    `positive_groups` (int64 per row, e.g. hashed ad-group ids), another positive of the same group is
+    not a negative either. With `false_negative_margin` m, a negative scoring above s(q, p) + m is dropped as a likely false
+    negative. Returns (loss, accuracy of the positive being ranked first).
+    """
+    batch = queries.shape[0]
+    gather_fn = gather_with_grad if gather else (lambda tensor: tensor)
+    keys_fn = gather_no_grad if gather else (lambda tensor: tensor)
+    offset = dist.get_rank() * batch if gather and distributed() else 0
+    local = torch.arange(batch, device=queries.device)
+    labels = offset + local
+
+    all_positives = gather_fn(positives)
+    candidates = [all_positives]
+    if positive_keys is None:
+        positive_keys = torch.full((batch,), -1, dtype=torch.long, device=queries.device) - local
+    all_positive_keys = keys_fn(positive_keys)
+    candidate_keys = [all_positive_keys]
+    if negatives is not None and negatives.numel():
+        candidates.append(gather_fn(negatives))
+        if negative_keys is None:
+            negative_keys = torch.full((negatives.shape[0],), -(10**12), dtype=torch.long, device=queries.device)
+        candidate_keys.append(keys_fn(negative_keys))
+    candidates, candidate_keys = torch.cat(candidates), torch.cat(candidate_keys)
+
+    scores = queries @ candidates.T  # (B, C)
+    positive_scores = scores[local, labels].unsqueeze(1)
+    is_label = torch.zeros_like(scores, dtype=torch.bool)
+    is_label[local, labels] = True
+    mask = (candidate_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) & ~is_label
+    if positive_groups is not None:
+        same_group = keys_fn(positive_groups).unsqueeze(0) == positive_groups.unsqueeze(1)
+        mask[:, : same_group.shape[1]] |= same_group & ~is_label[:, : same_group.shape[1]]
+    blocks, masks = [scores], [mask]
+    if query_query:
+        all_queries = gather_fn(queries)
+        block = queries @ all_queries.T
+        self_mask = torch.zeros_like(block, dtype=torch.bool)
+        self_mask[local, labels] = True
+        if query_keys is not None:
+            self_mask |= keys_fn(query_keys).unsqueeze(0) == query_keys.unsqueeze(1)
+        blocks.append(block)
+        masks.append(self_mask)
+    if ad_ad:
+        block = positives @ all_positives.T
+        blocks.append(block)
+        masks.append((all_positive_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) | is_label[:, : block.shape[1]])
+    logits, mask = torch.cat(blocks, dim=1), torch.cat(masks, dim=1)
+    if false_negative_margin is not None:
+        too_close = logits > positive_scores + false_negative_margin
+        too_close[local, labels] = False
+        mask |= too_close
+    logits = (logits / temperature).float().masked_fill(mask, float("-inf"))
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return loss, accuracy

@@ -1,0 +1,58 @@
+"""FAISS search over an ad matrix and the retrieval metrics (P@k, R@k, nDCG@k with graded gains, MRR@k)."""
+
+import math
+
+import numpy as np
+
+
+def build_index(ad_vectors, use_gpu=True):
+    """Exact inner-product index (cosine on normalised vectors); on the GPUs when faiss has them."""
+    import faiss
+
+    ad_vectors = np.ascontiguousarray(ad_vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(ad_vectors.shape[1])
+    # faiss-cpu has no GPU API at all; faiss-gpu on a machine without GPUs reports zero of them.
+    if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(ad_vectors)
+    return index
+
+
+def search(index, query_vectors, k, batch_size=4096):
+    """Top-k (scores, row indices) for each query; k is capped at the number of ads."""
+    k = min(k, index.ntotal)
+    query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    scores, rows = [], []
+    for start in range(0, len(query_vectors), batch_size):
+        batch_scores, batch_rows = index.search(query_vectors[start : start + batch_size], k)
+        scores.append(batch_scores)
+        rows.append(batch_rows)
+    return np.concatenate(scores), np.concatenate(rows)
+
+
+def retrieval_metrics(ranked_ids, qrels, ks):
+    """Mean P@k, R@k, nDCG@k and MRR@k over the queries that have at least one relevant document.
+
+    ranked_ids: {query_id: [doc_id, ...] best first}; qrels: {query_id: {doc_id: grade}}, grade > 0
+    is relevant. nDCG uses linear gains (the grade itself) and log2 discounts, as trec_eval does.
+    """
+    totals = {f"{name}@{k}": 0.0 for k in ks for name in ("precision", "recall", "ndcg", "mrr")}
+    judged = [qid for qid, grades in qrels.items() if any(grade > 0 for grade in grades.values())]
+    for qid in judged:
+        grades = qrels[qid]
+        ranked = ranked_ids.get(qid, [])
+        relevant_count = sum(1 for grade in grades.values() if grade > 0)
+        ideal = sorted((grade for grade in grades.values() if grade > 0), reverse=True)
+        for k in ks:
+            top = ranked[:k]
+            hits = [grades.get(doc_id, 0) for doc_id in top]
+            relevant_hits = sum(1 for grade in hits if grade > 0)
+            totals[f"precision@{k}"] += relevant_hits / k
+            totals[f"recall@{k}"] += relevant_hits / relevant_count
+            dcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(hits))
+            idcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(ideal[:k]))
+            totals[f"ndcg@{k}"] += dcg / idcg
+            first = next((rank for rank, grade in enumerate(hits) if grade > 0), None)
+            totals[f"mrr@{k}"] += 0.0 if first is None else 1.0 / (first + 1)
+    count = max(len(judged), 1)
+    return {name: value / count for name, value in totals.items()}

@@ -1,0 +1,257 @@
+"""Training plumbing every phase shares: arguments, Accelerator set-up, checkpoints and resume, logging."""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+
+import torch
+import yaml
+
+from common.errors import UserError
+
+logger = logging.getLogger("harness")
+
+
+
+# ---------------------------------------------------------------------------- arguments
+def add_common_training_args(parser):
+    """The Hub's flag names for the parts of a training run every phase has."""
+    group = parser.add_argument_group("Optimisation")
+    group.add_argument("--per_device_train_batch_size", type=int, default=32)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=5e-5)
+    group.add_argument("--weight_decay", type=float, default=0.01)
+    group.add_argument("--num_train_epochs", type=float, default=1.0)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
+    group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the optimiser steps.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group = parser.add_argument_group("Runtime")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: what `accelerate config` says (bf16 in the shipped GPU configs).")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group = parser.add_argument_group("Checkpointing")
+    group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
+    group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    group = parser.add_argument_group("Logging and Hub")
+    group.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none.")
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None, help="Default: the HF_TOKEN environment or the cached login.")
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def parse_with_config(parser, argv=None):
+    """Parse argv; `--config file.yaml` supplies defaults that flags on the command line override."""
+    parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags win.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        if not os.path.exists(known.config):
+            raise UserError(f"Config file {known.config} does not exist; check the path.")
+        with open(known.config, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{known.config} must be a YAML mapping of flag names to values.")
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise UserError(f"{known.config} sets unknown flags {', '.join(unknown)}; remove or rename them.")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- accelerator
+def make_accelerator(args, log_with=None):
+    """An Accelerator with gloo on CPU-only machines (DeepSpeed's gathers fail on CPU otherwise)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with or report_to,
+        project_dir=args.output_dir,
+        kwargs_handlers=handlers,
+        # Seedable sampler: the shuffle order is a function of (seed, epoch), so resume can replay it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    _quiet_libraries()
+    return accelerator
+
+
+def _quiet_libraries():
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def uses_deepspeed(accelerator):
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def check_output_dir(output_dir, script, overwrite=False):
+    """Refuse to mix two different runs' files in one output folder."""
+    marker = os.path.join(output_dir, "training_args.json")
+    if os.path.exists(marker) and not overwrite:
+        with open(marker, encoding="utf-8") as handle:
+            previous = json.load(handle).get("script")
+        if previous and previous != script:
+            raise UserError(
+                f"{output_dir} holds the output of {previous}; pick another --output_dir for {script}."
+            )
+
+
+# ---------------------------------------------------------------------------- steps and schedule
+def plan_steps(args, batches_per_epoch, accelerator):
+    """Optimiser steps per epoch and in total (one step per `gradient_accumulation_steps` batches)."""
+    steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)
+    if args.max_train_steps is None:
+        args.max_train_steps = max(int(args.num_train_epochs * steps_per_epoch), 1)
+    epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = int(0.05 * args.max_train_steps)
+    return steps_per_epoch, epochs
+
+
+def make_optimizer_and_scheduler(args, model):
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    return optimizer, scheduler
+
+
+def log_banner(args, accelerator, num_examples, epochs):
+    total = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_examples}")
+    logger.info(f"  Num epochs = {epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+
+def progress_bar(total, accelerator, initial=0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_local_main_process, desc="steps")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+_CHECKPOINT = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir):
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(accelerator, args, step, epoch, batch_in_epoch):
+    """accelerator.save_state into a temporary folder, renamed into place once complete; keep the last N."""
+    root = checkpoint_root(args.output_dir)
+    final = os.path.join(root, f"step_{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "args": vars(args)}
+        with open(os.path.join(partial, "trainer_state.json"), "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        existing = sorted(_complete_checkpoints(root), key=lambda item: item[0])
+        for _, stale in existing[: max(len(existing) - args.checkpoints_total_limit, 0)]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _complete_checkpoints(root):
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _CHECKPOINT.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.exists(os.path.join(path, "trainer_state.json")):
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def resume_state(accelerator, args):
+    """Load the checkpoint named by --resume_from_checkpoint; returns (step, epoch, batch_in_epoch)."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, 0
+    if args.resume_from_checkpoint == "latest":
+        found = _complete_checkpoints(checkpoint_root(args.output_dir))
+        if not found:
+            logger.info(f"No checkpoint under {checkpoint_root(args.output_dir)}; starting from scratch.")
+            return 0, 0, 0
+        path = max(found)[1]
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.exists(os.path.join(path, "trainer_state.json")):
+            raise UserError(f"{path} is not a complete checkpoint (no trainer_state.json); pass another or 'latest'.")
+    logger.info(f"Resuming from {path}")
+    accelerator.load_state(path)
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+# ---------------------------------------------------------------------------- outputs
+def save_run_files(output_dir, args, script, results=None):
+    """training_args.json (the whole config) and all_results.json next to the saved model."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+        json.dump({"script": script, **{k: v for k, v in vars(args).items() if k != "hub_token"}}, handle,
+                  indent=2, default=str)
+    if results is not None:
+        with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def tracker_config(args):
+    """Config for trackers: scalars only, never the token."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+            if k != "hub_token"}
+
+
+def check_finite_loss(loss, step):
+    if not torch.isfinite(loss).all():
+        raise UserError(
+            f"The loss became {loss.item()} at step {step}; lower --learning_rate or check the data. "
+            "The last checkpoint is kept and no weights were saved."
+        )

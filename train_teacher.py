@@ -1,0 +1,227 @@
+"""Phase 1: fine-tune a large embedder as a retriever with InfoNCE (the HARNESS-LM teacher).
+
+Symmetric dual encoder: the same weights encode queries (with the query prompt) and ads. Negatives:
+mined hard negatives, in-batch ads, in-batch queries and ad-ad pairs, gathered across processes
+with gradient. A negative scoring above s(q, a+) + margin, with the positive's text or from the
+positive's ad group, is masked as a likely false negative.
+
+Single machine (the embedded default: all-MiniLM-L6-v2 on the built-in data, CPU, ~2 minutes):
+    python train_teacher.py
+Multi-GPU (DDP) / DeepSpeed ZeRO-3 for Qwen3-Embedding-4B/8B:
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_teacher.py --train_file clicks.jsonl
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train_teacher.py \
+        --model_name_or_path Qwen/Qwen3-Embedding-8B --train_file clicks.jsonl --gradient_checkpointing \
+        --per_device_train_batch_size 64 --temperature 0.01 --output_dir teacher
+Two CPU processes (gloo), e.g. to check a multi-process run without GPUs:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_teacher.py
+"""
+
+import argparse
+import os
+import random
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from common.data import check_text, check_text_list, load_table, require_columns, text_key
+from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
+from common.encoder import Encoder
+from common.errors import UserError, run_cli
+from common.hub import push_to_hub, write_model_card
+from common.loss import contrastive_loss
+from common.training import (
+    add_common_training_args,
+    check_finite_loss,
+    check_output_dir,
+    log_banner,
+    logger,
+    make_accelerator,
+    make_optimizer_and_scheduler,
+    parse_with_config,
+    plan_steps,
+    progress_bar,
+    resume_state,
+    save_checkpoint,
+    save_run_files,
+    tracker_config,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Model
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model_name_or_path", default=None, help="Hub id or folder; default: all-MiniLM-L6-v2.")
+    group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Default: from the model.")
+    group.add_argument("--query_prompt", default=None, help="e.g. 'Instruct: Given a web search query, ...\\nQuery:'")
+    group.add_argument("--ad_prompt", default=None)
+    group.add_argument("--max_length", type=int, default=None)
+    group.add_argument("--padding_side", choices=["left", "right"], default=None)
+    # Data
+    group = parser.add_argument_group("Data")
+    group.add_argument("--train_file", default=None, help="Hub id or jsonl/parquet/csv; default: the built-in data.")
+    group.add_argument("--train_split", default="train")
+    group.add_argument("--query_column", default="query")
+    group.add_argument("--positive_column", default="positive")
+    group.add_argument("--negatives_column", default="negatives", help="List of hard-negative ad texts (optional).")
+    group.add_argument("--group_column", default="group", help="Ad group / advertiser of the positive (optional).")
+    group.add_argument("--num_hard_negatives", type=int, default=1, help="Per query; missing ones are random ads.")
+    # Loss
+    group = parser.add_argument_group("Loss")
+    group.add_argument("--temperature", type=float, default=0.05)
+    group.add_argument("--false_negative_margin", type=float, default=0.1, help="Negative value: no margin mask.")
+    group.add_argument("--no_query_query", action="store_true", help="Leave in-batch queries out of the negatives.")
+    group.add_argument("--no_ad_ad", action="store_true", help="Leave ad-ad pairs out of the denominator.")
+    # Output
+    group = parser.add_argument_group("Output")
+    group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "teacher"))
+    group.add_argument("--overwrite_output_dir", action="store_true")
+    add_common_training_args(parser)
+    parser.set_defaults(learning_rate=3e-5, per_device_train_batch_size=64)
+    return parse_with_config(parser, argv)
+
+
+def read_pairs(args):
+    """Validated training rows: query, positive, hard negatives (texts) and the positive's group."""
+    table = load_table(args.train_file, split=args.train_split)
+    require_columns(table, [args.query_column, args.positive_column], args.train_file)
+    columns = table.column_names
+    negatives = table[args.negatives_column] if args.negatives_column in columns else [None] * len(table)
+    groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
+    rows = []
+    for row, (query, positive, row_negatives, group) in enumerate(
+        zip(table[args.query_column], table[args.positive_column], negatives, groups)
+    ):
+        rows.append({
+            "query": check_text(query, args.train_file, row, args.query_column),
+            "positive": check_text(positive, args.train_file, row, args.positive_column),
+            "negatives": check_text_list(row_negatives, args.train_file, row, args.negatives_column),
+            "group": None if group is None else str(group),
+        })
+    if not rows:
+        raise UserError(f"{args.train_file} has no rows; point --train_file at the training pairs.")
+    return rows
+
+
+class PairCollator:
+    """Tokenises a batch: queries with the query prompt; positives then hard negatives with the ad prompt."""
+
+    def __init__(self, encoder, num_hard_negatives, ad_pool, seed):
+        self.encoder, self.num_hard_negatives, self.ad_pool = encoder, num_hard_negatives, ad_pool
+        self.rng = random.Random(seed)
+
+    def __call__(self, rows):
+        negatives = []
+        for row in rows:
+            chosen = row["negatives"][: self.num_hard_negatives]
+            while len(chosen) < self.num_hard_negatives:  # fill up with random ads (masked if equal to the positive)
+                chosen.append(self.rng.choice(self.ad_pool))
+            negatives.extend(chosen)
+        positives = [row["positive"] for row in rows]
+        return {
+            "queries": self.encoder.tokenize([row["query"] for row in rows], "query"),
+            "ads": self.encoder.tokenize(positives + negatives, "ad"),
+            "query_keys": torch.tensor([text_key(row["query"]) for row in rows]),
+            "positive_keys": torch.tensor([text_key(text) for text in positives]),
+            "negative_keys": torch.tensor([text_key(text) for text in negatives], dtype=torch.long),
+            "positive_groups": torch.tensor([text_key(row["group"] or row["positive"]) for row in rows]),
+        }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_dir(args.output_dir, "train_teacher.py", args.overwrite_output_dir)
+    accelerator = make_accelerator(args)
+    if args.train_file is None:
+        with accelerator.main_process_first():
+            args.train_file = demo_paths()["train"]
+    args.model_name_or_path = args.model_name_or_path or demo_base_model()
+    set_seed(args.seed)
+
+    encoder = Encoder.from_pretrained(
+        args.model_name_or_path, pooling=args.pooling, query_prompt=args.query_prompt, ad_prompt=args.ad_prompt,
+        max_length=args.max_length, padding_side=args.padding_side, trust_remote_code=args.trust_remote_code,
+    )
+    if args.gradient_checkpointing:
+        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = read_pairs(args)
+    ad_pool = sorted({row["positive"] for row in rows})
+    dataloader = DataLoader(
+        rows, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+        collate_fn=PairCollator(encoder, args.num_hard_negatives, ad_pool, args.seed),
+        num_workers=args.dataloader_num_workers,
+    )
+    if len(rows) < args.per_device_train_batch_size * accelerator.num_processes:
+        raise UserError(
+            f"{len(rows)} training rows are fewer than one global batch; lower --per_device_train_batch_size."
+        )
+    steps_per_epoch, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, encoder)
+    encoder, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
+    accelerator.init_trackers("train_teacher", config=tracker_config(args))
+
+    step, start_epoch, skip_batches = resume_state(accelerator, args)
+    log_banner(args, accelerator, len(rows), epochs)
+    bar = progress_bar(args.max_train_steps, accelerator, initial=step)
+    margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
+    encoder.train()
+    for epoch in range(start_epoch, epochs):
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
+        batch_in_epoch = skip_batches if epoch == start_epoch else 0
+        for batch in batches:
+            batch_in_epoch += 1
+            with accelerator.accumulate(encoder):
+                query_vectors = encoder(**batch["queries"])
+                ad_vectors = encoder(**batch["ads"])
+                positives, negatives = ad_vectors[: len(query_vectors)], ad_vectors[len(query_vectors) :]
+                loss, accuracy = contrastive_loss(
+                    query_vectors, positives, negatives, temperature=args.temperature,
+                    positive_keys=batch["positive_keys"], negative_keys=batch["negative_keys"],
+                    query_keys=batch["query_keys"], positive_groups=batch["positive_groups"],
+                    false_negative_margin=margin, query_query=not args.no_query_query, ad_ad=not args.no_ad_ad,
+                )
+                check_finite_loss(loss, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                logs = {"loss": loss.item(), "accuracy": accuracy.item(), "lr": scheduler.get_last_lr()[0]}
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.2f}")
+                accelerator.log(logs, step=step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, step, epoch, batch_in_epoch)
+            if step >= args.max_train_steps:
+                break
+        skip_batches = 0
+        if step >= args.max_train_steps:
+            break
+    bar.close()
+
+    # Under ZeRO-3 the weights are sharded: get_state_dict gathers them (16-bit save must be on).
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(encoder)
+    results = {"train_loss": loss.item(), "train_accuracy": accuracy.item(), "steps": step}
+    if accelerator.is_main_process:
+        teacher = accelerator.unwrap_model(encoder)
+        teacher.save_pretrained(args.output_dir, state_dict=state_dict)
+        write_model_card(args.output_dir, teacher, "teacher", "train_teacher.py", results)
+        save_run_files(args.output_dir, args, "train_teacher.py", results)
+        logger.info(f"Saved the teacher to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
