@@ -24,26 +24,28 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from common.data import check_text, check_text_list, load_table, require_columns, text_key
+from common.data import (
+    check_text,
+    check_text_list,
+    load_table,
+    require_columns,
+    text_key,
+)
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.hub import push_to_hub, write_model_card
 from common.loss import contrastive_loss
 from common.training import (
+    TrainLoop,
     add_common_training_args,
     check_finite_loss,
     check_output_dir,
     log_banner,
-    logger,
     make_accelerator,
     make_optimizer_and_scheduler,
     parse_with_config,
     plan_steps,
-    progress_bar,
-    resume_state,
-    save_checkpoint,
-    save_run_files,
+    save_final_model,
     tracker_config,
 )
 
@@ -93,12 +95,14 @@ def read_pairs(args):
     for row, (query, positive, row_negatives, group) in enumerate(
         zip(table[args.query_column], table[args.positive_column], negatives, groups)
     ):
-        rows.append({
-            "query": check_text(query, args.train_file, row, args.query_column),
-            "positive": check_text(positive, args.train_file, row, args.positive_column),
-            "negatives": check_text_list(row_negatives, args.train_file, row, args.negatives_column),
-            "group": None if group is None else str(group),
-        })
+        rows.append(
+            {
+                "query": check_text(query, args.train_file, row, args.query_column),
+                "positive": check_text(positive, args.train_file, row, args.positive_column),
+                "negatives": check_text_list(row_negatives, args.train_file, row, args.negatives_column),
+                "group": None if group is None else str(group),
+            }
+        )
     if not rows:
         raise UserError(f"{args.train_file} has no rows; point --train_file at the training pairs.")
     return rows
@@ -140,15 +144,23 @@ def main(argv=None):
     set_seed(args.seed)
 
     encoder = Encoder.from_pretrained(
-        args.model_name_or_path, pooling=args.pooling, query_prompt=args.query_prompt, ad_prompt=args.ad_prompt,
-        max_length=args.max_length, padding_side=args.padding_side, trust_remote_code=args.trust_remote_code,
+        args.model_name_or_path,
+        pooling=args.pooling,
+        query_prompt=args.query_prompt,
+        ad_prompt=args.ad_prompt,
+        max_length=args.max_length,
+        padding_side=args.padding_side,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.gradient_checkpointing:
         encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = read_pairs(args)
     ad_pool = sorted({row["positive"] for row in rows})
     dataloader = DataLoader(
-        rows, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+        rows,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
         collate_fn=PairCollator(encoder, args.num_hard_negatives, ad_pool, args.seed),
         num_workers=args.dataloader_num_workers,
     )
@@ -156,70 +168,44 @@ def main(argv=None):
         raise UserError(
             f"{len(rows)} training rows are fewer than one global batch; lower --per_device_train_batch_size."
         )
-    steps_per_epoch, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
+    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
     optimizer, scheduler = make_optimizer_and_scheduler(args, encoder)
     encoder, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
     accelerator.init_trackers("train_teacher", config=tracker_config(args))
 
-    step, start_epoch, skip_batches = resume_state(accelerator, args)
+    loop = TrainLoop(accelerator, args, dataloader, epochs)
     log_banner(args, accelerator, len(rows), epochs)
-    bar = progress_bar(args.max_train_steps, accelerator, initial=step)
     margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
     encoder.train()
-    for epoch in range(start_epoch, epochs):
-        dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
-        batch_in_epoch = skip_batches if epoch == start_epoch else 0
-        for batch in batches:
-            batch_in_epoch += 1
-            with accelerator.accumulate(encoder):
-                query_vectors = encoder(**batch["queries"])
-                ad_vectors = encoder(**batch["ads"])
-                positives, negatives = ad_vectors[: len(query_vectors)], ad_vectors[len(query_vectors) :]
-                loss, accuracy = contrastive_loss(
-                    query_vectors, positives, negatives, temperature=args.temperature,
-                    positive_keys=batch["positive_keys"], negative_keys=batch["negative_keys"],
-                    query_keys=batch["query_keys"], positive_groups=batch["positive_groups"],
-                    false_negative_margin=margin, query_query=not args.no_query_query, ad_ad=not args.no_ad_ad,
-                )
-                check_finite_loss(loss, step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                logs = {"loss": loss.item(), "accuracy": accuracy.item(), "lr": scheduler.get_last_lr()[0]}
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.2f}")
-                accelerator.log(logs, step=step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, step, epoch, batch_in_epoch)
-            if step >= args.max_train_steps:
-                break
-        skip_batches = 0
-        if step >= args.max_train_steps:
-            break
-    bar.close()
+    for batch in loop:
+        with accelerator.accumulate(encoder):
+            query_vectors = encoder(**batch["queries"])
+            ad_vectors = encoder(**batch["ads"])  # positives, then the hard negatives
+            positives, negatives = ad_vectors[: len(query_vectors)], ad_vectors[len(query_vectors) :]
+            loss, accuracy = contrastive_loss(
+                query_vectors,
+                positives,
+                negatives,
+                temperature=args.temperature,
+                positive_keys=batch["positive_keys"],
+                negative_keys=batch["negative_keys"],
+                query_keys=batch["query_keys"],
+                positive_groups=batch["positive_groups"],
+                false_negative_margin=margin,
+                query_query=not args.no_query_query,
+                ad_ad=not args.no_ad_ad,
+            )
+            check_finite_loss(loss, loop.step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        loop.end_of_batch(loss=loss.item(), accuracy=accuracy.item(), lr=scheduler.get_last_lr()[0])
 
-    # Under ZeRO-3 the weights are sharded: get_state_dict gathers them (16-bit save must be on).
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(encoder)
-    results = {"train_loss": loss.item(), "train_accuracy": accuracy.item(), "steps": step}
-    if accelerator.is_main_process:
-        teacher = accelerator.unwrap_model(encoder)
-        teacher.save_pretrained(args.output_dir, state_dict=state_dict)
-        write_model_card(args.output_dir, teacher, "teacher", "train_teacher.py", results)
-        save_run_files(args.output_dir, args, "train_teacher.py", results)
-        logger.info(f"Saved the teacher to {args.output_dir}")
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    results = {f"train_{key}": value for key, value in loop.last_logs.items()} | {"steps": loop.step}
+    save_final_model(accelerator, args, encoder, "train_teacher.py", "teacher", results)
     return results
 
 

@@ -18,7 +18,9 @@ def load_table(source, split="train", streaming=False):
     if os.path.exists(source):
         extension = os.path.splitext(source)[1].lower()
         if extension not in _BUILDERS:
-            raise UserError(f"{source}: unsupported file type '{extension}'; use .jsonl, .json, .parquet, .csv or .tsv.")
+            raise UserError(
+                f"{source}: unsupported file type '{extension}'; use .jsonl, .json, .parquet, .csv or .tsv."
+            )
         if os.path.getsize(source) == 0:
             raise UserError(f"{source} is empty; point the flag at a file with rows.")
         kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
@@ -27,7 +29,9 @@ def load_table(source, split="train", streaming=False):
                 _BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
             )
         except Exception as error:
-            raise UserError(f"{source} could not be read as {extension[1:]} ({_first_line(error)}); fix the file.") from None
+            raise UserError(
+                f"{source} could not be read as {extension[1:]} ({_first_line(error)}); fix the file."
+            ) from None
     if source.startswith((".", "/")) or source.endswith(tuple(_BUILDERS)):
         raise UserError(f"Data file '{source}' does not exist; check the path.")
     try:
@@ -57,7 +61,9 @@ def require_columns(table, columns, source, flag_hint="--*_column"):
 def check_text(value, source, row, column):
     """A text cell must be a non-empty string; says file, row and column otherwise."""
     if not isinstance(value, str):
-        raise UserError(f"{source} row {row}, column '{column}': expected text, got {type(value).__name__}; fix or drop the row.")
+        raise UserError(
+            f"{source} row {row}, column '{column}': expected text, got {type(value).__name__}; fix or drop the row."
+        )
     if not value.strip():
         raise UserError(f"{source} row {row}, column '{column}': empty text; fix or drop the row.")
     return value
@@ -67,7 +73,9 @@ def check_text_list(value, source, row, column):
     if value is None:
         return []
     if not isinstance(value, list):
-        raise UserError(f"{source} row {row}, column '{column}': expected a list of texts, got {type(value).__name__}; fix the row.")
+        raise UserError(
+            f"{source} row {row}, column '{column}': expected a list of texts, got {type(value).__name__}; fix the row."
+        )
     return [check_text(item, source, row, column) for item in value]
 
 
@@ -79,7 +87,9 @@ def read_texts(source, id_column, text_column, split="train"):
     texts = [check_text(value, source, row, text_column) for row, value in enumerate(table[text_column])]
     if len(set(ids)) != len(ids):
         duplicate = next(value for value, count in _counts(ids).items() if count > 1)
-        raise UserError(f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique.")
+        raise UserError(
+            f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique."
+        )
     return ids, texts
 
 
@@ -92,7 +102,9 @@ def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_c
         try:
             grade = int(grade)
         except (TypeError, ValueError):
-            raise UserError(f"{source} row {row}, column '{relevance_column}': '{grade}' is not an integer grade.") from None
+            raise UserError(
+                f"{source} row {row}, column '{relevance_column}': '{grade}' is not an integer grade."
+            ) from None
         qrels.setdefault(str(qid), {})[str(did)] = grade
     return qrels
 

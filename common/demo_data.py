@@ -39,52 +39,147 @@ PRODUCTS = {
 # Each intent: phrases a searcher types, and phrases an advertiser writes.
 INTENTS = {
     "buy": {
-        "query": ["buy {p}", "new {p} deals", "best {p} to buy", "{p} for sale new", "order a new {p}",
-                  "cheapest new {p}", "{p} shop online", "where to buy a {p}"],
-        "ad": ["Shop new {p}s at {b}", "{b} new {p}s - free delivery", "Buy a brand new {p} from {b}",
-               "{b}: the latest {p} models in stock"],
+        "query": [
+            "buy {p}",
+            "new {p} deals",
+            "best {p} to buy",
+            "{p} for sale new",
+            "order a new {p}",
+            "cheapest new {p}",
+            "{p} shop online",
+            "where to buy a {p}",
+        ],
+        "ad": [
+            "Shop new {p}s at {b}",
+            "{b} new {p}s - free delivery",
+            "Buy a brand new {p} from {b}",
+            "{b}: the latest {p} models in stock",
+        ],
         "tail": ["Order online today.", "Factory warranty included.", "Lowest prices on new models."],
     },
     "used": {
-        "query": ["used {p}", "second hand {p}", "pre-owned {p} for sale", "refurbished {p}",
-                  "cheap used {p}", "{p} secondhand deals", "certified pre owned {p}", "old {p} bargain"],
-        "ad": ["Quality used {p}s from {b}", "{b} certified pre-owned {p}s", "Refurbished {p}s at {b}",
-               "{b} second-hand {p} marketplace"],
+        "query": [
+            "used {p}",
+            "second hand {p}",
+            "pre-owned {p} for sale",
+            "refurbished {p}",
+            "cheap used {p}",
+            "{p} secondhand deals",
+            "certified pre owned {p}",
+            "old {p} bargain",
+        ],
+        "ad": [
+            "Quality used {p}s from {b}",
+            "{b} certified pre-owned {p}s",
+            "Refurbished {p}s at {b}",
+            "{b} second-hand {p} marketplace",
+        ],
         "tail": ["Inspected and graded.", "Save up to 60% versus new.", "Every unit tested."],
     },
     "repair": {
-        "query": ["{p} repair", "fix my {p}", "broken {p} help", "{p} repair shop near me",
-                  "{p} not working", "{p} service and maintenance", "who repairs {p}s", "{p} fix cost"],
-        "ad": ["{b} {p} repair service", "Broken {p}? {b} fixes it fast", "{b}: expert {p} repairs",
-               "{p} maintenance and repair by {b}"],
+        "query": [
+            "{p} repair",
+            "fix my {p}",
+            "broken {p} help",
+            "{p} repair shop near me",
+            "{p} not working",
+            "{p} service and maintenance",
+            "who repairs {p}s",
+            "{p} fix cost",
+        ],
+        "ad": [
+            "{b} {p} repair service",
+            "Broken {p}? {b} fixes it fast",
+            "{b}: expert {p} repairs",
+            "{p} maintenance and repair by {b}",
+        ],
         "tail": ["Same-week appointments.", "Certified technicians.", "Free diagnosis."],
     },
     "rent": {
-        "query": ["rent a {p}", "{p} rental", "{p} hire by the day", "lease a {p}", "{p} to rent this weekend",
-                  "short term {p} rental", "borrow a {p} for a week", "{p} rent monthly"],
-        "ad": ["{b} {p} rentals", "Rent a {p} from {b} today", "{b}: daily and weekly {p} hire",
-               "Flexible {p} leasing with {b}"],
+        "query": [
+            "rent a {p}",
+            "{p} rental",
+            "{p} hire by the day",
+            "lease a {p}",
+            "{p} to rent this weekend",
+            "short term {p} rental",
+            "borrow a {p} for a week",
+            "{p} rent monthly",
+        ],
+        "ad": [
+            "{b} {p} rentals",
+            "Rent a {p} from {b} today",
+            "{b}: daily and weekly {p} hire",
+            "Flexible {p} leasing with {b}",
+        ],
         "tail": ["Pick up today.", "No long contracts.", "Weekend rates available."],
     },
     "sell": {
-        "query": ["sell my {p}", "{p} trade in value", "cash for my old {p}", "how much is my {p} worth",
-                  "sell a used {p} fast", "{p} buyback", "get rid of my {p} for money", "{p} instant offer"],
-        "ad": ["{b} buys your {p} for cash", "Sell your {p} to {b}", "{b} {p} trade-in program",
-               "Instant cash offer for your {p} from {b}"],
+        "query": [
+            "sell my {p}",
+            "{p} trade in value",
+            "cash for my old {p}",
+            "how much is my {p} worth",
+            "sell a used {p} fast",
+            "{p} buyback",
+            "get rid of my {p} for money",
+            "{p} instant offer",
+        ],
+        "ad": [
+            "{b} buys your {p} for cash",
+            "Sell your {p} to {b}",
+            "{b} {p} trade-in program",
+            "Instant cash offer for your {p} from {b}",
+        ],
         "tail": ["Get a quote in 2 minutes.", "We pay the same day.", "Free pickup."],
     },
     "insure": {
-        "query": ["{p} insurance", "insure my {p}", "{p} warranty plan", "{p} protection plan",
-                  "{p} coverage quote", "extended warranty for {p}", "{p} theft and damage cover",
-                  "cheap {p} insurance"],
-        "ad": ["{b} {p} insurance", "Protect your {p} with {b}", "{b} extended {p} warranty",
-               "{p} damage and theft cover from {b}"],
+        "query": [
+            "{p} insurance",
+            "insure my {p}",
+            "{p} warranty plan",
+            "{p} protection plan",
+            "{p} coverage quote",
+            "extended warranty for {p}",
+            "{p} theft and damage cover",
+            "cheap {p} insurance",
+        ],
+        "ad": [
+            "{b} {p} insurance",
+            "Protect your {p} with {b}",
+            "{b} extended {p} warranty",
+            "{p} damage and theft cover from {b}",
+        ],
         "tail": ["Quote in minutes.", "Claims paid fast.", "Cancel any time."],
     },
 }
 
-_SYLLABLES = ["zor", "vik", "quel", "lar", "bran", "tos", "mira", "dex", "nova", "pel", "kor", "ith",
-              "sam", "bru", "tel", "ona", "vex", "lum", "ara", "gon", "fel", "rix", "zan", "tor"]
+_SYLLABLES = [
+    "zor",
+    "vik",
+    "quel",
+    "lar",
+    "bran",
+    "tos",
+    "mira",
+    "dex",
+    "nova",
+    "pel",
+    "kor",
+    "ith",
+    "sam",
+    "bru",
+    "tel",
+    "ona",
+    "vex",
+    "lum",
+    "ara",
+    "gon",
+    "fel",
+    "rix",
+    "zan",
+    "tor",
+]
 
 
 def _brands(rng, count):
@@ -101,8 +196,15 @@ def _make_query(rng, product, intent, brand):
     return phrase
 
 
-def generate(brands_per_cell=10, ads_per_group=3, train_pairs=2400, unlabeled_queries=6000,
-             test_queries=300, general_text_share=0.0, seed=13):
+def generate(
+    brands_per_cell=10,
+    ads_per_group=3,
+    train_pairs=2400,
+    unlabeled_queries=6000,
+    test_queries=300,
+    general_text_share=0.0,
+    seed=13,
+):
     """Return dict of lists: ads, train, queries (label-free), test_queries, qrels."""
     rng = random.Random(seed)
     brands = _brands(rng, 40)
@@ -161,14 +263,16 @@ def generate(brands_per_cell=10, ads_per_group=3, train_pairs=2400, unlabeled_qu
         other_intent = rng.choice([i for i in INTENTS if i != intent])
         other_product = rng.choice([p for p in PRODUCTS if p != product])
         negatives = [rng.choice(cells[(product, other_intent)]), rng.choice(cells[(other_product, intent)])]
-        train.append({
-            "query": text,
-            "positive": clicked["text"],
-            "positive_id": clicked["id"],
-            "negatives": [n["text"] for n in negatives],
-            "negative_ids": [n["id"] for n in negatives],
-            "group": clicked["group"],
-        })
+        train.append(
+            {
+                "query": text,
+                "positive": clicked["text"],
+                "positive_id": clicked["id"],
+                "negatives": [n["text"] for n in negatives],
+                "negative_ids": [n["id"] for n in negatives],
+                "group": clicked["group"],
+            }
+        )
 
     unlabeled = []
     while len(unlabeled) < unlabeled_queries:
@@ -181,8 +285,7 @@ def generate(brands_per_cell=10, ads_per_group=3, train_pairs=2400, unlabeled_qu
 def _write_jsonl(path, rows):
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, path)
 
 
@@ -205,8 +308,7 @@ def ensure_demo_data(data_dir):
     tmp = paths["qrels"] + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write("query_id\tdoc_id\trelevance\n")
-        for row in data["qrels"]:
-            handle.write(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n")
+        handle.writelines(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n" for row in data["qrels"])
     os.replace(tmp, paths["qrels"])
     return paths
 

@@ -179,9 +179,21 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path, *, pooling=None, query_prompt=None, ad_prompt=None, max_length=None,
-                        padding_side=None, normalize=None, dtype=None, trust_remote_code=False, revision=None,
-                        token=None):
+    def from_pretrained(
+        cls,
+        name_or_path,
+        *,
+        pooling=None,
+        query_prompt=None,
+        ad_prompt=None,
+        max_length=None,
+        padding_side=None,
+        normalize=None,
+        dtype=None,
+        trust_remote_code=False,
+        revision=None,
+        token=None,
+    ):
         """Load a model folder or hub id; explicit arguments override what the folder says."""
         name_or_path = str(name_or_path)
         folder = resolve_model_dir(name_or_path, revision=revision, token=token)
@@ -193,23 +205,34 @@ class Encoder(nn.Module):
             try:
                 model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
             except ValueError as error:
-                raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
+                raise UserError(
+                    f"{folder} holds no loadable model config ({error}); pass a Hugging Face model."
+                ) from None
             if model_type in DECODER_MODEL_TYPES:
                 if _read_json(folder, "modules.json") is None:
                     config.pooling = "last"
                 config.padding_side = "left"
             config.base_model = name_or_path
         overrides = {
-            "pooling": pooling, "query_prompt": query_prompt, "ad_prompt": ad_prompt, "max_length": max_length,
-            "padding_side": padding_side, "normalize": normalize,
+            "pooling": pooling,
+            "query_prompt": query_prompt,
+            "ad_prompt": ad_prompt,
+            "max_length": max_length,
+            "padding_side": padding_side,
+            "normalize": normalize,
         }
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
         if config.pooling == "last" and config.padding_side == "right" and padding_side is None:
             config.padding_side = "left"
-        torch_dtype = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        torch_dtype = {
+            None: None,
+            "auto": "auto",
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
             raise UserError(
                 f"{folder} has no .safetensors weights; convert the checkpoint to safetensors "
@@ -280,7 +303,7 @@ class Encoder(nn.Module):
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+            starts = tqdm(starts, desc=f"encode {'queries' if kind == 'query' else 'ads'}", unit="batch")
         was_training = self.training
         self.eval()
         for start in starts:
@@ -319,33 +342,52 @@ class Encoder(nn.Module):
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
         os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-        _write_json(os.path.join(folder, "1_Pooling", "config.json"),
-                    {"word_embedding_dimension": self.hidden_size, **pooling_flags})
+        _write_json(
+            os.path.join(folder, "1_Pooling", "config.json"),
+            {"word_embedding_dimension": self.hidden_size, **pooling_flags},
+        )
         if self.projection is not None:
             dense = os.path.join(folder, "2_Dense")
             os.makedirs(dense, exist_ok=True)
-            _write_json(os.path.join(dense, "config.json"), {
-                "in_features": self.config.projection_in,
-                "out_features": self.config.projection_out,
-                "bias": True,
-                "activation_function": "torch.nn.modules.linear.Identity",
-            })
-            head = {k.replace("projection.", "linear.", 1): v.detach().contiguous().cpu()
-                    for k, v in state_dict.items() if k.startswith("projection.")}
+            _write_json(
+                os.path.join(dense, "config.json"),
+                {
+                    "in_features": self.config.projection_in,
+                    "out_features": self.config.projection_out,
+                    "bias": True,
+                    "activation_function": "torch.nn.modules.linear.Identity",
+                },
+            )
+            head = {
+                k.replace("projection.", "linear.", 1): v.detach().contiguous().cpu()
+                for k, v in state_dict.items()
+                if k.startswith("projection.")
+            }
             save_file(head, os.path.join(dense, "model.safetensors"))
             modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
         if self.config.normalize:
             os.makedirs(os.path.join(folder, "3_Normalize"), exist_ok=True)
-            modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
+            modules.append(
+                {
+                    "idx": len(modules),
+                    "name": str(len(modules)),
+                    "path": "3_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
+            )
         _write_json(os.path.join(folder, "modules.json"), modules)
-        _write_json(os.path.join(folder, "sentence_bert_config.json"),
-                    {"max_seq_length": self.config.max_length, "do_lower_case": False})
-        _write_json(os.path.join(folder, "config_sentence_transformers.json"), {
-            "prompts": {"query": self.config.query_prompt, "document": self.config.ad_prompt},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        })
+        _write_json(
+            os.path.join(folder, "sentence_bert_config.json"),
+            {"max_seq_length": self.config.max_length, "do_lower_case": False},
+        )
+        _write_json(
+            os.path.join(folder, "config_sentence_transformers.json"),
+            {
+                "prompts": {"query": self.config.query_prompt, "document": self.config.ad_prompt},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+        )
 
 
 def _write_json(path, payload):

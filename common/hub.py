@@ -51,11 +51,19 @@ DESCRIPTIONS = {
 def write_model_card(folder, encoder, role, script, results=None, name=None):
     results_text = "\n".join(f"- {key}: {value}" for key, value in (results or {}).items()) or "-"
     card = CARD.format(
-        role=role, name=name or os.path.basename(os.path.abspath(folder)), description=DESCRIPTIONS[role],
-        project="https://github.com/harness-lm/harness-lm", script=script, pooling=encoder.config.pooling,
-        normalize=encoder.config.normalize, query_prompt=json.dumps(encoder.config.query_prompt)[1:-1],
-        ad_prompt=json.dumps(encoder.config.ad_prompt)[1:-1], max_length=encoder.config.max_length,
-        padding_side=encoder.config.padding_side, dim=encoder.embedding_dim, results=results_text,
+        role=role,
+        name=name or os.path.basename(os.path.abspath(folder)),
+        description=DESCRIPTIONS[role],
+        project="https://github.com/harness-lm/harness-lm",
+        script=script,
+        pooling=encoder.config.pooling,
+        normalize=encoder.config.normalize,
+        query_prompt=json.dumps(encoder.config.query_prompt)[1:-1],
+        ad_prompt=json.dumps(encoder.config.ad_prompt)[1:-1],
+        max_length=encoder.config.max_length,
+        padding_side=encoder.config.padding_side,
+        dim=encoder.embedding_dim,
+        results=results_text,
     )
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
@@ -70,7 +78,10 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
     try:
         create_repo(repo_id, token=token, private=private, exist_ok=True)
         return upload_folder(
-            repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message,
+            repo_id=repo_id,
+            folder_path=folder,
+            token=token,
+            commit_message=commit_message,
             ignore_patterns=["checkpoints/*", "*.partial/*", "stores/*", "training_args.json"],
         )
     except Exception as error:

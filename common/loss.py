@@ -45,9 +45,21 @@ def gather_no_grad(tensor):
     return torch.cat(gathered)
 
 
-def contrastive_loss(queries, positives, negatives=None, *, temperature, positive_keys=None, negative_keys=None,
-                     query_keys=None, positive_groups=None, false_negative_margin=0.1, query_query=False, ad_ad=False,
-                     gather=True):
+def contrastive_loss(
+    queries,
+    positives,
+    negatives=None,
+    *,
+    temperature,
+    positive_keys=None,
+    negative_keys=None,
+    query_keys=None,
+    positive_groups=None,
+    false_negative_margin=0.1,
+    query_query=False,
+    ad_ad=False,
+    gather=True,
+):
     """InfoNCE of each local query against its positive, with every other candidate as a negative.
 
     queries, positives: (B, D) local rows (L2-normalised for cosine). negatives: (B*H, D) or None.

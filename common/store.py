@@ -70,7 +70,9 @@ class EmbeddingStore:
                 f"The store {folder} was built on other data than the one given; delete it or pass the same data."
             )
         if dim is not None and metadata["dim"] != dim:
-            raise UserError(f"The store {folder} holds {metadata['dim']}-d vectors but {dim}-d are needed; use a matching store.")
+            raise UserError(
+                f"The store {folder} holds {metadata['dim']}-d vectors but {dim}-d are needed; use a matching store."
+            )
         ids, shards = [], []
         for shard in metadata["shards"]:
             shard_ids = np.load(os.path.join(folder, shard["ids"]))
@@ -101,8 +103,13 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     per_rank = -(-len(texts) // world)
     start, stop = rank * per_rank, min((rank + 1) * per_rank, len(texts))
     module = accelerator.unwrap_model(encoder) if hasattr(accelerator, "unwrap_model") else encoder
-    vectors = module.encode(texts[start:stop], kind, batch_size=batch_size, device=accelerator.device,
-                            progress=accelerator.is_local_main_process)
+    vectors = module.encode(
+        texts[start:stop],
+        kind,
+        batch_size=batch_size,
+        device=accelerator.device,
+        progress=accelerator.is_local_main_process,
+    )
     vectors_name, ids_name = _shard_names(rank, world)
     np.save(os.path.join(partial, vectors_name), vectors.astype(dtype))
     np.save(os.path.join(partial, ids_name), np.array(ids[start:stop], dtype=str))
@@ -146,9 +153,8 @@ def store_for(accelerator, encoder, ids, texts, kind, folder, batch_size=128):
     return build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=batch_size)
 
 
-def default_store_path(model_path, kind, encoder, ids, texts):
-    """stores/<model name>-<kind>-<model fp>-<data fp> next to the model folder: never stale by construction."""
-    model_path = os.path.abspath(str(model_path)).rstrip("/")
-    name = os.path.basename(model_path)
+def default_store_path(store_dir, model_path, kind, encoder, ids, texts):
+    """<store_dir>/<model name>-<kind>-<model fp>-<data fp>: a default path is never stale by construction."""
+    name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
     tag = f"{encoder.fingerprint[:10]}-{data_fingerprint(ids, texts)[:10]}"
-    return os.path.join(os.path.dirname(model_path), "stores", f"{name}-{kind}-{tag}")
+    return os.path.join(store_dir, f"{name}-{kind}-{tag}")

@@ -1,6 +1,5 @@
 """Training plumbing every phase shares: arguments, Accelerator set-up, checkpoints and resume, logging."""
 
-import argparse
 import json
 import logging
 import math
@@ -14,7 +13,6 @@ import yaml
 from common.errors import UserError
 
 logger = logging.getLogger("harness")
-
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -33,8 +31,12 @@ def add_common_training_args(parser):
     group.add_argument("--gradient_checkpointing", action="store_true")
     group = parser.add_argument_group("Runtime")
     group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                       help="Default: what `accelerate config` says (bf16 in the shipped GPU configs).")
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: what `accelerate config` says (bf16 in the shipped GPU configs).",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
     group = parser.add_argument_group("Checkpointing")
@@ -115,9 +117,7 @@ def check_output_dir(output_dir, script, overwrite=False):
         with open(marker, encoding="utf-8") as handle:
             previous = json.load(handle).get("script")
         if previous and previous != script:
-            raise UserError(
-                f"{output_dir} holds the output of {previous}; pick another --output_dir for {script}."
-            )
+            raise UserError(f"{output_dir} holds the output of {previous}; pick another --output_dir for {script}.")
 
 
 # ---------------------------------------------------------------------------- steps and schedule
@@ -144,7 +144,9 @@ def make_optimizer_and_scheduler(args, model):
         lr=args.learning_rate,
     )
     scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps,
     )
     return optimizer, scheduler
@@ -236,8 +238,12 @@ def save_run_files(output_dir, args, script, results=None):
     """training_args.json (the whole config) and all_results.json next to the saved model."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-        json.dump({"script": script, **{k: v for k, v in vars(args).items() if k != "hub_token"}}, handle,
-                  indent=2, default=str)
+        json.dump(
+            {"script": script, **{k: v for k, v in vars(args).items() if k != "hub_token"}},
+            handle,
+            indent=2,
+            default=str,
+        )
     if results is not None:
         with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -245,8 +251,9 @@ def save_run_files(output_dir, args, script, results=None):
 
 def tracker_config(args):
     """Config for trackers: scalars only, never the token."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
-            if k != "hub_token"}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items() if k != "hub_token"
+    }
 
 
 def check_finite_loss(loss, step):
@@ -255,3 +262,74 @@ def check_finite_loss(loss, step):
             f"The loss became {loss.item()} at step {step}; lower --learning_rate or check the data. "
             "The last checkpoint is kept and no weights were saved."
         )
+
+
+class TrainLoop:
+    """Epochs, resume and bookkeeping around a script's own forward/backward.
+
+        loop = TrainLoop(accelerator, args, dataloader, epochs)
+        for batch in loop:
+            with accelerator.accumulate(model):
+                ...forward, loss, backward, optimizer step...
+            loop.end_of_batch(loss=loss.item())
+
+    Iterating sets the sampler epoch (a seeded shuffle per epoch) and, after --resume_from_checkpoint,
+    skips the batches the checkpoint had already consumed. `end_of_batch` counts an optimiser step only
+    when accelerate synchronised gradients, updates the progress bar, logs every --logging_steps and
+    saves a checkpoint every --checkpointing_steps; iteration stops at --max_train_steps.
+    """
+
+    def __init__(self, accelerator, args, dataloader, epochs):
+        self.accelerator, self.args, self.dataloader, self.epochs = accelerator, args, dataloader, epochs
+        self.step, self.epoch, self.skip = resume_state(accelerator, args)
+        self.batch_in_epoch = 0
+        self.last_logs = {}
+        self.bar = None
+
+    def __iter__(self):
+        self.bar = progress_bar(self.args.max_train_steps, self.accelerator, initial=self.step)
+        for epoch in range(self.epoch, self.epochs):
+            self.epoch = epoch
+            self.dataloader.set_epoch(epoch)
+            batches = self.dataloader
+            if self.skip:
+                batches = self.accelerator.skip_first_batches(self.dataloader, self.skip)
+            self.batch_in_epoch, self.skip = self.skip, 0
+            for batch in batches:
+                if self.step >= self.args.max_train_steps:
+                    break
+                self.batch_in_epoch += 1
+                yield batch
+            if self.step >= self.args.max_train_steps:
+                break
+        self.bar.close()
+
+    def end_of_batch(self, **logs):
+        if not self.accelerator.sync_gradients:
+            return
+        self.step += 1
+        self.bar.update(1)
+        self.last_logs = logs
+        if self.step % self.args.logging_steps == 0 or self.step == self.args.max_train_steps:
+            self.bar.set_postfix({key: f"{value:.4f}" for key, value in logs.items()})
+            self.accelerator.log(logs, step=self.step)
+        if self.args.checkpointing_steps and self.step % self.args.checkpointing_steps == 0:
+            save_checkpoint(self.accelerator, self.args, self.step, self.epoch, self.batch_in_epoch)
+
+
+def save_final_model(accelerator, args, model, script, role, results):
+    """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push."""
+    from common.hub import push_to_hub, write_model_card
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        encoder = accelerator.unwrap_model(model)
+        encoder.save_pretrained(args.output_dir, state_dict=state_dict)
+        write_model_card(args.output_dir, encoder, role, script, results)
+        save_run_files(args.output_dir, args, script, results)
+        logger.info(f"Saved the {role} to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

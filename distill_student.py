@@ -1,0 +1,186 @@
+"""Phase 2: L2 alignment of a small student query encoder to the frozen teacher (label-free).
+
+L = mean_i ||f_S(q_i) - f_T(q_i)||^2 over query text only, so logged queries need no labels. The
+teacher's query vectors are computed once into an embedding store (or read from one) and the teacher
+is then freed; only the student trains. When the student's width differs from the teacher's, a linear
+head is added and saved with the student (sentence-transformers `2_Dense`), so the student's vectors
+live in the teacher's coordinates and are scored against the teacher's ad index as they are.
+
+The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers).
+
+Single machine (the embedded default: a 2-layer student cut from the demo teacher, CPU):
+    python distill_student.py
+Multi-GPU (plain DDP: students are < 600M parameters):
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml distill_student.py \
+        --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet --output_dir student
+"""
+
+import argparse
+import gc
+import os
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from common.data import check_text, load_table, require_columns
+from common.demo_data import DEMO_ROOT, demo_paths
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers
+from common.errors import UserError, run_cli
+from common.store import default_store_path, store_for
+from common.training import (
+    TrainLoop,
+    add_common_training_args,
+    check_finite_loss,
+    check_output_dir,
+    log_banner,
+    logger,
+    make_accelerator,
+    make_optimizer_and_scheduler,
+    parse_with_config,
+    plan_steps,
+    save_final_model,
+    tracker_config,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Models
+    group = parser.add_argument_group("Models")
+    group.add_argument("--teacher_model", default=os.path.join(DEMO_ROOT, "teacher"))
+    group.add_argument("--student_model", default=None, help="Hub id or folder; default: layers of the teacher.")
+    group.add_argument("--student_num_layers", type=int, default=2, help="Teacher layers kept, evenly spaced.")
+    group.add_argument("--student_layers", default=None, help="Exact teacher layers to keep, e.g. '0,3,5'.")
+    group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Student pooling override.")
+    group.add_argument("--max_length", type=int, default=None)
+    # Data
+    group = parser.add_argument_group("Data")
+    group.add_argument("--query_file", default=None, help="Label-free queries; default: the built-in data.")
+    group.add_argument("--query_split", default="train")
+    group.add_argument("--query_column", default="query")
+    group.add_argument("--teacher_query_store", default=None, help="Store of the teacher's query vectors.")
+    group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
+    group.add_argument("--encode_batch_size", type=int, default=128)
+    # Output
+    group = parser.add_argument_group("Output")
+    group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-aligned"))
+    group.add_argument("--overwrite_output_dir", action="store_true")
+    add_common_training_args(parser)
+    parser.set_defaults(learning_rate=2e-4, per_device_train_batch_size=64, num_train_epochs=4.0)
+    return parse_with_config(parser, argv)
+
+
+def read_queries(args):
+    table = load_table(args.query_file, split=args.query_split)
+    require_columns(table, [args.query_column], args.query_file, "--query_column")
+    texts = [
+        check_text(value, args.query_file, row, args.query_column) for row, value in enumerate(table[args.query_column])
+    ]
+    if not texts:
+        raise UserError(f"{args.query_file} has no rows; point --query_file at label-free queries.")
+    return [str(row) for row in range(len(texts))], texts
+
+
+def make_student(args, teacher):
+    """A student in the teacher's output space: same prompts; a linear head when the widths differ."""
+    if args.student_model:
+        student = Encoder.from_pretrained(
+            args.student_model,
+            pooling=args.pooling,
+            query_prompt=teacher.config.query_prompt,
+            ad_prompt=teacher.config.ad_prompt,
+            max_length=args.max_length or teacher.config.max_length,
+            normalize=teacher.config.normalize,
+            trust_remote_code=args.trust_remote_code,
+        )
+    else:
+        student = Encoder.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+        total = student.backbone.config.num_hidden_layers
+        layers = (
+            [int(i) for i in args.student_layers.split(",")]
+            if args.student_layers
+            else evenly_spaced_layers(total, args.student_num_layers)
+        )
+        keep_layers(student, layers)
+        student.config.extra["teacher_layers"] = layers
+        logger.info(f"Student: teacher layers {layers} of {total}")
+    if student.embedding_dim != teacher.embedding_dim:
+        logger.info(f"Adding a projection head {student.hidden_size} -> {teacher.embedding_dim}")
+        student.add_projection(teacher.embedding_dim)
+    student.config.extra["teacher"] = str(args.teacher_model)
+    student.config.base_model = args.student_model or f"{args.teacher_model} (layers)"
+    return student
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_dir(args.output_dir, "distill_student.py", args.overwrite_output_dir)
+    accelerator = make_accelerator(args)
+    if args.query_file is None:
+        with accelerator.main_process_first():
+            args.query_file = demo_paths()["queries"]
+    set_seed(args.seed)
+    ids, texts = read_queries(args)
+
+    # The teacher's query vectors: encoded once by all processes, then the teacher leaves memory.
+    teacher = Encoder.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+    store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
+    store_path = args.teacher_query_store or default_store_path(
+        store_dir, args.teacher_model, "query", teacher, ids, texts
+    )
+    teacher.to(accelerator.device)
+    store = store_for(accelerator, teacher, ids, texts, "query", store_path, batch_size=args.encode_batch_size)
+    teacher_vectors = store.vectors
+    student = make_student(args, teacher.cpu())
+    del teacher
+    gc.collect()
+    if args.gradient_checkpointing:
+        student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def collate(rows):
+        batch = student.tokenize([texts[row] for row in rows], "query")
+        batch["teacher_vectors"] = torch.from_numpy(np.asarray(teacher_vectors[np.sort(rows)], dtype=np.float32))
+        batch["order"] = torch.as_tensor(np.argsort(np.argsort(rows)))
+        return batch
+
+    dataloader = DataLoader(
+        list(range(len(texts))),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=len(texts) >= args.per_device_train_batch_size * accelerator.num_processes,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, student)
+    student, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
+    accelerator.init_trackers("distill_student", config=tracker_config(args))
+
+    loop = TrainLoop(accelerator, args, dataloader, epochs)
+    log_banner(args, accelerator, len(texts), epochs)
+    student.train()
+    for batch in loop:
+        with accelerator.accumulate(student):
+            # Store rows were read in sorted order (fast memmap access); put them back in batch order.
+            teacher_targets = batch.pop("teacher_vectors")[batch.pop("order")]
+            student_vectors = student(**batch)
+            loss = (student_vectors.float() - teacher_targets).pow(2).sum(dim=1).mean()
+            check_finite_loss(loss, loop.step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        loop.end_of_batch(l2_loss=loss.item(), lr=scheduler.get_last_lr()[0])
+
+    results = {f"train_{key}": value for key, value in loop.last_logs.items()}
+    results |= {"steps": loop.step, "teacher_query_store": store_path}
+    save_final_model(accelerator, args, student, "distill_student.py", "student", results)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
