@@ -154,7 +154,7 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
     )
     _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, student)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, student, accelerator)
     student, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
     accelerator.init_trackers("distill_student", config=tracker_config(args))
 

@@ -25,7 +25,7 @@ from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.loss import contrastive_loss
-from common.store import EmbeddingStore, default_store_path, store_for
+from common.store import default_store_path, store_for
 from common.training import (
     TrainLoop,
     add_common_training_args,
@@ -195,7 +195,7 @@ def main(argv=None):
     if len(dataloader) < accelerator.num_processes:
         raise UserError(f"{len(clicks)} clicks are fewer than one global batch; lower --per_device_train_batch_size.")
     _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, student)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, student, accelerator)
     student, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
     accelerator.init_trackers("refine_contrastive", config=tracker_config(args))
 

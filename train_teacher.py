@@ -109,23 +109,27 @@ def read_pairs(args):
 
 
 class PairCollator:
-    """Tokenises a batch: queries with the query prompt; positives then hard negatives with the ad prompt."""
+    """Tokenises a batch as one sequence list: queries (query prompt), positives, hard negatives (ad prompt).
+
+    One forward pass per step covers both sides: DDP expects exactly one forward per backward.
+    """
 
     def __init__(self, encoder, num_hard_negatives, ad_pool, seed):
-        self.encoder, self.num_hard_negatives, self.ad_pool = encoder, num_hard_negatives, ad_pool
-        self.rng = random.Random(seed)
+        self.encoder, self.num_hard_negatives, self.ad_pool, self.seed = encoder, num_hard_negatives, ad_pool, seed
 
     def __call__(self, rows):
         negatives = []
         for row in rows:
             chosen = row["negatives"][: self.num_hard_negatives]
-            while len(chosen) < self.num_hard_negatives:  # fill up with random ads (masked if equal to the positive)
-                chosen.append(self.rng.choice(self.ad_pool))
+            # Fill up with random ads (masked if equal to the positive), drawn from the row itself so that
+            # a resumed run and worker processes draw the same ones.
+            rng = random.Random(text_key(row["query"]) ^ self.seed)
+            chosen += rng.sample(self.ad_pool, self.num_hard_negatives - len(chosen))
             negatives.extend(chosen)
         positives = [row["positive"] for row in rows]
+        queries = [row["query"] for row in rows]
         return {
-            "queries": self.encoder.tokenize([row["query"] for row in rows], "query"),
-            "ads": self.encoder.tokenize(positives + negatives, "ad"),
+            "inputs": self.encoder.tokenize_mixed(queries, positives + negatives),
             "query_keys": torch.tensor([text_key(row["query"]) for row in rows]),
             "positive_keys": torch.tensor([text_key(text) for text in positives]),
             "negative_keys": torch.tensor([text_key(text) for text in negatives], dtype=torch.long),
@@ -169,7 +173,7 @@ def main(argv=None):
             f"{len(rows)} training rows are fewer than one global batch; lower --per_device_train_batch_size."
         )
     _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, encoder)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, encoder, accelerator)
     encoder, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
     accelerator.init_trackers("train_teacher", config=tracker_config(args))
 
@@ -179,9 +183,10 @@ def main(argv=None):
     encoder.train()
     for batch in loop:
         with accelerator.accumulate(encoder):
-            query_vectors = encoder(**batch["queries"])
-            ad_vectors = encoder(**batch["ads"])  # positives, then the hard negatives
-            positives, negatives = ad_vectors[: len(query_vectors)], ad_vectors[len(query_vectors) :]
+            vectors = encoder(**batch["inputs"])  # queries, positives, then the hard negatives
+            batch_size = len(batch["query_keys"])
+            query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
+            negatives = vectors[2 * batch_size :]
             loss, accuracy = contrastive_loss(
                 query_vectors,
                 positives,

@@ -289,28 +289,37 @@ def _write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
-def ensure_demo_data(data_dir):
-    """Write the embedded data set under data_dir once (deterministic); return the file paths."""
-    files = {
-        "ads": "ads.jsonl",
-        "train": "train.jsonl",
-        "queries": "queries.jsonl",
-        "test_queries": "test_queries.jsonl",
-        "qrels": "qrels.tsv",
-    }
-    paths = {name: os.path.join(data_dir, filename) for name, filename in files.items()}
-    if all(os.path.exists(path) for path in paths.values()):
-        return paths
+DEMO_FILES = {
+    "ads": "ads.jsonl",
+    "train": "train.jsonl",
+    "queries": "queries.jsonl",
+    "test_queries": "test_queries.jsonl",
+    "qrels": "qrels.tsv",
+}
+
+
+def write_demo_data(data_dir, **generate_kwargs):
+    """Generate the data set (smaller with e.g. train_pairs=64) and write it under data_dir; return paths."""
+    paths = {name: os.path.join(data_dir, filename) for name, filename in DEMO_FILES.items()}
     os.makedirs(data_dir, exist_ok=True)
-    data = generate()
+    data = generate(**generate_kwargs)
     for name in ("ads", "train", "queries", "test_queries"):
         _write_jsonl(paths[name], data[name])
     tmp = paths["qrels"] + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write("query_id\tdoc_id\trelevance\n")
-        handle.writelines(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n" for row in data["qrels"])
+        for row in data["qrels"]:
+            handle.write(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n")
     os.replace(tmp, paths["qrels"])
     return paths
+
+
+def ensure_demo_data(data_dir):
+    """Write the embedded data set under data_dir once (deterministic); return the file paths."""
+    paths = {name: os.path.join(data_dir, filename) for name, filename in DEMO_FILES.items()}
+    if all(os.path.exists(path) for path in paths.values()):
+        return paths
+    return write_demo_data(data_dir)
 
 
 DEMO_ROOT = os.environ.get("HARNESS_DEMO_DIR", "outputs/demo")

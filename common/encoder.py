@@ -173,6 +173,8 @@ class Encoder(nn.Module):
         self.config = config
         self.projection = projection
         self.tokenizer.padding_side = config.padding_side
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler.requires_grad_(False)  # BERT's pooler is never used; DDP would flag it as unused
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.fingerprint = None  # set by from_pretrained; stores record it
@@ -282,6 +284,13 @@ class Encoder(nn.Module):
             truncation=True,
             max_length=self.config.max_length,
             return_tensors="pt",
+        )
+
+    def tokenize_mixed(self, queries, ads):
+        """Queries (with the query prompt) then ads (with the ad prompt) in one padded batch."""
+        texts = [self.config.query_prompt + text for text in queries] + [self.config.ad_prompt + text for text in ads]
+        return self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
         )
 
     def forward(self, input_ids, attention_mask, **model_inputs):
@@ -423,7 +432,7 @@ def evenly_spaced_layers(total, keep):
 
 def _find_layers(backbone):
     for owner_name in ("encoder", ""):
-        owner = getattr(backbone, owner_name) if owner_name else backbone
+        owner = getattr(backbone, owner_name, None) if owner_name else backbone
         for attribute in ("layer", "layers"):
             layers = getattr(owner, attribute, None)
             if isinstance(layers, nn.ModuleList):

@@ -68,7 +68,8 @@ def contrastive_loss(
     Qwen3-Embedding / GTE formulation). Keys (int64 per row, e.g. hashed ad ids or texts) mark
     duplicates: a candidate with the key of the query's positive is never a negative. With
     `positive_groups` (int64 per row, e.g. hashed ad-group ids), another positive of the same group is
-    not a negative either. With `false_negative_margin` m, a negative scoring above s(q, p) + m is dropped as a likely false
+    not a negative either. With `false_negative_margin` m, a negative scoring above s(q, p) + m is
+    dropped as a likely false
     negative. Returns (loss, accuracy of the positive being ranked first).
     """
     batch = queries.shape[0]
@@ -81,7 +82,7 @@ def contrastive_loss(
     all_positives = gather_fn(positives)
     candidates = [all_positives]
     if positive_keys is None:
-        positive_keys = torch.full((batch,), -1, dtype=torch.long, device=queries.device) - local
+        positive_keys = -1 - labels  # unique across processes: no two positives count as duplicates
     all_positive_keys = keys_fn(positive_keys)
     candidate_keys = [all_positive_keys]
     if negatives is not None and negatives.numel():

@@ -48,7 +48,8 @@ class EmbeddingStore:
             return np.array([self._row_of[item_id] for item_id in ids], dtype=np.int64)
         except KeyError as error:
             raise UserError(
-                f"id {error.args[0]!r} is not in the store {self.folder}; rebuild the store on the corpus that holds it."
+                f"id {error.args[0]!r} is not in the store {self.folder}; "
+                "rebuild the store on the corpus that holds it."
             ) from None
 
     @classmethod

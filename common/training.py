@@ -132,17 +132,19 @@ def plan_steps(args, batches_per_epoch, accelerator):
     return steps_per_epoch, epochs
 
 
-def make_optimizer_and_scheduler(args, model):
+def make_optimizer_and_scheduler(args, model, accelerator):
+    """AdamW without weight decay on biases and norms, and the LR schedule."""
     from transformers import get_scheduler
 
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if uses_deepspeed(accelerator):
+        # ZeRO-3 flattens parameters into its own groups; a scheduler built on two groups then fails.
+        groups = [{"params": decay + no_decay, "weight_decay": args.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,

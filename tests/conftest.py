@@ -1,0 +1,111 @@
+"""Fixtures: a small copy of the built-in data and tiny encoders built from a config (no download).
+
+- tiny BERT (mean pooling) on the real all-MiniLM-L6-v2 WordPiece vocabulary;
+- tiny Qwen3 in the Qwen3-Embedding convention (last-token pooling, left padding, EOS appended,
+  query instruction) on a byte-level BPE trained here on the data's text.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from common.demo_data import demo_base_model, generate, write_demo_data  # noqa: E402
+from common.encoder import Encoder, EncoderConfig  # noqa: E402
+
+SMALL = {"brands_per_cell": 2, "ads_per_group": 1, "train_pairs": 96, "unlabeled_queries": 96, "test_queries": 16}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    return write_demo_data(str(tmp_path_factory.mktemp("data")), **SMALL)
+
+
+def make_tiny_bert(folder, hidden=32, layers=2, seed=0):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(demo_base_model())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
+    encoder = Encoder(
+        BertModel(config), tokenizer, EncoderConfig(pooling="mean", max_length=64, base_model="tiny-bert")
+    )
+    encoder.save_pretrained(str(folder))
+    return str(folder)
+
+
+def make_qwen_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    data = generate(**SMALL)
+    corpus = [row["text"] for row in data["ads"]] + [row["query"] for row in data["train"]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"]))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    # Qwen3-Embedding's tokenizer appends <|endoftext|>, whose state is the sentence vector.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_tiny_qwen(folder, hidden=32, layers=2, seed=0):
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = make_qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
+    encoder = Encoder(
+        Qwen3Model(config),
+        tokenizer,
+        EncoderConfig(
+            pooling="last",
+            padding_side="left",
+            max_length=64,
+            base_model="tiny-qwen3",
+            query_prompt="Instruct: Given a search query, retrieve relevant ads\nQuery:",
+        ),
+    )
+    encoder.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_narrow(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-narrow"), hidden=16, layers=1, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    return make_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))

@@ -1,0 +1,86 @@
+"""Pooling, save/load round trips and sentence-transformers parity."""
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from common.demo_data import demo_base_model
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_fingerprint, pool
+from common.errors import UserError
+
+QUERIES = ["buy a laptop", "fix my broken notebook computer screen today please", "rent a boat"]
+
+
+def test_pool_by_hand():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]], [[5.0, 5.0], [2.0, 4.0], [4.0, 6.0]]])
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert torch.equal(pool(hidden, right, "mean"), torch.tensor([[2.0, 1.0], [11 / 3, 5.0]]))
+    assert torch.equal(pool(hidden, right, "last"), torch.tensor([[3.0, 2.0], [4.0, 6.0]]))
+    assert torch.equal(pool(hidden, left, "last"), torch.tensor([[9.0, 9.0], [4.0, 6.0]]))
+    assert torch.equal(pool(hidden, right, "cls"), torch.tensor([[1.0, 0.0], [5.0, 5.0]]))
+    # Under left padding the first real token is after the pads, never a PAD state.
+    assert torch.equal(pool(hidden, left, "cls"), torch.tensor([[3.0, 2.0], [5.0, 5.0]]))
+
+
+def test_last_token_left_and_right_padding_agree(tiny_qwen):
+    """The EOS vector of a real decoder must not depend on the padding side."""
+    left = Encoder.from_pretrained(tiny_qwen)
+    right = Encoder.from_pretrained(tiny_qwen, padding_side="right")
+    assert left.config.pooling == "last" and left.config.padding_side == "left"
+    batch = left.tokenize(QUERIES, "query")
+    assert (batch["input_ids"][:, -1] == left.tokenizer.eos_token_id).all()  # EOS is the pooled token
+    vectors_left, vectors_right = left.encode(QUERIES, "query"), right.encode(QUERIES, "query")
+    singles = np.concatenate([left.encode([q], "query") for q in QUERIES])  # no padding at all
+    np.testing.assert_allclose(vectors_left, singles, atol=1e-5)
+    np.testing.assert_allclose(vectors_right, singles, atol=1e-5)
+
+
+def test_prompts_only_on_queries(tiny_qwen):
+    encoder = Encoder.from_pretrained(tiny_qwen)
+    assert encoder.config.query_prompt.startswith("Instruct:")
+    assert not np.allclose(encoder.encode(["rent a boat"], "query"), encoder.encode(["rent a boat"], "ad"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_round_trip_and_sentence_transformers_parity(fixture, request, tmp_path):
+    encoder = Encoder.from_pretrained(request.getfixturevalue(fixture))
+    encoder.add_projection(24)  # the head must travel inside the model folder
+    expected_queries, expected_ads = encoder.encode(QUERIES, "query"), encoder.encode(QUERIES, "ad")
+    encoder.save_pretrained(str(tmp_path))
+    reloaded = Encoder.from_pretrained(str(tmp_path))
+    np.testing.assert_allclose(reloaded.encode(QUERIES, "query"), expected_queries, atol=1e-6)
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), expected_queries, atol=1e-5)
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="document"), expected_ads, atol=1e-5)
+    assert st.get_embedding_dimension() == 24
+
+
+def test_real_minilm_matches_sentence_transformers():
+    """The real all-MiniLM-L6-v2 weights, read through their sentence-transformers files."""
+    encoder = Encoder.from_pretrained(demo_base_model())
+    assert (encoder.config.pooling, encoder.config.normalize) == ("mean", True)
+    st = SentenceTransformer(demo_base_model(), device="cpu")
+    np.testing.assert_allclose(encoder.encode(QUERIES, "query"), st.encode(QUERIES), atol=1e-5)
+
+
+def test_keep_layers_and_fingerprint(tiny_qwen, tmp_path):
+    encoder = Encoder.from_pretrained(tiny_qwen)
+    assert evenly_spaced_layers(6, 2) == [0, 5] and evenly_spaced_layers(28, 4) == [0, 9, 18, 27]
+    keep_layers(encoder, [1])
+    assert encoder.backbone.config.num_hidden_layers == 1 and len(encoder.backbone.layers) == 1
+    encoder.save_pretrained(str(tmp_path))
+    assert Encoder.from_pretrained(str(tmp_path)).backbone.config.num_hidden_layers == 1
+    assert model_fingerprint(str(tmp_path)) != model_fingerprint(tiny_qwen)
+    with pytest.raises(UserError, match="out of range"):
+        keep_layers(encoder, [3])
+
+
+def test_pickle_only_folder_is_refused(tiny_bert, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_bert, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="safetensors"):
+        Encoder.from_pretrained(str(tmp_path / "m"))
