@@ -154,7 +154,7 @@ def main(argv=None):
         batch_size=args.encode_batch_size,
     )
     del teacher
-    ad_vectors = torch.from_numpy(np.asarray(store.vectors, dtype=np.float32))
+    ad_vectors = torch.from_numpy(np.array(store.vectors, dtype=np.float32))  # in memory: rows are gathered per step
     clicks = read_clicks(args, store, ad_texts)
 
     student = Encoder.from_pretrained(args.student_model, trust_remote_code=args.trust_remote_code)
@@ -165,22 +165,16 @@ def main(argv=None):
         )
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    generator = np.random.default_rng(args.seed + accelerator.process_index)
 
     def collate(rows):
-        positives = torch.tensor([row["positive"] for row in rows])
         hard = []
-        for row in rows:
+        for row in rows:  # missing hard negatives: random ads drawn from the row, the same in a resumed run
             chosen = row["negatives"][: args.num_hard_negatives]
-            chosen += generator.integers(len(ad_vectors), size=args.num_hard_negatives - len(chosen)).tolist()
-            hard.extend(chosen)
-        negatives = torch.tensor(
-            hard + generator.integers(len(ad_vectors), size=args.num_random_negatives).tolist(), dtype=torch.long
-        )
+            rng = np.random.default_rng(text_key(row["query"]) ^ args.seed)
+            hard += chosen + rng.integers(len(ad_vectors), size=args.num_hard_negatives - len(chosen)).tolist()
         batch = student.tokenize([row["query"] for row in rows], "query")
-        batch["positive_vectors"], batch["negative_vectors"] = ad_vectors[positives], ad_vectors[negatives]
-        # Ad rows are unique per ad, so they serve as keys: the positive itself is never a negative.
-        batch["positive_keys"], batch["negative_keys"] = positives, negatives
+        batch["positive_rows"] = torch.tensor([row["positive"] for row in rows])
+        batch["hard_negative_rows"] = torch.tensor(hard, dtype=torch.long)
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
         return batch
 
@@ -205,16 +199,22 @@ def main(argv=None):
     student.train()
     for batch in loop:
         with accelerator.accumulate(student):
-            positives, negatives = batch.pop("positive_vectors"), batch.pop("negative_vectors")
-            keys = {name: batch.pop(name) for name in ("positive_keys", "negative_keys", "positive_groups")}
+            # Random negatives come from the torch RNG, which checkpoints save and restore.
+            random_rows = torch.randint(len(ad_vectors), (args.num_random_negatives,))
+            positive_rows = batch.pop("positive_rows").cpu()
+            negative_rows = torch.cat([batch.pop("hard_negative_rows").cpu(), random_rows])
+            positive_groups = batch.pop("positive_groups")
             query_vectors = student(**batch)
             loss, accuracy = contrastive_loss(
                 query_vectors,
-                positives.to(query_vectors.dtype),
-                negatives.to(query_vectors.dtype),
+                ad_vectors[positive_rows].to(query_vectors),
+                ad_vectors[negative_rows].to(query_vectors),
                 temperature=args.temperature,
+                # Store rows are unique per ad, so they serve as keys: the positive is never its own negative.
+                positive_keys=positive_rows.to(query_vectors.device),
+                negative_keys=negative_rows.to(query_vectors.device),
+                positive_groups=positive_groups,
                 false_negative_margin=margin,
-                **keys,
             )
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)

@@ -69,8 +69,7 @@ def contrastive_loss(
     duplicates: a candidate with the key of the query's positive is never a negative. With
     `positive_groups` (int64 per row, e.g. hashed ad-group ids), another positive of the same group is
     not a negative either. With `false_negative_margin` m, a negative scoring above s(q, p) + m is
-    dropped as a likely false
-    negative. Returns (loss, accuracy of the positive being ranked first).
+    dropped as a likely false negative. Returns (loss, accuracy of the positive being ranked first).
     """
     batch = queries.shape[0]
     gather_fn = gather_with_grad if gather else (lambda tensor: tensor)

@@ -295,7 +295,7 @@ class TrainLoop:
             self.dataloader.set_epoch(epoch)
             batches = self.dataloader
             if self.skip:
-                batches = self.accelerator.skip_first_batches(self.dataloader, self.skip)
+                batches = _rng_neutral(self.accelerator.skip_first_batches(self.dataloader, self.skip))
             self.batch_in_epoch, self.skip = self.skip, 0
             for batch in batches:
                 if self.step >= self.args.max_train_steps:
@@ -313,10 +313,29 @@ class TrainLoop:
         self.bar.update(1)
         self.last_logs = logs
         if self.step % self.args.logging_steps == 0 or self.step == self.args.max_train_steps:
-            self.bar.set_postfix({key: f"{value:.4f}" for key, value in logs.items()})
+            self.bar.set_postfix({key: f"{value:.4g}" for key, value in logs.items()})
             self.accelerator.log(logs, step=self.step)
         if self.args.checkpointing_steps and self.step % self.args.checkpointing_steps == 0:
             save_checkpoint(self.accelerator, self.args, self.step, self.epoch, self.batch_in_epoch)
+
+
+def _rng_neutral(batches):
+    """Iterate without the draw a new DataLoader iterator takes from the global RNG for its base seed.
+
+    The uninterrupted run made that draw at the start of the epoch, before the checkpoint saved the
+    RNG state; drawing again after a mid-epoch resume would shift every later dropout mask.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    iterator = iter(batches)
+    first = next(iterator, None)
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    if first is None:
+        return
+    yield first
+    yield from iterator
 
 
 def save_final_model(accelerator, args, model, script, role, results):

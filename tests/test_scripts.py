@@ -1,0 +1,273 @@
+"""Each script's main([...]) on tiny models and the small built-in data, chained as a user would."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sentence_transformers import SentenceTransformer
+
+import distill_student
+import evaluate
+import refine_contrastive
+import train_teacher
+from common.data import read_texts
+from common.demo_data import demo_base_model
+from common.encoder import Encoder, keep_layers
+from common.errors import UserError
+
+QUERIES = ["rent a boat", "fix my broken laptop", "cheap used tractor for sale"]
+FAST = ["--per_device_train_batch_size", "8", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, small_data):
+    """teacher (real all-MiniLM-L6-v2) -> aligned student (1 of its 6 layers) -> refined student."""
+    root = tmp_path_factory.mktemp("chain")
+    paths = {name: str(root / name) for name in ("teacher", "student-aligned", "student", "eval")}
+    train_teacher.main(
+        [
+            "--model_name_or_path",
+            demo_base_model(),
+            "--train_file",
+            small_data["train"],
+            "--output_dir",
+            paths["teacher"],
+            "--max_train_steps",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            *FAST,
+        ]
+    )
+    distill_student.main(
+        [
+            "--teacher_model",
+            paths["teacher"],
+            "--query_file",
+            small_data["queries"],
+            "--student_num_layers",
+            "1",
+            "--output_dir",
+            paths["student-aligned"],
+            "--num_train_epochs",
+            "3",
+            "--learning_rate",
+            "5e-4",
+            *FAST,
+        ]
+    )
+    refine_contrastive.main(
+        [
+            "--student_model",
+            paths["student-aligned"],
+            "--teacher_model",
+            paths["teacher"],
+            "--train_file",
+            small_data["train"],
+            "--corpus_file",
+            small_data["ads"],
+            "--output_dir",
+            paths["student"],
+            "--max_train_steps",
+            "3",
+            "--num_random_negatives",
+            "16",
+            *FAST,
+        ]
+    )
+    return paths
+
+
+def test_teacher_is_trained_and_complete(chain):
+    teacher = Encoder.from_pretrained(chain["teacher"])
+    before = Encoder.from_pretrained(demo_base_model()).encode(QUERIES, "query")
+    after = teacher.encode(QUERIES, "query")
+    assert np.isfinite(after).all() and not np.allclose(before, after)
+    with open(os.path.join(chain["teacher"], "training_args.json")) as handle:
+        recorded = json.load(handle)
+    assert recorded["script"] == "train_teacher.py" and recorded["max_train_steps"] == 4
+    assert json.loads(Path(os.path.join(chain["teacher"], "all_results.json")).read_text())["steps"] == 4
+    st = SentenceTransformer(chain["teacher"], device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), after, atol=1e-5)
+
+
+def test_alignment_moves_the_student_onto_the_teacher(chain, small_data):
+    teacher = Encoder.from_pretrained(chain["teacher"])
+    student = Encoder.from_pretrained(chain["student-aligned"])
+    assert student.backbone.config.num_hidden_layers == 1
+    assert student.config.extra["teacher_layers"] == [5]
+    _, queries = read_texts(small_data["test_queries"], "id", "text")
+    target = teacher.encode(queries, "query")
+    untrained = Encoder.from_pretrained(chain["teacher"])
+    keep_layers(untrained, [5])
+    l2_before = ((untrained.encode(queries, "query") - target) ** 2).sum(1).mean()
+    l2_after = ((student.encode(queries, "query") - target) ** 2).sum(1).mean()
+    assert l2_after < 0.5 * l2_before  # held-out queries: the student learned the teacher's coordinates
+
+
+def test_refined_student_and_evaluation(chain, small_data, tiny_bert):
+    refined = Encoder.from_pretrained(chain["student"])
+    aligned = Encoder.from_pretrained(chain["student-aligned"])
+    assert not np.allclose(refined.encode(QUERIES, "query"), aligned.encode(QUERIES, "query"))
+    results = evaluate.main(
+        [
+            "--teacher_model",
+            chain["teacher"],
+            "--students",
+            f"aligned={chain['student-aligned']}",
+            f"refined={chain['student']}",
+            "--baselines",
+            f"untuned={tiny_bert}",
+            "--corpus_file",
+            small_data["ads"],
+            "--queries_file",
+            small_data["test_queries"],
+            "--qrels_file",
+            small_data["qrels"],
+            "--output_dir",
+            chain["eval"],
+            "--k",
+            "5",
+            "20",
+            "--latency_queries",
+            "5",
+            "--throughput_queries",
+            "16",
+        ]
+    )
+    assert set(results["models"]) == {"untuned", "teacher", "aligned", "refined"}
+    teacher = results["models"]["teacher"]
+    assert teacher["recovery"]["recall@20"] == pytest.approx(100.0)
+    assert 0 < teacher["metrics"]["recall@20"] <= 1 and teacher["speed"]["latency_p50_ms"] > 0
+    assert results["models"]["aligned"]["parameters"] < teacher["parameters"]
+    report = Path(os.path.join(chain["eval"], "report.md")).read_text()
+    assert "| refined | student (teacher ads) |" in report
+    assert json.loads(Path(os.path.join(chain["eval"], "results.json")).read_text())["num_queries"] == 16
+
+
+def test_projection_head_student_from_another_model(chain, small_data, tiny_bert_narrow, tmp_path):
+    """A 16-d student of a 384-d teacher gets a head that is saved in the model folder."""
+    distill_student.main(
+        [
+            "--teacher_model",
+            chain["teacher"],
+            "--student_model",
+            tiny_bert_narrow,
+            "--query_file",
+            small_data["queries"],
+            "--output_dir",
+            str(tmp_path / "s"),
+            "--max_train_steps",
+            "2",
+            *FAST,
+        ]
+    )
+    student = Encoder.from_pretrained(str(tmp_path / "s"))
+    assert student.embedding_dim == 384 and student.hidden_size == 16
+    assert os.path.exists(tmp_path / "s" / "2_Dense" / "model.safetensors")
+    st = SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), student.encode(QUERIES, "query"), atol=1e-5)
+    # The teacher's query store was computed once and is reused by the second distillation.
+    stores = os.listdir(os.path.join(os.path.dirname(chain["student-aligned"]), "stores"))
+    assert sum(name.startswith("teacher-query-") for name in stores) == 1
+
+
+def test_decoder_teacher_in_qwen3_embedding_convention(small_data, tiny_qwen, tmp_path):
+    train_teacher.main(
+        [
+            "--model_name_or_path",
+            tiny_qwen,
+            "--train_file",
+            small_data["train"],
+            "--output_dir",
+            str(tmp_path / "t"),
+            "--max_train_steps",
+            "2",
+            "--num_hard_negatives",
+            "2",
+            *FAST,
+        ]
+    )
+    teacher = Encoder.from_pretrained(str(tmp_path / "t"))
+    assert (teacher.config.pooling, teacher.config.padding_side) == ("last", "left")
+    assert teacher.config.query_prompt.startswith("Instruct:")
+    assert teacher.tokenizer.padding_side == "left"
+    st = SentenceTransformer(str(tmp_path / "t"), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), teacher.encode(QUERIES, "query"), atol=1e-5)
+
+
+def test_yaml_config_and_command_line_override(small_data, tiny_bert, tmp_path):
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump({"max_train_steps": 1, "temperature": 0.07, "learning_rate": 1e-4}))
+    args = train_teacher.parse_args(["--config", str(config), "--learning_rate", "2e-4"])
+    assert (args.max_train_steps, args.temperature, args.learning_rate) == (1, 0.07, 2e-4)
+    config.write_text(yaml.safe_dump({"max_train_step": 1}))
+    with pytest.raises(UserError, match="unknown flags max_train_step"):
+        train_teacher.parse_args(["--config", str(config)])
+
+
+def test_resume_from_latest_checkpoint_matches_uninterrupted(small_data, tiny_bert, tmp_path):
+    common = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--train_file",
+        small_data["train"],
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+        "--num_warmup_steps",
+        "0",
+        "--checkpointing_steps",
+        "2",
+        "--num_train_epochs",
+        "2",
+        *FAST,
+    ]  # 12 batches per epoch: the resume lands mid-epoch
+    train_teacher.main([*common, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "8"])
+    train_teacher.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "6"])
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_4", "step_6"]  # rotation keeps 2
+    (tmp_path / "resumed" / "checkpoints" / "step_8.partial").mkdir()  # a crash mid-save is never "latest"
+    train_teacher.main(
+        [
+            *common,
+            "--output_dir",
+            str(tmp_path / "resumed"),
+            "--max_train_steps",
+            "8",
+            "--resume_from_checkpoint",
+            "latest",
+            "--overwrite_output_dir",
+        ]
+    )
+    straight = Encoder.from_pretrained(str(tmp_path / "straight")).encode(QUERIES, "query")
+    resumed = Encoder.from_pretrained(str(tmp_path / "resumed")).encode(QUERIES, "query")
+    np.testing.assert_allclose(resumed, straight, atol=1e-5)
+
+
+def test_user_errors_name_the_cause(small_data, tiny_bert, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "rent a boat", "ad": "Boats for rent"}\n')
+    with pytest.raises(UserError, match="no column 'positive'"):
+        train_teacher.main(
+            ["--model_name_or_path", tiny_bert, "--train_file", str(bad), "--output_dir", str(tmp_path / "o")]
+        )
+    bad.write_text('{"query": "rent a boat", "positive": "Boats"}\n{"query": "  ", "positive": "Boats"}\n')
+    with pytest.raises(UserError, match="row 1, column 'query': empty text"):
+        train_teacher.main(
+            ["--model_name_or_path", tiny_bert, "--train_file", str(bad), "--output_dir", str(tmp_path / "o")]
+        )
+    with pytest.raises(UserError, match="not a model folder"):
+        train_teacher.main(
+            [
+                "--model_name_or_path",
+                str(tmp_path / "missing"),
+                "--train_file",
+                small_data["train"],
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
