@@ -271,3 +271,15 @@ def test_user_errors_name_the_cause(small_data, tiny_bert, tmp_path):
                 str(tmp_path / "o"),
             ]
         )
+
+
+def test_push_to_hub_without_network_fails_cleanly_and_keeps_the_model(chain, monkeypatch):
+    from common.hub import push_to_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="the model is saved locally"):
+        push_to_hub(chain["student"], "someone/student", token="hf_secret_token_value")
+    assert os.path.exists(os.path.join(chain["student"], "model.safetensors"))
+    card = Path(os.path.join(chain["student"], "README.md")).read_text()
+    assert "sentence-transformers" in card and "hf_secret" not in card
+    assert "hub_token" not in Path(os.path.join(chain["student"], "training_args.json")).read_text()
