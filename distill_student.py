@@ -33,8 +33,10 @@ from common.training import (
     TrainLoop,
     add_common_training_args,
     check_finite_loss,
-    check_output_dir,
+    check_run_args,
+    clip_and_check_gradients,
     log_banner,
+    log_truncation,
     logger,
     make_accelerator,
     make_optimizer_and_scheduler,
@@ -94,9 +96,12 @@ def make_student(args, teacher):
             max_length=args.max_length or teacher.config.max_length,
             normalize=teacher.config.normalize,
             trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle_weights,
         )
     else:
-        student = Encoder.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+        student = Encoder.from_pretrained(
+            args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+        )
         total = student.backbone.config.num_hidden_layers
         layers = (
             [int(i) for i in args.student_layers.split(",")]
@@ -116,7 +121,7 @@ def make_student(args, teacher):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_output_dir(args.output_dir, "distill_student.py", args.overwrite_output_dir)
+    check_run_args(args, "distill_student.py")
     accelerator = make_accelerator(args)
     if args.query_file is None:
         with accelerator.main_process_first():
@@ -125,7 +130,9 @@ def main(argv=None):
     ids, texts = read_queries(args)
 
     # The teacher's query vectors: encoded once by all processes, then the teacher leaves memory.
-    teacher = Encoder.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+    teacher = Encoder.from_pretrained(
+        args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    )
     store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
     store_path = args.teacher_query_store or default_store_path(
         store_dir, args.teacher_model, "query", teacher, ids, texts
@@ -136,6 +143,7 @@ def main(argv=None):
     student = make_student(args, teacher.cpu())
     del teacher
     gc.collect()
+    log_truncation(student, texts, "query", args.query_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -170,7 +178,7 @@ def main(argv=None):
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                clip_and_check_gradients(accelerator, student, args, loop.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -51,7 +51,8 @@ def parse_args(argv=None):
         metavar="NAME=PATH",
         help="Symmetric models scored against their own ad vectors; default (demo): the untuned base.",
     )
-    group.add_argument("--trust_remote_code", action="store_true")
+    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--corpus_file", default=None, help="Ads (id, text); default: the built-in ads.")
@@ -208,7 +209,9 @@ def main(argv=None):
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
     teacher_index = None
     for name, path, role in entries:
-        encoder = Encoder.from_pretrained(path, trust_remote_code=args.trust_remote_code).to(device)
+        encoder = Encoder.from_pretrained(
+            path, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+        ).to(device)
         if role != "student (teacher ads)":  # the model encodes its own ads
             default = default_store_path(store_dir, path, "ad", encoder, ad_ids, ad_texts)
             store_path = args.ad_store if role == "teacher" and args.ad_store else default

@@ -30,8 +30,10 @@ from common.training import (
     TrainLoop,
     add_common_training_args,
     check_finite_loss,
-    check_output_dir,
+    check_run_args,
+    clip_and_check_gradients,
     log_banner,
+    log_truncation,
     make_accelerator,
     make_optimizer_and_scheduler,
     parse_with_config,
@@ -130,7 +132,7 @@ def read_clicks(args, store, ad_texts):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_output_dir(args.output_dir, "refine_contrastive.py", args.overwrite_output_dir)
+    check_run_args(args, "refine_contrastive.py")
     accelerator = make_accelerator(args)
     if args.train_file is None or args.corpus_file is None:
         with accelerator.main_process_first():
@@ -141,7 +143,9 @@ def main(argv=None):
 
     # The teacher's ad vectors: read from the store (built once if missing), then the teacher is freed.
     ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
-    teacher = Encoder.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+    teacher = Encoder.from_pretrained(
+        args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    )
     store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
     store_path = args.ad_store or default_store_path(store_dir, args.teacher_model, "ad", teacher, ad_ids, ad_texts)
     store = store_for(
@@ -157,12 +161,15 @@ def main(argv=None):
     ad_vectors = torch.from_numpy(np.array(store.vectors, dtype=np.float32))  # in memory: rows are gathered per step
     clicks = read_clicks(args, store, ad_texts)
 
-    student = Encoder.from_pretrained(args.student_model, trust_remote_code=args.trust_remote_code)
+    student = Encoder.from_pretrained(
+        args.student_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    )
     if student.embedding_dim != store.dim:
         raise UserError(
             f"The student outputs {student.embedding_dim}-d vectors but the ad store holds {store.dim}-d; "
             "align the student to this teacher first (distill_student.py adds the projection head)."
         )
+    log_truncation(student, [click["query"] for click in clicks], "query", args.train_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -219,7 +226,7 @@ def main(argv=None):
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                clip_and_check_gradients(accelerator, student, args, loop.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -39,8 +39,10 @@ from common.training import (
     TrainLoop,
     add_common_training_args,
     check_finite_loss,
-    check_output_dir,
+    check_run_args,
+    clip_and_check_gradients,
     log_banner,
+    log_truncation,
     make_accelerator,
     make_optimizer_and_scheduler,
     parse_with_config,
@@ -139,7 +141,7 @@ class PairCollator:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_output_dir(args.output_dir, "train_teacher.py", args.overwrite_output_dir)
+    check_run_args(args, "train_teacher.py")
     accelerator = make_accelerator(args)
     if args.train_file is None:
         with accelerator.main_process_first():
@@ -155,10 +157,13 @@ def main(argv=None):
         max_length=args.max_length,
         padding_side=args.padding_side,
         trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle_weights,
     )
     if args.gradient_checkpointing:
         encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = read_pairs(args)
+    log_truncation(encoder, [row["query"] for row in rows], "query", args.train_file)
+    log_truncation(encoder, [row["positive"] for row in rows], "ad", args.train_file)
     ad_pool = sorted({row["positive"] for row in rows})
     dataloader = DataLoader(
         rows,
@@ -203,7 +208,7 @@ def main(argv=None):
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+                clip_and_check_gradients(accelerator, encoder, args, loop.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -195,11 +195,16 @@ class Encoder(nn.Module):
         trust_remote_code=False,
         revision=None,
         token=None,
+        allow_pickle=False,
     ):
         """Load a model folder or hub id; explicit arguments override what the folder says."""
         name_or_path = str(name_or_path)
         folder = resolve_model_dir(name_or_path, revision=revision, token=token)
         saved = _read_json(folder, ENCODER_CONFIG_NAME)
+        try:
+            model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
+        except (OSError, ValueError) as error:
+            raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
         if saved is not None:
             config = EncoderConfig(**saved)
         else:
@@ -235,13 +240,19 @@ class Encoder(nn.Module):
             "bfloat16": torch.bfloat16,
             "float16": torch.float16,
         }[dtype]
-        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+        has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(folder))
+        if not has_safetensors and not allow_pickle:
             raise UserError(
-                f"{folder} has no .safetensors weights; convert the checkpoint to safetensors "
-                "(pickle weights are refused because loading them can run arbitrary code)."
+                f"{folder} has no .safetensors weights; convert the checkpoint to safetensors or pass "
+                "--allow_pickle_weights if you trust it (loading pickle weights can run arbitrary code)."
+            )
+        if config.pooling == "cls" and model_type in DECODER_MODEL_TYPES:
+            raise UserError(
+                f"cls pooling on the causal decoder {name_or_path} pools a token that sees only itself; "
+                "use --pooling last (or mean)."
             )
         backbone = AutoModel.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         projection = None
@@ -285,6 +296,14 @@ class Encoder(nn.Module):
             max_length=self.config.max_length,
             return_tensors="pt",
         )
+
+    def count_truncated(self, texts, kind, limit=100_000):
+        """How many of (the first `limit` of) texts exceed max_length tokens once prompted."""
+        prompt, sample, count = self.prompt_for(kind), texts[:limit], 0
+        for start in range(0, len(sample), 10_000):
+            encoded = self.tokenizer([prompt + text for text in sample[start : start + 10_000]], truncation=False)
+            count += sum(len(ids) > self.config.max_length for ids in encoded["input_ids"])
+        return count, len(sample)
 
     def tokenize_mixed(self, queries, ads):
         """Queries (with the query prompt) then ads (with the ad prompt) in one padded batch."""

@@ -39,6 +39,7 @@ def add_common_training_args(parser):
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
     group = parser.add_argument_group("Checkpointing")
     group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
     group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
@@ -110,14 +111,29 @@ def uses_deepspeed(accelerator):
     return accelerator.state.deepspeed_plugin is not None
 
 
-def check_output_dir(output_dir, script, overwrite=False):
-    """Refuse to mix two different runs' files in one output folder."""
-    marker = os.path.join(output_dir, "training_args.json")
-    if os.path.exists(marker) and not overwrite:
-        with open(marker, encoding="utf-8") as handle:
-            previous = json.load(handle).get("script")
-        if previous and previous != script:
-            raise UserError(f"{output_dir} holds the output of {previous}; pick another --output_dir for {script}.")
+def check_run_args(args, script):
+    """Checks that must fail before any work: the output folder, Hub push settings, DeepSpeed."""
+    marker = os.path.join(args.output_dir, "training_args.json")
+    if os.path.exists(marker) and not args.overwrite_output_dir:
+        try:
+            with open(marker, encoding="utf-8") as handle:
+                previous = json.load(handle).get("script", "another run")
+        except (OSError, ValueError):
+            previous = "another run"
+        raise UserError(
+            f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
+            "it or choose another --output_dir."
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id (e.g. your-name/harness-student).")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "The accelerate config asks for DeepSpeed but it is not installed; `pip install deepspeed` or "
+                "launch with accelerate_configs/multi_gpu.yaml."
+            ) from None
 
 
 # ---------------------------------------------------------------------------- steps and schedule
@@ -187,6 +203,8 @@ def save_checkpoint(accelerator, args, step, epoch, batch_in_epoch):
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
+    if not uses_deepspeed(accelerator):  # ZeRO shards are checked at the final save instead
+        _check_finite_state(accelerator.unwrap_model(accelerator._models[0]).state_dict(), final)
     accelerator.save_state(partial)
     if accelerator.is_main_process:
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "args": vars(args)}
@@ -258,12 +276,40 @@ def tracker_config(args):
     }
 
 
-def check_finite_loss(loss, step):
-    if not torch.isfinite(loss).all():
-        raise UserError(
-            f"The loss became {loss.item()} at step {step}; lower --learning_rate or check the data. "
-            "The last checkpoint is kept and no weights were saved."
+def log_truncation(encoder, texts, kind, source):
+    """Long texts are truncated, not refused; say how many so that a too-small --max_length shows."""
+    count, checked = encoder.count_truncated(texts, kind)
+    if count:
+        logger.info(
+            f"{count} of {checked} {'queries' if kind == 'query' else 'ads'} in {source} exceed max_length "
+            f"{encoder.config.max_length} tokens and are truncated (raise --max_length to keep them whole)."
         )
+    return count
+
+
+def check_finite(value, what, step):
+    """Stop on a NaN/inf loss or gradient norm, before the optimiser applies it or anything is saved."""
+    if value is not None and not torch.isfinite(torch.as_tensor(value)).all():
+        raise UserError(
+            f"The {what} became {float(torch.as_tensor(value).float().max())} at step {step + 1}; lower "
+            "--learning_rate or check the data (the last checkpoint is kept; no weights were saved)."
+        )
+
+
+def check_finite_loss(loss, step):
+    check_finite(loss.detach(), "loss", step)
+
+
+def clip_and_check_gradients(accelerator, model, args, step):
+    """Clip the gradients; a non-finite norm stops the run before the optimiser step."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    check_finite(norm, "gradient norm", step)
+
+
+def _check_finite_state(state_dict, where):
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"Parameter {name} holds NaN/inf; nothing was written to {where}. Lower --learning_rate.")
 
 
 class TrainLoop:
@@ -345,6 +391,7 @@ def save_final_model(accelerator, args, model, script, role, results):
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        _check_finite_state(state_dict, args.output_dir)
         encoder = accelerator.unwrap_model(model)
         encoder.save_pretrained(args.output_dir, state_dict=state_dict)
         write_model_card(args.output_dir, encoder, role, script, results)
