@@ -23,6 +23,8 @@ def load_table(source, split="train", streaming=False):
             )
         if os.path.getsize(source) == 0:
             raise UserError(f"{source} is empty; point the flag at a file with rows.")
+        if extension != ".parquet":
+            _check_utf8(source)
         kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
         try:
             return datasets.load_dataset(
@@ -41,6 +43,29 @@ def load_table(source, split="train", streaming=False):
             f"Could not load data set '{source}' split '{split}' ({_first_line(error)}); check the hub id and "
             "connection, or pass a local file."
         ) from None
+
+
+def _check_utf8(path):
+    """Name the first line that is not UTF-8 (pyarrow would fail later, deep inside a column read)."""
+    import codecs
+
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            for start in range(0, len(chunk), 4096):
+                piece = chunk[start : start + 4096]
+                try:
+                    decoder.decode(piece)
+                except UnicodeDecodeError as error:
+                    bad_line = line + piece[: error.start].count(b"\n")
+                    raise UserError(
+                        f"{path} line {bad_line} is not valid UTF-8; re-encode the file as UTF-8."
+                    ) from None
+                line += piece.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} ends inside a multi-byte character; re-encode the file as UTF-8.") from None
 
 
 def _first_line(error):

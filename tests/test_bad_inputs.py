@@ -1,0 +1,399 @@
+"""Bad inputs a user can cause: each ends with one sentence naming the cause and the fix, and damages
+nothing already written (a finished model, stores and data files are hashed before and after)."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distill_student
+import evaluate
+import refine_contrastive
+import train_teacher
+from common.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, small_data, tiny_bert):
+    """A finished teacher run, a teacher query store and data files: all must survive every bad input."""
+    root = tmp_path_factory.mktemp("workspace")
+    teacher = str(root / "teacher")
+    train_teacher.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--train_file",
+            small_data["train"],
+            "--output_dir",
+            teacher,
+            "--max_train_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+        ]
+    )
+    distill_student.main(
+        [
+            "--teacher_model",
+            teacher,
+            "--query_file",
+            small_data["queries"],
+            "--output_dir",
+            str(root / "student"),
+            "--max_train_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--student_num_layers",
+            "1",
+            "--teacher_query_store",
+            str(root / "query-store"),
+        ]
+    )
+    return {"root": root, "teacher": teacher, "student": str(root / "student"), "store": str(root / "query-store")}
+
+
+def snapshot(*folders):
+    digests = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def write(folder, name, content):
+    path = Path(folder) / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def jsonl(*rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+GOOD = {"query": "rent a boat", "positive": "Boats for rent", "negatives": ["Used boats"]}
+
+
+def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
+    """(name, script main, argv, expected message part) for each bad input."""
+    out = str(tmp / "out")
+    teacher_args = ["--model_name_or_path", ws["teacher"], "--output_dir", out, "--max_train_steps", "1"]
+
+    def teacher(train_file, *extra):
+        return train_teacher.main, [*teacher_args, "--train_file", train_file, *extra]
+
+    nan_store = str(tmp / "nan-store")
+    shutil.copytree(ws["store"], nan_store)
+    meta = json.loads(Path(nan_store, "metadata.json").read_text())
+    vectors_path = Path(nan_store, meta["shards"][0]["vectors"])
+    vectors = np.load(vectors_path)
+    vectors[3, 1] = np.inf
+    np.save(vectors_path, vectors)
+    pickle_model = str(tmp / "pickle-model")
+    shutil.copytree(ws["teacher"], pickle_model)
+    os.rename(os.path.join(pickle_model, "model.safetensors"), os.path.join(pickle_model, "pytorch_model.bin"))
+    qrels_unknown_query = write(tmp, "q1.tsv", "query_id\tdoc_id\trelevance\nnope\tad00000\t1\n")
+    qrels_unknown_doc = write(tmp, "q2.tsv", "query_id\tdoc_id\trelevance\nq0000\tnope\t1\n")
+    qrels_bad_grade = write(tmp, "q3.tsv", "query_id\tdoc_id\trelevance\nq0000\tad00000\thigh\n")
+    duplicate_ads = write(tmp, "dup.jsonl", jsonl({"id": "a", "text": "x"}, {"id": "a", "text": "y"}))
+    eval_args = [
+        "--teacher_model",
+        ws["teacher"],
+        "--students",
+        "--baselines",
+        "--corpus_file",
+        data["ads"],
+        "--queries_file",
+        data["test_queries"],
+        "--output_dir",
+        str(tmp / "eval"),
+        "--latency_queries",
+        "0",
+    ]
+    refine_args = [
+        "--teacher_model",
+        ws["teacher"],
+        "--corpus_file",
+        data["ads"],
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        "1",
+        "--store_dir",
+        str(tmp / "stores"),
+    ]
+    distill_args = ["--teacher_model", ws["teacher"], "--output_dir", out, "--max_train_steps", "1"]
+    return [
+        ("empty file", *teacher(write(tmp, "empty.jsonl", "")), "is empty"),
+        ("missing column", *teacher(write(tmp, "c.jsonl", jsonl({"query": "a", "ad": "b"}))), "no column 'positive'"),
+        ("misnamed column flag", *teacher(data["train"], "--query_column", "q"), "no column 'q'"),
+        ("wrong type", *teacher(write(tmp, "t.jsonl", jsonl(GOOD, {**GOOD, "query": 5}))), "got int"),
+        ("empty query", *teacher(write(tmp, "e.jsonl", jsonl(GOOD, {**GOOD, "query": ""}))), "row 1, column 'query'"),
+        ("whitespace query", *teacher(write(tmp, "w.jsonl", jsonl(GOOD, {**GOOD, "query": " \t"}))), "empty text"),
+        ("null positive", *teacher(write(tmp, "n.jsonl", jsonl(GOOD, {**GOOD, "positive": None}))), "got NoneType"),
+        ("negatives not a list", *teacher(write(tmp, "l.jsonl", jsonl({**GOOD, "negatives": "x"}))), "list of texts"),
+        (
+            "non-UTF-8 bytes",
+            *teacher(
+                write(tmp, "b.jsonl", b'{"query": "ok", "positive": "x"}\n{"query": "caf\xe9", "positive": "x"}\n')
+            ),
+            "line 2 is not valid UTF-8",
+        ),
+        ("unsupported file type", *teacher(write(tmp, "x.txt", "hello")), "unsupported file type"),
+        ("missing file", *teacher(str(tmp / "nowhere.jsonl")), "does not exist"),
+        ("unreachable hub data set", *teacher("someone/clicks-data"), "Could not load data set"),
+        (
+            "unreachable hub model",
+            train_teacher.main,
+            ["--model_name_or_path", "someone/embedder", "--train_file", data["train"], "--output_dir", out],
+            "Could not get model",
+        ),
+        (
+            "output folder holds a finished run",
+            train_teacher.main,
+            ["--model_name_or_path", ws["teacher"], "--train_file", data["train"], "--output_dir", ws["teacher"]],
+            "already holds a finished run",
+        ),
+        (
+            "pickle-only weights",
+            train_teacher.main,
+            ["--model_name_or_path", pickle_model, "--train_file", data["train"], "--output_dir", out],
+            "safetensors",
+        ),
+        (
+            "cls pooling on a decoder",
+            train_teacher.main,
+            ["--model_name_or_path", tiny_qwen, "--pooling", "cls", "--train_file", data["train"], "--output_dir", out],
+            "cls pooling on the causal decoder",
+        ),
+        ("push without repo id", *teacher(data["train"], "--push_to_hub"), "needs --hub_model_id"),
+        ("batch larger than the data", *teacher(write(tmp, "one.jsonl", jsonl(GOOD))), "fewer than one global batch"),
+        (
+            "not a checkpoint",
+            *teacher(data["train"], "--resume_from_checkpoint", str(tmp)),
+            "not a complete checkpoint",
+        ),
+        (
+            "config with an unknown flag",
+            *teacher(data["train"], "--config", write(tmp, "c.yaml", "lr: 0.1\n")),
+            "unknown flags lr",
+        ),
+        ("missing config file", *teacher(data["train"], "--config", str(tmp / "none.yaml")), "does not exist"),
+        (
+            "store holding inf",
+            distill_student.main,
+            [*distill_args, "--query_file", data["queries"], "--teacher_query_store", nan_store],
+            "NaN or inf",
+        ),
+        (
+            "store built on other data",
+            distill_student.main,
+            [*distill_args, "--query_file", data["train"], "--teacher_query_store", ws["store"]],
+            "other data",
+        ),
+        (
+            "store built by another model",
+            distill_student.main,
+            [
+                *distill_args,
+                "--teacher_model",
+                ws["student"],
+                "--query_file",
+                data["queries"],
+                "--teacher_query_store",
+                ws["store"],
+            ],
+            "another model",
+        ),
+        (
+            "query file without the column",
+            distill_student.main,
+            [*distill_args, "--query_file", data["test_queries"]],
+            "no column 'query'",
+        ),
+        (
+            "student width does not match the store",
+            refine_contrastive.main,
+            [*refine_args, "--student_model", tiny_bert_narrow, "--train_file", data["train"]],
+            "16-d vectors",
+        ),
+        (
+            "click naming an unknown ad id",
+            refine_contrastive.main,
+            [
+                *refine_args,
+                "--student_model",
+                ws["student"],
+                "--train_file",
+                write(tmp, "u.jsonl", jsonl({"query": "a", "positive_id": "nope"})),
+            ],
+            "'nope' is not in",
+        ),
+        (
+            "click text not in the corpus",
+            refine_contrastive.main,
+            [
+                *refine_args,
+                "--student_model",
+                ws["student"],
+                "--train_file",
+                write(tmp, "v.jsonl", jsonl({"query": "a", "positive": "no such ad"})),
+            ],
+            "not in the corpus",
+        ),
+        (
+            "duplicate ids in the corpus",
+            refine_contrastive.main,
+            [
+                *refine_args,
+                "--student_model",
+                ws["student"],
+                "--train_file",
+                data["train"],
+                "--corpus_file",
+                duplicate_ads,
+            ],
+            "appears more than once",
+        ),
+        (
+            "judgment naming an unknown query",
+            evaluate.main,
+            [*eval_args, "--qrels_file", qrels_unknown_query],
+            "judges query 'nope'",
+        ),
+        (
+            "judgment naming an unknown ad",
+            evaluate.main,
+            [*eval_args, "--qrels_file", qrels_unknown_doc],
+            "judges ad 'nope'",
+        ),
+        ("non-integer grade", evaluate.main, [*eval_args, "--qrels_file", qrels_bad_grade], "not an integer grade"),
+        (
+            "student without a name",
+            evaluate.main,
+            [*eval_args, "--qrels_file", data["qrels"], "--students", ws["student"]],
+            "NAME=PATH",
+        ),
+        (
+            "judgments missing",
+            evaluate.main,
+            ["--corpus_file", data["ads"], "--output_dir", str(tmp / "eval")],
+            "Pass all of",
+        ),
+    ]
+
+
+def test_bad_inputs_end_with_one_sentence_and_damage_nothing(
+    workspace, small_data, tiny_qwen, tiny_bert_narrow, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = snapshot(workspace["root"], os.path.dirname(small_data["train"]))
+    table = cases(workspace, small_data, tiny_qwen, tiny_bert_narrow, tmp_path)
+    assert len(table) >= 25
+    failures = []
+    for name, main, argv, expected in table:
+        try:
+            main(argv)
+            failures.append(f"{name}: no error")
+        except UserError as error:
+            message = str(error)
+            if expected not in message or "\n" in message or not message.endswith((".", ")")):
+                failures.append(f"{name}: {message!r}")
+    assert not failures, "\n".join(failures)
+    assert snapshot(workspace["root"], os.path.dirname(small_data["train"])) == before
+
+
+def test_deepspeed_requested_but_not_installed(small_data, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without DeepSpeed looks like
+    with pytest.raises(UserError, match="DeepSpeed but it is not installed"):
+        train_teacher.main(
+            [
+                "--model_name_or_path",
+                tiny_bert,
+                "--train_file",
+                small_data["train"],
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+def test_command_line_exit_code_and_single_line(small_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", "--corpus_file", small_data["ads"], "--output_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Pass all of --corpus_file")
+    assert "Traceback" not in result.stderr
+
+
+def test_long_queries_are_truncated_and_counted(small_data, tiny_bert, tmp_path, caplog):
+    rows = [json.loads(line) for line in Path(small_data["train"]).read_text().splitlines()]
+    rows[0]["query"] = "cheap used laptop " * 200
+    train_file = write(tmp_path, "long.jsonl", jsonl(*rows))
+    caplog.set_level("INFO", logger="harness")
+    train_teacher.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--train_file",
+            train_file,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_train_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+        ]
+    )
+    assert "1 of 96 queries" in caplog.text and "are truncated" in caplog.text
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tiny_bert, tmp_path, monkeypatch):
+    real_loss, calls = train_teacher.contrastive_loss, []
+
+    def loss_that_breaks_at_step_3(*args, **kwargs):  # fault injection: the 3rd batch yields NaN
+        calls.append(1)
+        loss, accuracy = real_loss(*args, **kwargs)
+        return (loss * float("nan"), accuracy) if len(calls) == 3 else (loss, accuracy)
+
+    monkeypatch.setattr(train_teacher, "contrastive_loss", loss_that_breaks_at_step_3)
+    output = tmp_path / "o"
+    with pytest.raises(UserError, match="loss became nan at step 3"):
+        train_teacher.main(
+            [
+                "--model_name_or_path",
+                tiny_bert,
+                "--train_file",
+                small_data["train"],
+                "--output_dir",
+                str(output),
+                "--max_train_steps",
+                "5",
+                "--checkpointing_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "8",
+            ]
+        )
+    assert not (output / "model.safetensors").exists()
+    assert sorted(os.listdir(output / "checkpoints")) == ["step_1", "step_2"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(output / "checkpoints" / "step_2" / "model.safetensors"))
+    assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
