@@ -207,7 +207,7 @@ def save_checkpoint(accelerator, args, step, epoch, batch_in_epoch):
         _check_finite_state(accelerator.unwrap_model(accelerator._models[0]).state_dict(), final)
     accelerator.save_state(partial)
     if accelerator.is_main_process:
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "args": vars(args)}
+        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "args": public_config(args)}
         with open(os.path.join(partial, "trainer_state.json"), "w", encoding="utf-8") as handle:
             json.dump(state, handle, indent=2, default=str)
         if os.path.exists(final):
@@ -254,16 +254,19 @@ def resume_state(accelerator, args):
 
 
 # ---------------------------------------------------------------------------- outputs
+SECRET_ARGS = {"hub_token"}
+
+
+def public_config(args):
+    """The whole config, less secrets: what checkpoints, run files and trackers record."""
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+
+
 def save_run_files(output_dir, args, script, results=None):
-    """training_args.json (the whole config) and all_results.json next to the saved model."""
+    """training_args.json (the whole config, less secrets) and all_results.json next to the saved model."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-        json.dump(
-            {"script": script, **{k: v for k, v in vars(args).items() if k != "hub_token"}},
-            handle,
-            indent=2,
-            default=str,
-        )
+        json.dump({"script": script, **public_config(args)}, handle, indent=2, default=str)
     if results is not None:
         with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -271,9 +274,7 @@ def save_run_files(output_dir, args, script, results=None):
 
 def tracker_config(args):
     """Config for trackers: scalars only, never the token."""
-    return {
-        k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items() if k != "hub_token"
-    }
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in public_config(args).items()}
 
 
 def log_truncation(encoder, texts, kind, source):

@@ -397,3 +397,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tiny_bert
 
     weights = load_file(str(output / "checkpoints" / "step_2" / "model.safetensors"))
     assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
+
+
+def test_hub_token_never_reaches_logs_or_files(small_data, tiny_bert, tmp_path, capsys, caplog):
+    secret = "hf_DoNotLeakThisToken123"
+    output = tmp_path / "o"
+    caplog.set_level("INFO")
+    train_teacher.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--train_file",
+            small_data["train"],
+            "--output_dir",
+            str(output),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--hub_token",
+            secret,
+            "--per_device_train_batch_size",
+            "8",
+            "--report_to",
+            "none",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
