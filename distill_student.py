@@ -30,20 +30,16 @@ from common.encoder import Encoder, evenly_spaced_layers, keep_layers
 from common.errors import UserError, run_cli
 from common.store import default_store_path, store_for
 from common.training import (
-    TrainLoop,
     add_common_training_args,
     check_finite_loss,
     check_run_args,
     clip_and_check_gradients,
-    log_banner,
     log_truncation,
     logger,
     make_accelerator,
-    make_optimizer_and_scheduler,
     parse_with_config,
-    plan_steps,
+    prepare_training,
     save_final_model,
-    tracker_config,
 )
 
 
@@ -161,13 +157,9 @@ def main(argv=None):
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
-    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, student, accelerator)
-    student, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
-    accelerator.init_trackers("distill_student", config=tracker_config(args))
-
-    loop = TrainLoop(accelerator, args, dataloader, epochs)
-    log_banner(args, accelerator, len(texts), epochs)
+    student, optimizer, scheduler, loop = prepare_training(
+        accelerator, args, student, dataloader, len(texts), "distill_student"
+    )
     student.train()
     for batch in loop:
         with accelerator.accumulate(student):

@@ -27,19 +27,15 @@ from common.errors import UserError, run_cli
 from common.loss import contrastive_loss
 from common.store import default_store_path, store_for
 from common.training import (
-    TrainLoop,
     add_common_training_args,
     check_finite_loss,
     check_run_args,
     clip_and_check_gradients,
-    log_banner,
     log_truncation,
     make_accelerator,
-    make_optimizer_and_scheduler,
     parse_with_config,
-    plan_steps,
+    prepare_training,
     save_final_model,
-    tracker_config,
 )
 
 
@@ -195,13 +191,9 @@ def main(argv=None):
     )
     if len(dataloader) < accelerator.num_processes:
         raise UserError(f"{len(clicks)} clicks are fewer than one global batch; lower --per_device_train_batch_size.")
-    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, student, accelerator)
-    student, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
-    accelerator.init_trackers("refine_contrastive", config=tracker_config(args))
-
-    loop = TrainLoop(accelerator, args, dataloader, epochs)
-    log_banner(args, accelerator, len(clicks), epochs)
+    student, optimizer, scheduler, loop = prepare_training(
+        accelerator, args, student, dataloader, len(clicks), "refine_contrastive"
+    )
     margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
     student.train()
     for batch in loop:

@@ -36,19 +36,15 @@ from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.loss import contrastive_loss
 from common.training import (
-    TrainLoop,
     add_common_training_args,
     check_finite_loss,
     check_run_args,
     clip_and_check_gradients,
-    log_banner,
     log_truncation,
     make_accelerator,
-    make_optimizer_and_scheduler,
     parse_with_config,
-    plan_steps,
+    prepare_training,
     save_final_model,
-    tracker_config,
 )
 
 
@@ -177,13 +173,9 @@ def main(argv=None):
         raise UserError(
             f"{len(rows)} training rows are fewer than one global batch; lower --per_device_train_batch_size."
         )
-    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
-    optimizer, scheduler = make_optimizer_and_scheduler(args, encoder, accelerator)
-    encoder, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
-    accelerator.init_trackers("train_teacher", config=tracker_config(args))
-
-    loop = TrainLoop(accelerator, args, dataloader, epochs)
-    log_banner(args, accelerator, len(rows), epochs)
+    encoder, optimizer, scheduler, loop = prepare_training(
+        accelerator, args, encoder, dataloader, len(rows), "train_teacher"
+    )
     margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
     encoder.train()
     for batch in loop:

@@ -366,6 +366,18 @@ class TrainLoop:
             save_checkpoint(self.accelerator, self.args, self.step, self.epoch, self.batch_in_epoch)
 
 
+def prepare_training(accelerator, args, model, dataloader, num_examples, project):
+    """Plan the steps, build optimiser and schedule, accelerate.prepare, start trackers, load a checkpoint
+    if resuming, and print the banner. Returns (model, optimizer, scheduler, loop)."""
+    _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
+    optimizer, scheduler = make_optimizer_and_scheduler(args, model, accelerator)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    accelerator.init_trackers(project, config=tracker_config(args))
+    loop = TrainLoop(accelerator, args, dataloader, epochs)
+    log_banner(args, accelerator, num_examples, epochs)
+    return model, optimizer, scheduler, loop
+
+
 def _rng_neutral(batches):
     """Iterate without the draw a new DataLoader iterator takes from the global RNG for its base seed.
 
