@@ -76,3 +76,52 @@ def test_deepspeed_zero3_saves_the_same_model_as_ddp(runs):
     np.testing.assert_allclose(vectors, Encoder.from_pretrained(runs["ddp"]).encode(QUERIES, "query"), atol=1e-5)
     st = SentenceTransformer(runs["zero3"], device="cpu")
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), vectors, atol=1e-5)
+
+
+def test_two_processes_write_one_sharded_store(tmp_path, small_data, tiny_bert):
+    from common.data import read_texts
+    from common.store import EmbeddingStore
+
+    store = str(tmp_path / "ads-store")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        launch(
+            ["--multi_gpu", "--num_processes", "2"],
+            [
+                "encode.py",
+                "--model",
+                tiny_bert,
+                "--input_file",
+                small_data["ads"],
+                "--store",
+                store,
+                "--per_device_batch_size",
+                "16",
+            ],
+            tmp_path,
+            "encode",
+        )
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    opened = EmbeddingStore.open(store)
+    assert [shard["vectors"] for shard in opened.metadata["shards"]] == [
+        "vectors-00000-of-00002.npy",
+        "vectors-00001-of-00002.npy",
+    ]
+    ids, texts = read_texts(small_data["ads"], "id", "text")
+    assert opened.ids == ids
+    np.testing.assert_allclose(opened.vectors, Encoder.from_pretrained(tiny_bert).encode(texts, "ad"), atol=1e-5)
+    assert not os.path.exists(store + ".partial")
+
+
+def test_encode_script_reuses_a_current_store_and_refuses_a_stale_one(tmp_path, small_data, tiny_bert, tiny_qwen):
+    import encode
+    from common.errors import UserError
+
+    store = str(tmp_path / "store")
+    encode.main(["--model", tiny_bert, "--input_file", small_data["ads"], "--store", store, "--dtype", "float16"])
+    modified = os.path.getmtime(os.path.join(store, "metadata.json"))
+    encode.main(["--model", tiny_bert, "--input_file", small_data["ads"], "--store", store])  # current: kept
+    assert os.path.getmtime(os.path.join(store, "metadata.json")) == modified
+    with pytest.raises(UserError, match="another model"):
+        encode.main(["--model", tiny_qwen, "--input_file", small_data["ads"], "--store", store])
