@@ -7,15 +7,23 @@ head is added and saved with the student (sentence-transformers `2_Dense`), so t
 live in the teacher's coordinates and are scored against the teacher's ad index as they are.
 
 The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers).
+With --prune_schedule 14,7,4 the aligned student is then pruned progressively: at each step the
+blocks with the largest ||output||/||input|| on calibration queries are kept (and, with
+--ffn_keep_ratio, the FFN units with the largest activations), and the student is re-aligned.
 
 Single machine (the embedded default: a 2-layer student cut from the demo teacher, CPU):
     python distill_student.py
 Multi-GPU (plain DDP: students are < 600M parameters):
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml distill_student.py \
         --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet --output_dir student
+Progressive pruning of the 28-layer Qwen3-0.6B student to 4 blocks, re-aligning after each step:
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml distill_student.py \
+        --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet \
+        --prune_schedule 14,7,4 --ffn_keep_ratio 0.75 --output_dir student-4l
 """
 
 import argparse
+import copy
 import gc
 import os
 
@@ -28,6 +36,7 @@ from common.data import check_text, load_table, require_columns
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder, evenly_spaced_layers, keep_layers
 from common.errors import UserError, run_cli
+from common.pruning import importance, prune_ffn, prune_layers
 from common.store import default_store_path, store_for
 from common.training import (
     add_common_training_args,
@@ -53,6 +62,11 @@ def parse_args(argv=None):
     group.add_argument("--student_layers", default=None, help="Exact teacher layers to keep, e.g. '0,3,5'.")
     group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Student pooling override.")
     group.add_argument("--max_length", type=int, default=None)
+    # Pruning
+    group = parser.add_argument_group("Progressive pruning")
+    group.add_argument("--prune_schedule", default=None, help="Block counts after each step, e.g. '14,7,4'.")
+    group.add_argument("--ffn_keep_ratio", type=float, default=1.0, help="FFN units kept at each step (<= 1).")
+    group.add_argument("--calibration_queries", type=int, default=512, help="Queries that rank blocks and units.")
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--query_file", default=None, help="Label-free queries; default: the built-in data.")
@@ -115,6 +129,63 @@ def make_student(args, teacher):
     return student
 
 
+def align(accelerator, args, student, texts, teacher_vectors):
+    """One L2 alignment run: the training loop, then the student saved to args.output_dir."""
+
+    def collate(rows):
+        batch = student.tokenize([texts[row] for row in rows], "query")
+        batch["teacher_vectors"] = torch.from_numpy(np.asarray(teacher_vectors[np.sort(rows)], dtype=np.float32))
+        batch["order"] = torch.as_tensor(np.argsort(np.argsort(rows)))
+        return batch
+
+    dataloader = DataLoader(
+        list(range(len(texts))),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=len(texts) >= args.per_device_train_batch_size * accelerator.num_processes,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    model, optimizer, scheduler, loop = prepare_training(
+        accelerator, args, student, dataloader, len(texts), "distill_student"
+    )
+    model.train()
+    for batch in loop:
+        with accelerator.accumulate(model):
+            # Store rows were read in sorted order (fast memmap access); put them back in batch order.
+            teacher_targets = batch.pop("teacher_vectors")[batch.pop("order")]
+            student_vectors = model(**batch)
+            loss = (student_vectors.float() - teacher_targets).pow(2).sum(dim=1).mean()
+            check_finite_loss(loss, loop.step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                clip_and_check_gradients(accelerator, model, args, loop.step)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        loop.end_of_batch(l2_loss=loss.item(), lr=scheduler.get_last_lr()[0])
+
+    results = {f"train_{key}": value for key, value in loop.last_logs.items()} | {"steps": loop.step}
+    save_final_model(accelerator, args, model, "distill_student.py", "student", results)
+    student = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # the next pruning stage prepares a new model and optimiser
+    return student, results
+
+
+def prune(student, keep_layers_count, args, calibration):
+    """One pruning step: keep the most important blocks (and FFN units); returns a description."""
+    intermediate = student.backbone.config.intermediate_size
+    layer_scores, unit_scores = importance(student, calibration)
+    kept = prune_layers(student, layer_scores, keep_layers_count)
+    description = f"kept blocks {kept} of {len(layer_scores)} (importance {[round(s, 3) for s in layer_scores]})"
+    if args.ffn_keep_ratio < 1:
+        keep_units = max(int(intermediate * args.ffn_keep_ratio), 1)
+        prune_ffn(student, [unit_scores[i] for i in kept], keep_units)
+        description += f", FFN units {intermediate} -> {keep_units}"
+    student.config.extra.setdefault("pruning", []).append(description)
+    return description
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_run_args(args, "distill_student.py")
@@ -143,42 +214,25 @@ def main(argv=None):
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def collate(rows):
-        batch = student.tokenize([texts[row] for row in rows], "query")
-        batch["teacher_vectors"] = torch.from_numpy(np.asarray(teacher_vectors[np.sort(rows)], dtype=np.float32))
-        batch["order"] = torch.as_tensor(np.argsort(np.argsort(rows)))
-        return batch
-
-    dataloader = DataLoader(
-        list(range(len(texts))),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=len(texts) >= args.per_device_train_batch_size * accelerator.num_processes,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-    )
-    student, optimizer, scheduler, loop = prepare_training(
-        accelerator, args, student, dataloader, len(texts), "distill_student"
-    )
-    student.train()
-    for batch in loop:
-        with accelerator.accumulate(student):
-            # Store rows were read in sorted order (fast memmap access); put them back in batch order.
-            teacher_targets = batch.pop("teacher_vectors")[batch.pop("order")]
-            student_vectors = student(**batch)
-            loss = (student_vectors.float() - teacher_targets).pow(2).sum(dim=1).mean()
-            check_finite_loss(loss, loop.step)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                clip_and_check_gradients(accelerator, student, args, loop.step)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        loop.end_of_batch(l2_loss=loss.item(), lr=scheduler.get_last_lr()[0])
-
-    results = {f"train_{key}": value for key, value in loop.last_logs.items()}
-    results |= {"steps": loop.step, "teacher_query_store": store_path}
-    save_final_model(accelerator, args, student, "distill_student.py", "student", results)
+    # Progressive pruning: align, then (prune to K blocks, re-align) for each K of the schedule. Every
+    # stage but the last is saved under <output_dir>/stages/, so a resumed run skips finished stages.
+    schedule = [int(k) for k in args.prune_schedule.split(",")] if args.prune_schedule else []
+    for stage, keep in enumerate([None, *schedule]):
+        stage_args = copy.copy(args)
+        if stage < len(schedule):
+            stage_args.output_dir = os.path.join(args.output_dir, "stages", f"stage{stage}")
+        finished = os.path.exists(os.path.join(stage_args.output_dir, "training_args.json"))
+        if stage < len(schedule) and args.resume_from_checkpoint and finished:
+            logger.info(f"Stage {stage} is finished; loading {stage_args.output_dir}")
+            student = Encoder.from_pretrained(stage_args.output_dir).to(accelerator.device)
+            continue
+        set_seed(args.seed + stage)  # each stage's randomness is its own, whether earlier stages ran or loaded
+        if keep is not None:
+            student = student.to(accelerator.device)
+            logger.info(f"Stage {stage}: " + prune(student, keep, args, texts[: args.calibration_queries]))
+        student, results = align(accelerator, stage_args, student, texts, teacher_vectors)
+    results["teacher_query_store"] = store_path
+    accelerator.end_training()
     return results
 
 

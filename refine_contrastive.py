@@ -227,6 +227,7 @@ def main(argv=None):
     results = {f"train_{key}": value for key, value in loop.last_logs.items()}
     results |= {"steps": loop.step, "ad_store": store_path}
     save_final_model(accelerator, args, student, "refine_contrastive.py", "student", results)
+    accelerator.end_training()
     return results
 
 

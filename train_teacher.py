@@ -208,6 +208,7 @@ def main(argv=None):
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items()} | {"steps": loop.step}
     save_final_model(accelerator, args, encoder, "train_teacher.py", "teacher", results)
+    accelerator.end_training()
     return results
 
 

@@ -144,7 +144,7 @@ def model_fingerprint(folder):
     """
     digest = hashlib.sha256()
     for root, dirs, files in sorted(os.walk(folder)):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.startswith("checkpoint"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint", "stages")))
         for name in sorted(files):
             if name in _FINGERPRINT_SKIP or name.startswith("."):
                 continue

@@ -82,7 +82,7 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
             folder_path=folder,
             token=token,
             commit_message=commit_message,
-            ignore_patterns=["checkpoints/*", "*.partial/*", "stores/*", "training_args.json"],
+            ignore_patterns=["checkpoints/*", "stages/*", "*.partial/*", "stores/*", "training_args.json"],
         )
     except Exception as error:
         raise UserError(

@@ -204,7 +204,7 @@ def save_checkpoint(accelerator, args, step, epoch, batch_in_epoch):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     if not uses_deepspeed(accelerator):  # ZeRO shards are checked at the final save instead
-        _check_finite_state(accelerator.unwrap_model(accelerator._models[0]).state_dict(), final)
+        _check_finite_state(accelerator.unwrap_model(accelerator._models[-1]).state_dict(), final)
     accelerator.save_state(partial)
     if accelerator.is_main_process:
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "args": public_config(args)}
@@ -372,7 +372,8 @@ def prepare_training(accelerator, args, model, dataloader, num_examples, project
     _, epochs = plan_steps(args, len(dataloader) // accelerator.num_processes, accelerator)
     optimizer, scheduler = make_optimizer_and_scheduler(args, model, accelerator)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-    accelerator.init_trackers(project, config=tracker_config(args))
+    if not accelerator.trackers:  # once per script, also when pruning stages call this again
+        accelerator.init_trackers(project, config=tracker_config(args))
     loop = TrainLoop(accelerator, args, dataloader, epochs)
     log_banner(args, accelerator, num_examples, epochs)
     return model, optimizer, scheduler, loop
@@ -413,4 +414,3 @@ def save_final_model(accelerator, args, model, script, role, results):
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     accelerator.wait_for_everyone()
-    accelerator.end_training()

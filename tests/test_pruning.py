@@ -1,0 +1,80 @@
+"""Structured pruning: what is removed, that dead units go without changing the vectors, and the
+progressive prune-and-re-align run of distill_student.py."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+import distill_student
+from common.encoder import Encoder
+from common.pruning import importance, prune_ffn, prune_layers
+
+QUERIES = ["rent a boat", "fix my broken laptop", "cheap used tractor for sale", "sell my old camera"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_units_that_never_fire_are_pruned_without_changing_vectors(fixture, request):
+    encoder = Encoder.from_pretrained(request.getfixturevalue(fixture))
+    dead = torch.arange(0, 64, 2)  # half of the 64 FFN units
+    with torch.no_grad():
+        for layer in encoder.backbone.encoder.layer if fixture == "tiny_bert" else encoder.backbone.layers:
+            ups = [layer.intermediate.dense] if fixture == "tiny_bert" else [layer.mlp.gate_proj, layer.mlp.up_proj]
+            for projection in ups:  # zero input weights (and bias): activation exactly 0 for these units
+                projection.weight[dead] = 0
+                if projection.bias is not None:
+                    projection.bias[dead] = 0
+    before = encoder.encode(QUERIES, "query")
+    layer_scores, unit_scores = importance(encoder, QUERIES)
+    assert len(layer_scores) == 2 and all(np.isfinite(layer_scores)) and all(s > 0 for s in layer_scores)
+    assert all(float(scores[dead].max()) == 0.0 for scores in unit_scores)
+    prune_ffn(encoder, unit_scores, 32)
+    assert encoder.backbone.config.intermediate_size == 32
+    np.testing.assert_allclose(encoder.encode(QUERIES, "query"), before, atol=1e-5)
+
+
+def test_prune_layers_keeps_the_most_important_in_order(tiny_qwen):
+    encoder = Encoder.from_pretrained(tiny_qwen)
+    assert prune_layers(encoder, [0.5, 2.0], 1) == [1]
+    assert encoder.backbone.config.num_hidden_layers == 1
+
+
+def test_progressive_pruning_with_realignment(small_data, tiny_bert, tiny_qwen, tmp_path):
+    """A 2-block Qwen3 student of a BERT teacher, aligned, pruned to 1 block and half its FFN, re-aligned."""
+    output = tmp_path / "student"
+    args = [
+        "--teacher_model",
+        tiny_bert,
+        "--student_model",
+        tiny_qwen,
+        "--query_file",
+        small_data["queries"],
+        "--output_dir",
+        str(output),
+        "--prune_schedule",
+        "1",
+        "--ffn_keep_ratio",
+        "0.5",
+        "--max_train_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--calibration_queries",
+        "32",
+    ]
+    results = distill_student.main(args)
+    assert results["steps"] == 3
+    student = Encoder.from_pretrained(str(output))
+    assert student.backbone.config.num_hidden_layers == 1 and student.backbone.config.intermediate_size == 32
+    assert student.embedding_dim == 32  # the projection head to the teacher's width survives pruning
+    assert "kept blocks" in student.config.extra["pruning"][0]
+    assert os.path.exists(output / "stages" / "stage0" / "model.safetensors")  # the aligned, unpruned stage
+    assert Encoder.from_pretrained(str(output / "stages" / "stage0")).backbone.config.num_hidden_layers == 2
+    st = SentenceTransformer(str(output), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), student.encode(QUERIES, "query"), atol=1e-5)
+    # Resuming skips the finished stage and reproduces the pruned student.
+    distill_student.main([*args, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
+    again = Encoder.from_pretrained(str(output)).encode(QUERIES, "query")
+    np.testing.assert_allclose(again, student.encode(QUERIES, "query"), atol=1e-5)
