@@ -342,29 +342,23 @@ def test_command_line_exit_code_and_single_line(small_data, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def tiny_teacher_run(tiny_bert, train_file, output, *extra):
+    return ["--model_name_or_path", tiny_bert, "--train_file", train_file, "--output_dir", str(output),
+            "--per_device_train_batch_size", "8", *extra]  # fmt: skip
+
+
 def test_long_queries_are_truncated_and_counted(small_data, tiny_bert, tmp_path, caplog):
     rows = [json.loads(line) for line in Path(small_data["train"]).read_text().splitlines()]
     rows[0]["query"] = "cheap used laptop " * 200
     train_file = write(tmp_path, "long.jsonl", jsonl(*rows))
     caplog.set_level("INFO", logger="harness")
-    train_teacher.main(
-        [
-            "--model_name_or_path",
-            tiny_bert,
-            "--train_file",
-            train_file,
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--max_train_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "8",
-        ]
-    )
+    train_teacher.main(tiny_teacher_run(tiny_bert, train_file, tmp_path / "o", "--max_train_steps", "1"))
     assert "1 of 96 queries" in caplog.text and "are truncated" in caplog.text
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tiny_bert, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     real_loss, calls = train_teacher.contrastive_loss, []
 
     def loss_that_breaks_at_step_3(*args, **kwargs):  # fault injection: the 3rd batch yields NaN
@@ -375,26 +369,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tiny_bert
     monkeypatch.setattr(train_teacher, "contrastive_loss", loss_that_breaks_at_step_3)
     output = tmp_path / "o"
     with pytest.raises(UserError, match="loss became nan at step 3"):
-        train_teacher.main(
-            [
-                "--model_name_or_path",
-                tiny_bert,
-                "--train_file",
-                small_data["train"],
-                "--output_dir",
-                str(output),
-                "--max_train_steps",
-                "5",
-                "--checkpointing_steps",
-                "1",
-                "--per_device_train_batch_size",
-                "8",
-            ]
-        )
+        train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "5",
+                                            "--checkpointing_steps", "1"))  # fmt: skip
     assert not (output / "model.safetensors").exists()
     assert sorted(os.listdir(output / "checkpoints")) == ["step_1", "step_2"]
-    from safetensors.torch import load_file
-
     weights = load_file(str(output / "checkpoints" / "step_2" / "model.safetensors"))
     assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
 
@@ -403,26 +381,8 @@ def test_hub_token_never_reaches_logs_or_files(small_data, tiny_bert, tmp_path, 
     secret = "hf_DoNotLeakThisToken123"
     output = tmp_path / "o"
     caplog.set_level("INFO")
-    train_teacher.main(
-        [
-            "--model_name_or_path",
-            tiny_bert,
-            "--train_file",
-            small_data["train"],
-            "--output_dir",
-            str(output),
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--hub_token",
-            secret,
-            "--per_device_train_batch_size",
-            "8",
-            "--report_to",
-            "none",
-        ]
-    )
+    train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "2",
+                                        "--checkpointing_steps", "1", "--hub_token", secret))  # fmt: skip
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err + caplog.text
     for path in output.rglob("*"):
