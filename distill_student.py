@@ -70,6 +70,11 @@ def parse_args(argv=None):
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--query_file", default=None, help="Label-free queries; default: the built-in data.")
+    group.add_argument(
+        "--general_text_file",
+        default=None,
+        help="General text mixed into the label-free queries (same column), so the student keeps general semantics.",
+    )
     group.add_argument("--query_split", default="train")
     group.add_argument("--query_column", default="query")
     group.add_argument("--teacher_query_store", default=None, help="Store of the teacher's query vectors.")
@@ -85,14 +90,17 @@ def parse_args(argv=None):
 
 
 def read_queries(args):
-    table = load_table(args.query_file, split=args.query_split)
-    require_columns(table, [args.query_column], args.query_file, "--query_column")
-    texts = [
-        check_text(value, args.query_file, row, args.query_column) for row, value in enumerate(table[args.query_column])
-    ]
-    if not texts:
-        raise UserError(f"{args.query_file} has no rows; point --query_file at label-free queries.")
-    return [str(row) for row in range(len(texts))], texts
+    """Label-free texts: the queries, then any general text; ids are '<file index>:<row>'."""
+    ids, texts = [], []
+    for index, source in enumerate(filter(None, [args.query_file, args.general_text_file])):
+        table = load_table(source, split=args.query_split)
+        require_columns(table, [args.query_column], source, "--query_column")
+        column = table[args.query_column]
+        texts += [check_text(value, source, row, args.query_column) for row, value in enumerate(column)]
+        ids += [f"{index}:{row}" for row in range(len(column))]
+        if not len(column):
+            raise UserError(f"{source} has no rows; point it at label-free text.")
+    return ids, texts
 
 
 def make_student(args, teacher):

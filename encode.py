@@ -35,6 +35,12 @@ def parse_args(argv=None):
     parser.add_argument("--store_dir", default=os.path.join(DEMO_ROOT, "stores"))
     parser.add_argument("--per_device_batch_size", type=int, default=128)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="Stored precision.")
+    parser.add_argument(
+        "--model_dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="Precision to run the model in (bfloat16 on GPUs); default: as saved.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Rebuild a store that already exists.")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
@@ -53,7 +59,10 @@ def main(argv=None):
             args.input_file = demo_paths()["ads"]
     ids, texts = read_texts(args.input_file, args.id_column, args.text_column, split=args.split)
     encoder = Encoder.from_pretrained(
-        args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+        args.model,
+        dtype=args.model_dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle_weights,
     ).to(accelerator.device)
     store_path = args.store or default_store_path(args.store_dir, args.model, args.kind, encoder, ids, texts)
     exists = os.path.exists(os.path.join(store_path, "metadata.json"))

@@ -52,6 +52,12 @@ def parse_args(argv=None):
         help="Symmetric models scored against their own ad vectors; default (demo): the untuned base.",
     )
     group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="Load the models in this precision (bfloat16 on GPUs); default: as saved.",
+    )
     group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
     # Data
     group = parser.add_argument_group("Data")
@@ -210,7 +216,7 @@ def main(argv=None):
     teacher_index = None
     for name, path, role in entries:
         encoder = Encoder.from_pretrained(
-            path, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+            path, dtype=args.dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
         ).to(device)
         if role != "student (teacher ads)":  # the model encodes its own ads
             default = default_store_path(store_dir, path, "ad", encoder, ad_ids, ad_texts)

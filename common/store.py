@@ -104,13 +104,14 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     per_rank = -(-len(texts) // world)
     start, stop = rank * per_rank, min((rank + 1) * per_rank, len(texts))
     module = accelerator.unwrap_model(encoder) if hasattr(accelerator, "unwrap_model") else encoder
-    vectors = module.encode(
-        texts[start:stop],
-        kind,
-        batch_size=batch_size,
-        device=accelerator.device,
-        progress=accelerator.is_local_main_process,
-    )
+    with accelerator.autocast():  # bf16 on GPUs when the run uses mixed precision
+        vectors = module.encode(
+            texts[start:stop],
+            kind,
+            batch_size=batch_size,
+            device=accelerator.device,
+            progress=accelerator.is_local_main_process,
+        )
     vectors_name, ids_name = _shard_names(rank, world)
     np.save(os.path.join(partial, vectors_name), vectors.astype(dtype))
     np.save(os.path.join(partial, ids_name), np.array(ids[start:stop], dtype=str))

@@ -283,3 +283,25 @@ def test_push_to_hub_without_network_fails_cleanly_and_keeps_the_model(chain, mo
     card = Path(os.path.join(chain["student"], "README.md")).read_text()
     assert "sentence-transformers" in card and "hf_secret" not in card
     assert "hub_token" not in Path(os.path.join(chain["student"], "training_args.json")).read_text()
+
+
+def test_general_text_is_mixed_into_alignment_and_bf16_evaluation(chain, small_data, tmp_path):
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"query": f"the history of the {w} in europe"}) + "\n"
+                               for w in ("printing press", "railway", "telescope", "bicycle")))  # fmt: skip
+    results = distill_student.main([
+        "--teacher_model", chain["teacher"], "--query_file", small_data["queries"], "--general_text_file",
+        str(general), "--student_num_layers", "1", "--output_dir", str(tmp_path / "s"), "--max_train_steps", "1",
+        *FAST,
+    ])  # fmt: skip
+    from common.store import EmbeddingStore
+
+    store = EmbeddingStore.open(results["teacher_query_store"])
+    assert len(store) == 96 + 4 and store.ids[-1] == "1:3"
+    bf16 = evaluate.main([
+        "--teacher_model", chain["teacher"], "--students", f"s={tmp_path / 's'}", "--baselines", "--dtype",
+        "bfloat16", "--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
+        "--qrels_file", small_data["qrels"], "--output_dir", str(tmp_path / "eval"), "--latency_queries", "2",
+        "--store_dir", str(tmp_path / "stores"),
+    ])  # fmt: skip
+    assert 0 < bf16["models"]["teacher"]["metrics"]["recall@100"] <= 1
