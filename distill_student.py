@@ -185,6 +185,8 @@ def prune(student, keep_layers_count, args, calibration):
     intermediate = student.backbone.config.intermediate_size
     layer_scores, unit_scores = importance(student, calibration)
     kept = prune_layers(student, layer_scores, keep_layers_count)
+    if "teacher_layers" in student.config.extra:  # a student cut from the teacher: which teacher blocks remain
+        student.config.extra["teacher_layers"] = [student.config.extra["teacher_layers"][i] for i in kept]
     description = f"kept blocks {kept} of {len(layer_scores)} (importance {[round(s, 3) for s in layer_scores]})"
     if args.ffn_keep_ratio < 1:
         keep_units = max(int(intermediate * args.ffn_keep_ratio), 1)
@@ -212,6 +214,7 @@ def main(argv=None):
     store_path = args.teacher_query_store or default_store_path(
         store_dir, args.teacher_model, "query", teacher, ids, texts
     )
+    teacher_depth = teacher.backbone.config.num_hidden_layers
     teacher.to(accelerator.device)
     store = store_for(accelerator, teacher, ids, texts, "query", store_path, batch_size=args.encode_batch_size)
     teacher_vectors = store.vectors
@@ -233,6 +236,10 @@ def main(argv=None):
         if stage < len(schedule) and args.resume_from_checkpoint and finished:
             logger.info(f"Stage {stage} is finished; loading {stage_args.output_dir}")
             student = Encoder.from_pretrained(stage_args.output_dir).to(accelerator.device)
+            continue
+        if stage == 0 and schedule and student.config.extra.get("teacher_layers") == list(range(teacher_depth)):
+            logger.info("Stage 0: the student is the whole teacher, already aligned; pruning starts at once.")
+            student = student.to(accelerator.device)
             continue
         set_seed(args.seed + stage)  # each stage's randomness is its own, whether earlier stages ran or loaded
         if keep is not None:

@@ -78,3 +78,16 @@ def test_progressive_pruning_with_realignment(small_data, tiny_bert, tiny_qwen, 
     distill_student.main([*args, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
     again = Encoder.from_pretrained(str(output)).encode(QUERIES, "query")
     np.testing.assert_allclose(again, student.encode(QUERIES, "query"), atol=1e-5)
+
+
+def test_pruning_a_whole_teacher_copy_skips_the_useless_first_alignment(small_data, tiny_bert, tmp_path):
+    output = tmp_path / "student"
+    distill_student.main([
+        "--teacher_model", tiny_bert, "--student_num_layers", "2", "--prune_schedule", "1", "--query_file",
+        small_data["queries"], "--output_dir", str(output), "--max_train_steps", "2", "--per_device_train_batch_size",
+        "8", "--calibration_queries", "16",
+    ])  # fmt: skip
+    assert not (output / "stages" / "stage0").exists()
+    student = Encoder.from_pretrained(str(output))
+    assert student.backbone.config.num_hidden_layers == 1 and "kept blocks" in student.config.extra["pruning"][0]
+    assert len(student.config.extra["teacher_layers"]) == 1
