@@ -11,6 +11,7 @@ results under --output_dir. The collections are read where they are, never copie
 
     python benchmarks/real_collections.py                       # both collections, 2-layer student
     python benchmarks/real_collections.py --student_layers 2 3 --collections med
+    python benchmarks/real_collections.py --progressive_from 4    # + progressive 4 -> 2 (same total epochs)
 """
 
 import argparse
@@ -34,6 +35,13 @@ def parse_args(argv=None):
     parser.add_argument("--collections", nargs="+", default=None, help="Folder names; default: all found.")
     parser.add_argument("--student_layers", type=int, nargs="+", default=[2], help="Student sizes to try.")
     parser.add_argument("--max_sentences", type=int, default=4000, help="Label-free training sentences.")
+    parser.add_argument(
+        "--progressive_from",
+        type=int,
+        default=None,
+        help="Also train a progressive student: cut to this many layers, align for half the epochs, "
+        "prune by importance to each --student_layers size, re-align for the other half.",
+    )
     parser.add_argument("--num_train_epochs", type=float, default=3.0)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "real_collections"))
     return parser.parse_args(argv)
@@ -102,6 +110,15 @@ def main(argv=None):
                 ]
             )
             students += [f"cut-{layers}={os.path.join(work, f'cut-{layers}')}", f"aligned-{layers}={aligned}"]
+            if args.progressive_from:
+                progressive = os.path.join(work, f"progressive-{args.progressive_from}-{layers}")
+                distill_student.main([
+                    "--teacher_model", teacher, "--query_file", paths["sentences"], "--student_num_layers",
+                    str(args.progressive_from), "--prune_schedule", str(layers), "--output_dir", progressive,
+                    "--overwrite_output_dir", "--num_train_epochs", str(args.num_train_epochs / 2),
+                    "--store_dir", os.path.join(work, "stores"),
+                ])  # fmt: skip
+                students.append(f"progressive-{args.progressive_from}-{layers}={progressive}")
         results = evaluate.main(
             [
                 "--teacher_model",
