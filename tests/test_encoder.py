@@ -84,3 +84,16 @@ def test_pickle_only_folder_is_refused(tiny_bert, tmp_path):
     (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(UserError, match="safetensors"):
         Encoder.from_pretrained(str(tmp_path / "m"))
+
+
+def test_hub_style_folder_is_read_through_its_sentence_transformers_files(tiny_qwen, tmp_path):
+    """A Qwen3-Embedding-like folder (no harness_encoder.json) keeps last-token pooling, left padding, prompt."""
+    import shutil
+
+    shutil.copytree(tiny_qwen, tmp_path / "m")
+    (tmp_path / "m" / "harness_encoder.json").unlink()
+    encoder = Encoder.from_pretrained(str(tmp_path / "m"))
+    assert (encoder.config.pooling, encoder.config.padding_side, encoder.config.normalize) == ("last", "left", True)
+    assert encoder.config.query_prompt.startswith("Instruct:") and encoder.config.ad_prompt == ""
+    np.testing.assert_allclose(encoder.encode(QUERIES, "query"), Encoder.from_pretrained(tiny_qwen).encode(
+        QUERIES, "query"), atol=1e-6)  # fmt: skip
