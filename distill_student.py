@@ -8,7 +8,8 @@ live in the teacher's coordinates and are scored against the teacher's ad index 
 
 The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers).
 With --prune_schedule 14,7,4 the aligned student is then pruned progressively: at each step the
-blocks with the largest ||output||/||input|| on calibration queries are kept (and, with
+blocks that turn the hidden state most (1 - cos(input, output); --layer_importance norm_ratio for the
+paper's ||output||/||input||) on calibration queries are kept (and, with
 --ffn_keep_ratio, the FFN units with the largest activations), and the student is re-aligned.
 
 Single machine (the embedded default: a 2-layer student cut from the demo teacher, CPU):
@@ -66,6 +67,12 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Progressive pruning")
     group.add_argument("--prune_schedule", default=None, help="Block counts after each step, e.g. '14,7,4'.")
     group.add_argument("--ffn_keep_ratio", type=float, default=1.0, help="FFN units kept at each step (<= 1).")
+    group.add_argument(
+        "--layer_importance",
+        choices=["block_influence", "norm_ratio"],
+        default="block_influence",
+        help="Block ranking: 1 - cos(in, out) (default), or ||out||/||in|| as in the paper's summaries.",
+    )
     group.add_argument("--calibration_queries", type=int, default=512, help="Queries that rank blocks and units.")
     # Data
     group = parser.add_argument_group("Data")
@@ -183,7 +190,7 @@ def align(accelerator, args, student, texts, teacher_vectors):
 def prune(student, keep_layers_count, args, calibration):
     """One pruning step: keep the most important blocks (and FFN units); returns a description."""
     intermediate = student.backbone.config.intermediate_size
-    layer_scores, unit_scores = importance(student, calibration)
+    layer_scores, unit_scores = importance(student, calibration, criterion=args.layer_importance)
     kept = prune_layers(student, layer_scores, keep_layers_count)
     if "teacher_layers" in student.config.extra:  # a student cut from the teacher: which teacher blocks remain
         student.config.extra["teacher_layers"] = [student.config.extra["teacher_layers"][i] for i in kept]

@@ -43,6 +43,7 @@ def parse_args(argv=None):
         "prune by importance to each --student_layers size, re-align for the other half.",
     )
     parser.add_argument("--num_train_epochs", type=float, default=3.0)
+    parser.add_argument("--layer_importance", choices=["block_influence", "norm_ratio"], default="block_influence")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "real_collections"))
     return parser.parse_args(argv)
 
@@ -116,7 +117,7 @@ def main(argv=None):
                     "--teacher_model", teacher, "--query_file", paths["sentences"], "--student_num_layers",
                     str(args.progressive_from), "--prune_schedule", str(layers), "--output_dir", progressive,
                     "--overwrite_output_dir", "--num_train_epochs", str(args.num_train_epochs / 2),
-                    "--store_dir", os.path.join(work, "stores"),
+                    "--store_dir", os.path.join(work, "stores"), "--layer_importance", args.layer_importance,
                 ])  # fmt: skip
                 students.append(f"progressive-{args.progressive_from}-{layers}={progressive}")
         results = evaluate.main(

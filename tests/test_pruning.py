@@ -28,7 +28,9 @@ def test_units_that_never_fire_are_pruned_without_changing_vectors(fixture, requ
                     projection.bias[dead] = 0
     before = encoder.encode(QUERIES, "query")
     layer_scores, unit_scores = importance(encoder, QUERIES)
-    assert len(layer_scores) == 2 and all(np.isfinite(layer_scores)) and all(s > 0 for s in layer_scores)
+    assert len(layer_scores) == 2 and all(np.isfinite(layer_scores)) and all(0 < s <= 2 for s in layer_scores)
+    ratios, _ = importance(encoder, QUERIES, criterion="norm_ratio")
+    assert all(np.isfinite(ratios)) and all(r > 0 for r in ratios) and ratios != layer_scores
     assert all(float(scores[dead].max()) == 0.0 for scores in unit_scores)
     prune_ffn(encoder, unit_scores, 32)
     assert encoder.backbone.config.intermediate_size == 32
