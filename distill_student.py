@@ -33,7 +33,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from common.data import check_text, load_table, require_columns
+from common.data import check_text, data_fingerprint, load_table, require_columns
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder, evenly_spaced_layers, keep_layers
 from common.errors import UserError, run_cli
@@ -218,12 +218,13 @@ def main(argv=None):
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
     store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
+    data_fp = data_fingerprint(ids, texts)
     store_path = args.teacher_query_store or default_store_path(
-        store_dir, args.teacher_model, "query", teacher, ids, texts
+        store_dir, args.teacher_model, "query", teacher, data_fp
     )
     teacher_depth = teacher.backbone.config.num_hidden_layers
     teacher.to(accelerator.device)
-    store = store_for(accelerator, teacher, ids, texts, "query", store_path, batch_size=args.encode_batch_size)
+    store = store_for(accelerator, teacher, ids, texts, "query", store_path, args.encode_batch_size, data_fp)
     teacher_vectors = store.vectors
     student = make_student(args, teacher.cpu())
     del teacher

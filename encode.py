@@ -15,12 +15,12 @@ All GPUs of a machine, bf16:
 import argparse
 import os
 
-from common.data import read_texts
+from common.data import data_fingerprint, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.store import build_store, default_store_path, store_for
-from common.training import logger, make_accelerator, parse_with_config
+from common.training import add_model_safety_args, logger, make_accelerator, parse_with_config
 
 
 def parse_args(argv=None):
@@ -43,8 +43,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--overwrite", action="store_true", help="Rebuild a store that already exists.")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
-    parser.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
+    add_model_safety_args(parser)
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report_to", default="none", help=argparse.SUPPRESS)
     return parse_with_config(parser, argv)
@@ -64,15 +63,18 @@ def main(argv=None):
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle_weights,
     ).to(accelerator.device)
-    store_path = args.store or default_store_path(args.store_dir, args.model, args.kind, encoder, ids, texts)
+    data_fp = data_fingerprint(ids, texts)
+    store_path = args.store or default_store_path(args.store_dir, args.model, args.kind, encoder, data_fp)
     exists = os.path.exists(os.path.join(store_path, "metadata.json"))
     if exists and not args.overwrite:
-        store = store_for(accelerator, encoder, ids, texts, args.kind, store_path)  # refuses a stale one
+        store = store_for(accelerator, encoder, ids, texts, args.kind, store_path, data_fp=data_fp)  # refuses stale
         logger.info(f"{store_path} is current ({len(store)} vectors); pass --overwrite to rebuild it.")
         return store_path
     if len(texts) < accelerator.num_processes:
         raise UserError(f"{args.input_file} has fewer rows than processes; launch fewer processes.")
-    store = build_store(accelerator, encoder, ids, texts, args.kind, store_path, args.per_device_batch_size, args.dtype)
+    store = build_store(
+        accelerator, encoder, ids, texts, args.kind, store_path, args.per_device_batch_size, args.dtype, data_fp
+    )
     logger.info(f"Wrote {len(store)} {args.kind} vectors ({store.dim}-d, {args.dtype}) to {store_path}")
     return store_path
 

@@ -23,13 +23,13 @@ import time
 import numpy as np
 import torch
 
-from common.data import read_qrels, read_texts
+from common.data import data_fingerprint, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.retrieval import build_index, retrieval_metrics, search
 from common.store import default_store_path, store_for
-from common.training import logger, make_accelerator, parse_with_config
+from common.training import add_model_safety_args, logger, make_accelerator, parse_with_config
 
 
 def parse_args(argv=None):
@@ -51,14 +51,13 @@ def parse_args(argv=None):
         metavar="NAME=PATH",
         help="Symmetric models scored against their own ad vectors; default (demo): the untuned base.",
     )
-    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    add_model_safety_args(group)
     group.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
         help="Load the models in this precision (bfloat16 on GPUs); default: as saved.",
     )
-    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--corpus_file", default=None, help="Ads (id, text); default: the built-in ads.")
@@ -214,14 +213,15 @@ def main(argv=None):
     entries = [(name, path, "baseline (own ads)") for name, path in baselines]
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
     teacher_index = None
+    ads_fp = data_fingerprint(ad_ids, ad_texts)  # once for all models
     for name, path, role in entries:
         encoder = Encoder.from_pretrained(
             path, dtype=args.dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
         ).to(device)
         if role != "student (teacher ads)":  # the model encodes its own ads
-            default = default_store_path(store_dir, path, "ad", encoder, ad_ids, ad_texts)
+            default = default_store_path(store_dir, path, "ad", encoder, ads_fp)
             store_path = args.ad_store if role == "teacher" and args.ad_store else default
-            store = store_for(accelerator, encoder, ad_ids, ad_texts, "ad", store_path, args.encode_batch_size)
+            store = store_for(accelerator, encoder, ad_ids, ad_texts, "ad", store_path, args.encode_batch_size, ads_fp)
             index = build_index(store.vectors, use_gpu=not args.no_gpu_index)
             if role == "teacher":
                 teacher_index, teacher_dim = index, store.dim

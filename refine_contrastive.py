@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from common.data import check_text, load_table, read_texts, require_columns, text_key
+from common.data import check_text, data_fingerprint, load_table, read_texts, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -143,16 +143,10 @@ def main(argv=None):
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
     store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
-    store_path = args.ad_store or default_store_path(store_dir, args.teacher_model, "ad", teacher, ad_ids, ad_texts)
-    store = store_for(
-        accelerator,
-        teacher.to(accelerator.device),
-        ad_ids,
-        ad_texts,
-        "ad",
-        store_path,
-        batch_size=args.encode_batch_size,
-    )
+    ads_fp = data_fingerprint(ad_ids, ad_texts)
+    store_path = args.ad_store or default_store_path(store_dir, args.teacher_model, "ad", teacher, ads_fp)
+    teacher.to(accelerator.device)
+    store = store_for(accelerator, teacher, ad_ids, ad_texts, "ad", store_path, args.encode_batch_size, ads_fp)
     del teacher
     ad_vectors = torch.from_numpy(np.array(store.vectors, dtype=np.float32))  # in memory: rows are gathered per step
     clicks = read_clicks(args, store, ad_texts)

@@ -93,8 +93,10 @@ def _shard_names(rank, world):
     return f"vectors-{rank:05d}-of-{world:05d}.npy", f"ids-{rank:05d}-of-{world:05d}.npy"
 
 
-def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, dtype="float32", extra=None):
-    """Encode texts with every process (each its slice) into a new store folder; return it opened."""
+def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, dtype="float32", data_fp=None):
+    """Encode texts with every process (each its slice) into a new store folder; return it opened.
+    `data_fp` is data_fingerprint(ids, texts) when the caller already has it (hashing billions of texts
+    once is enough)."""
     partial = folder.rstrip("/") + ".partial"
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)  # left by a crash: never trusted, rebuilt from scratch
@@ -134,9 +136,8 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
             "max_length": module.config.max_length,
             "model": str(module.config.base_model),
             "model_fingerprint": module.fingerprint,
-            "data_fingerprint": data_fingerprint(ids, texts),
+            "data_fingerprint": data_fp or data_fingerprint(ids, texts),
             "shards": shards,
-            **(extra or {}),
         }
         with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as handle:
             json.dump(metadata, handle, indent=2)
@@ -147,16 +148,17 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     return EmbeddingStore.open(folder)
 
 
-def store_for(accelerator, encoder, ids, texts, kind, folder, batch_size=128):
+def store_for(accelerator, encoder, ids, texts, kind, folder, batch_size=128, data_fp=None):
     """Open the store at `folder` if it matches this encoder and data, build it if it does not exist."""
     module = accelerator.unwrap_model(encoder)
+    data_fp = data_fp or data_fingerprint(ids, texts)
     if os.path.exists(os.path.join(folder, "metadata.json")):
-        return EmbeddingStore.open(folder, module.fingerprint, data_fingerprint(ids, texts), module.embedding_dim)
-    return build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=batch_size)
+        return EmbeddingStore.open(folder, module.fingerprint, data_fp, module.embedding_dim)
+    return build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=batch_size, data_fp=data_fp)
 
 
-def default_store_path(store_dir, model_path, kind, encoder, ids, texts):
+def default_store_path(store_dir, model_path, kind, encoder, data_fp):
     """<store_dir>/<model name>-<kind>-<model fp>-<data fp>: a default path is never stale by construction."""
     name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
-    tag = f"{encoder.fingerprint[:10]}-{data_fingerprint(ids, texts)[:10]}"
+    tag = f"{encoder.fingerprint[:10]}-{data_fp[:10]}"
     return os.path.join(store_dir, f"{name}-{kind}-{tag}")

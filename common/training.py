@@ -38,8 +38,7 @@ def add_common_training_args(parser):
         help="Default: what `accelerate config` says (bf16 in the shipped GPU configs).",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
-    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
-    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
+    add_model_safety_args(group)
     group = parser.add_argument_group("Checkpointing")
     group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
     group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
@@ -51,6 +50,12 @@ def add_common_training_args(parser):
     group.add_argument("--hub_model_id", default=None)
     group.add_argument("--hub_token", default=None, help="Default: the HF_TOKEN environment or the cached login.")
     group.add_argument("--hub_private_repo", action="store_true")
+
+
+def add_model_safety_args(group):
+    """The two opt-ins every script that loads a model shares; both are off by default."""
+    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
 
 
 def parse_with_config(parser, argv=None):

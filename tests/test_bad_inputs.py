@@ -26,20 +26,7 @@ def workspace(tmp_path_factory, small_data, tiny_bert):
     """A finished teacher run, a teacher query store and data files: all must survive every bad input."""
     root = tmp_path_factory.mktemp("workspace")
     teacher = str(root / "teacher")
-    train_teacher.main(
-        [
-            "--model_name_or_path",
-            tiny_bert,
-            "--train_file",
-            small_data["train"],
-            "--output_dir",
-            teacher,
-            "--max_train_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "8",
-        ]
-    )
+    train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], teacher, "--max_train_steps", "1"))
     distill_student.main(
         [
             "--teacher_model",
@@ -316,16 +303,7 @@ def test_deepspeed_requested_but_not_installed(small_data, tiny_bert, tmp_path, 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without DeepSpeed looks like
     with pytest.raises(UserError, match="DeepSpeed but it is not installed"):
-        train_teacher.main(
-            [
-                "--model_name_or_path",
-                tiny_bert,
-                "--train_file",
-                small_data["train"],
-                "--output_dir",
-                str(tmp_path / "o"),
-            ]
-        )
+        train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], tmp_path / "o"))
 
 
 def test_command_line_exit_code_and_single_line(small_data, tmp_path):
