@@ -26,31 +26,40 @@ Progressive pruning of the 28-layer Qwen3-0.6B student to 4 blocks, re-aligning 
 import argparse
 import copy
 import gc
+import math
 import os
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
-from common.data import check_text, data_fingerprint, load_table, require_columns
-from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers
-from common.errors import UserError, run_cli
-from common.pruning import importance, prune_ffn, prune_layers
-from common.store import default_store_path, store_for
-from common.training import (
+from common.cli import (
     add_common_training_args,
-    check_finite_loss,
     check_run_args,
-    clip_and_check_gradients,
+    log_banner,
     log_truncation,
     logger,
     make_accelerator,
     parse_with_config,
-    prepare_training,
+    tracker_config,
+)
+from common.data import read_texts
+from common.demo_data import DEMO_ROOT, demo_paths
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers
+from common.errors import UserError, run_cli
+from common.loop import (
+    TrainLoop,
+    check_finite_loss,
+    clip_and_check_gradients,
+    optimizer_param_groups,
+    resume_from_checkpoint,
     save_final_model,
 )
+from common.pruning import importance, prune_ffn, prune_layers
+from common.store import EmbeddingStore, default_store_dir, open_or_build_store
+
+SCRIPT = "distill_student.py"
 
 
 def parse_args(argv=None):
@@ -84,7 +93,17 @@ def parse_args(argv=None):
     )
     group.add_argument("--query_split", default="train")
     group.add_argument("--query_column", default="query")
-    group.add_argument("--teacher_query_store", default=None, help="Store of the teacher's query vectors.")
+    group.add_argument(
+        "--id_column",
+        default="id",
+        help="Query ids; files without this column are numbered by row (as encode.py does).",
+    )
+    group.add_argument(
+        "--teacher_query_store",
+        default=None,
+        help="Store of the teacher's vectors of --query_file (e.g. from encode.py --kind query); built when missing.",
+    )
+    group.add_argument("--teacher_general_store", default=None, help="Same, for --general_text_file.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
     group.add_argument("--encode_batch_size", type=int, default=128)
     # Output
@@ -96,25 +115,27 @@ def parse_args(argv=None):
     return parse_with_config(parser, argv)
 
 
-def read_queries(args):
-    """Label-free texts: the queries, then any general text; ids are '<file index>:<row>'."""
-    ids, texts = [], []
-    for index, source in enumerate(filter(None, [args.query_file, args.general_text_file])):
-        table = load_table(source, split=args.query_split)
-        require_columns(table, [args.query_column], source, "--query_column")
-        column = table[args.query_column]
-        texts += [check_text(value, source, row, args.query_column) for row, value in enumerate(column)]
-        ids += [f"{index}:{row}" for row in range(len(column))]
-        if not len(column):
+def read_label_free_texts(args):
+    """[(ids, texts, store flag value)] for the query file, then the general text file if any."""
+    sources = [(args.query_file, args.teacher_query_store), (args.general_text_file, args.teacher_general_store)]
+    read = []
+    for source, store_path in sources:
+        if source is None:
+            continue
+        ids, texts = read_texts(source, args.id_column, args.query_column, args.query_split, ids_optional=True)
+        if not texts:
             raise UserError(f"{source} has no rows; point it at label-free text.")
-    return ids, texts
+        read.append((ids, texts, store_path))
+    return read
 
 
 def make_student(args, teacher):
     """A student in the teacher's output space: same prompts; a linear head when the widths differ."""
+    # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     if args.student_model:
         student = Encoder.from_pretrained(
             args.student_model,
+            dtype="float32",
             pooling=args.pooling,
             query_prompt=teacher.config.query_prompt,
             ad_prompt=teacher.config.ad_prompt,
@@ -125,7 +146,10 @@ def make_student(args, teacher):
         )
     else:
         student = Encoder.from_pretrained(
-            args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+            args.teacher_model,
+            dtype="float32",
+            trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle_weights,
         )
         total = student.backbone.config.num_hidden_layers
         layers = (
@@ -144,32 +168,56 @@ def make_student(args, teacher):
     return student
 
 
-def align(accelerator, args, student, texts, teacher_vectors):
+def align(accelerator, args, student, texts, teacher_store):
     """One L2 alignment run: the training loop, then the student saved to args.output_dir."""
+    tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
 
     def collate(rows):
-        batch = student.tokenize([texts[row] for row in rows], "query")
-        batch["teacher_vectors"] = torch.from_numpy(np.asarray(teacher_vectors[np.sort(rows)], dtype=np.float32))
-        batch["order"] = torch.as_tensor(np.argsort(np.argsort(rows)))
+        batch = tokenize([texts[row] for row in rows], "query")
+        batch["teacher_vectors"] = torch.from_numpy(teacher_store.read(rows))  # only this batch's rows
         return batch
 
     dataloader = DataLoader(
-        list(range(len(texts))),
+        range(len(texts)),
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         drop_last=len(texts) >= args.per_device_train_batch_size * accelerator.num_processes,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
-    model, optimizer, scheduler, loop = prepare_training(
-        accelerator, args, student, dataloader, len(texts), "distill_student"
+
+    # Optimiser and schedule. Each process sees 1/num_processes of the batches; one optimiser step per
+    # --gradient_accumulation_steps of them.
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(student, args.weight_decay, accelerator), lr=args.learning_rate
     )
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    args.max_train_steps = args.max_train_steps or max(math.ceil(args.num_train_epochs * steps_per_epoch), 1)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = int(0.05 * args.max_train_steps)
+    # accelerate steps a prepared scheduler once per process at every optimiser step, so the schedule counts
+    # num_processes x the optimiser steps (as in the HF *_no_trainer examples); the learning rate at each
+    # optimiser step is then the same for any number of processes.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
+    if not accelerator.trackers:  # once per script, also when pruning stages align again
+        accelerator.init_trackers("distill_student", config=tracker_config(args))
+    progress = resume_from_checkpoint(accelerator, args, SCRIPT)
+    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
+    log_banner(args, accelerator, len(texts))
+
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
-            # Store rows were read in sorted order (fast memmap access); put them back in batch order.
-            teacher_targets = batch.pop("teacher_vectors")[batch.pop("order")]
+            teacher_targets = batch.pop("teacher_vectors")
             student_vectors = model(**batch)
+            # Sum over dimensions, mean over the batch: with DDP's gradient averaging, N processes with B/N
+            # queries each and accumulation of micro-batches both give exactly the gradient of one batch of B.
             loss = (student_vectors.float() - teacher_targets).pow(2).sum(dim=1).mean()
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
@@ -180,8 +228,9 @@ def align(accelerator, args, student, texts, teacher_vectors):
             optimizer.zero_grad()
         loop.end_of_batch(l2_loss=loss.item(), lr=scheduler.get_last_lr()[0])
 
-    results = {f"train_{key}": value for key, value in loop.last_logs.items()} | {"steps": loop.step}
-    save_final_model(accelerator, args, model, "distill_student.py", "student", results)
+    results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results["steps"] = loop.step
+    save_final_model(accelerator, args, model, SCRIPT, "student", results, progress.log_history)
     student = accelerator.unwrap_model(model)
     accelerator.free_memory()  # the next pruning stage prepares a new model and optimiser
     return student, results
@@ -205,28 +254,37 @@ def prune(student, keep_layers_count, args, calibration):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, "distill_student.py")
+    check_run_args(args, SCRIPT)
     accelerator = make_accelerator(args)
     if args.query_file is None:
         with accelerator.main_process_first():
             args.query_file = demo_paths()["queries"]
     set_seed(args.seed)
-    ids, texts = read_queries(args)
+    sources = read_label_free_texts(args)
+    texts = [text for _, source_texts, _ in sources for text in source_texts]
 
-    # The teacher's query vectors: encoded once by all processes, then the teacher leaves memory.
+    # The teacher's query vectors: read from stores (built once by all processes when missing), then the
+    # teacher leaves memory. Each step reads only its batch's rows from the memory-mapped shards.
     teacher = Encoder.from_pretrained(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
-    store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
-    data_fp = data_fingerprint(ids, texts)
-    store_path = args.teacher_query_store or default_store_path(
-        store_dir, args.teacher_model, "query", teacher, data_fp
-    )
+    stores = [
+        open_or_build_store(
+            accelerator,
+            teacher,
+            ids,
+            source_texts,
+            "query",
+            path=store_path,
+            store_dir=default_store_dir(args),
+            model_path=args.teacher_model,
+            batch_size=args.encode_batch_size,
+        )
+        for ids, source_texts, store_path in sources
+    ]
+    teacher_store = EmbeddingStore.stack(stores)
     teacher_depth = teacher.backbone.config.num_hidden_layers
-    teacher.to(accelerator.device)
-    store = store_for(accelerator, teacher, ids, texts, "query", store_path, args.encode_batch_size, data_fp)
-    teacher_vectors = store.vectors
-    student = make_student(args, teacher.cpu())
+    student = make_student(args, teacher)
     del teacher
     gc.collect()
     log_truncation(student, texts, "query", args.query_file)
@@ -243,7 +301,7 @@ def main(argv=None):
         finished = os.path.exists(os.path.join(stage_args.output_dir, "training_args.json"))
         if stage < len(schedule) and args.resume_from_checkpoint and finished:
             logger.info(f"Stage {stage} is finished; loading {stage_args.output_dir}")
-            student = Encoder.from_pretrained(stage_args.output_dir).to(accelerator.device)
+            student = Encoder.from_pretrained(stage_args.output_dir, dtype="float32").to(accelerator.device)
             continue
         if stage == 0 and schedule and student.config.extra.get("teacher_layers") == list(range(teacher_depth)):
             logger.info("Stage 0: the student is the whole teacher, already aligned; pruning starts at once.")
@@ -253,8 +311,8 @@ def main(argv=None):
         if keep is not None:
             student = student.to(accelerator.device)
             logger.info(f"Stage {stage}: " + prune(student, keep, args, texts[: args.calibration_queries]))
-        student, results = align(accelerator, stage_args, student, texts, teacher_vectors)
-    results["teacher_query_store"] = store_path
+        student, results = align(accelerator, stage_args, student, texts, teacher_store)
+    results["teacher_query_store"] = stores[0].folder
     accelerator.end_training()
     return results
 

@@ -23,13 +23,13 @@ import time
 import numpy as np
 import torch
 
+from common.cli import add_model_safety_args, logger, make_accelerator, parse_with_config
 from common.data import data_fingerprint, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.retrieval import build_index, retrieval_metrics, search
-from common.store import default_store_path, store_for
-from common.training import add_model_safety_args, logger, make_accelerator, parse_with_config
+from common.store import default_store_dir, open_or_build_store
 
 
 def parse_args(argv=None):
@@ -198,7 +198,6 @@ def main(argv=None):
             f"{args.qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {args.corpus_file}; "
             "use the matching corpus."
         )
-    store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
     device = accelerator.device
 
     results = {
@@ -219,10 +218,19 @@ def main(argv=None):
             path, dtype=args.dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
         ).to(device)
         if role != "student (teacher ads)":  # the model encodes its own ads
-            default = default_store_path(store_dir, path, "ad", encoder, ads_fp)
-            store_path = args.ad_store if role == "teacher" and args.ad_store else default
-            store = store_for(accelerator, encoder, ad_ids, ad_texts, "ad", store_path, args.encode_batch_size, ads_fp)
-            index = build_index(store.vectors, use_gpu=not args.no_gpu_index)
+            store = open_or_build_store(
+                accelerator,
+                encoder,
+                ad_ids,
+                ad_texts,
+                "ad",
+                path=args.ad_store if role == "teacher" else None,
+                store_dir=default_store_dir(args),
+                model_path=path,
+                batch_size=args.encode_batch_size,
+                data_fp=ads_fp,
+            )
+            index = build_index(store, use_gpu=not args.no_gpu_index)
             if role == "teacher":
                 teacher_index, teacher_dim = index, store.dim
         else:

@@ -13,30 +13,40 @@ Multi-GPU (DDP):
 """
 
 import argparse
+import math
 import os
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
-from common.data import check_text, data_fingerprint, load_table, read_texts, require_columns, text_key
-from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder
-from common.errors import UserError, run_cli
-from common.loss import contrastive_loss
-from common.store import default_store_path, store_for
-from common.training import (
+from common.cli import (
     add_common_training_args,
-    check_finite_loss,
     check_run_args,
-    clip_and_check_gradients,
+    log_banner,
     log_truncation,
     make_accelerator,
     parse_with_config,
-    prepare_training,
+    tracker_config,
+)
+from common.data import check_text, load_table, read_texts, require_columns, text_key
+from common.demo_data import DEMO_ROOT, demo_paths
+from common.encoder import Encoder
+from common.errors import UserError, run_cli
+from common.loop import (
+    TrainLoop,
+    check_finite_loss,
+    clip_and_check_gradients,
+    optimizer_param_groups,
+    resume_from_checkpoint,
     save_final_model,
 )
+from common.loss import contrastive_loss
+from common.store import default_store_dir, open_or_build_store
+
+SCRIPT = "refine_contrastive.py"
 
 
 def parse_args(argv=None):
@@ -68,7 +78,12 @@ def parse_args(argv=None):
     # Loss
     group = parser.add_argument_group("Loss")
     group.add_argument("--num_hard_negatives", type=int, default=1)
-    group.add_argument("--num_random_negatives", type=int, default=256, help="Ads from the store per batch.")
+    group.add_argument(
+        "--num_random_negatives",
+        type=int,
+        default=256,
+        help="Ads drawn from the store per optimiser step for the whole batch (split over processes).",
+    )
     group.add_argument("--temperature", type=float, default=0.05)
     group.add_argument("--false_negative_margin", type=float, default=0.1, help="Negative value: no margin mask.")
     # Output
@@ -81,7 +96,7 @@ def parse_args(argv=None):
 
 
 def read_clicks(args, store, ad_texts):
-    """(query text, positive row, hard-negative rows, group key) per click, rows into the ad store."""
+    """(query text, positive row, hard-negative rows, group key) per click; rows index the ad store."""
     table = load_table(args.train_file, split=args.train_split)
     columns = table.column_names
     use_ids = args.positive_id_column in columns
@@ -89,14 +104,15 @@ def read_clicks(args, store, ad_texts):
         table, [args.query_column, args.positive_id_column if use_ids else args.positive_column], args.train_file
     )
     if use_ids:
-        positive_ids = [str(value) for value in table[args.positive_id_column]]
+        positive_rows = store.rows([str(value) for value in table[args.positive_id_column]])
         negative_ids = table[args.negative_ids_column] if args.negative_ids_column in columns else [[]] * len(table)
+        negative_rows = [store.rows([str(i) for i in (ids or [])]) for ids in negative_ids]
     else:  # texts only: find each ad by its text in the corpus
         row_of_text = {}
-        for item_id, text in zip(store.ids, ad_texts):
-            row_of_text.setdefault(text, item_id)
+        for row, text in enumerate(ad_texts):
+            row_of_text.setdefault(text, row)
 
-        def ids_of(texts, row, column):
+        def rows_of(texts, row, column):
             missing = [text for text in texts if text not in row_of_text]
             if missing:
                 raise UserError(
@@ -105,20 +121,20 @@ def read_clicks(args, store, ad_texts):
                 )
             return [row_of_text[text] for text in texts]
 
-        positive_ids = [
-            ids_of([text], row, args.positive_column)[0] for row, text in enumerate(table[args.positive_column])
-        ]
+        positive_rows = [rows_of([text], row, args.positive_column)[0] for row, text in enumerate(
+            table[args.positive_column])]  # fmt: skip
         negatives = table[args.negatives_column] if args.negatives_column in columns else [[]] * len(table)
-        negative_ids = [ids_of(texts or [], row, args.negatives_column) for row, texts in enumerate(negatives)]
-    groups = table[args.group_column] if args.group_column in columns else positive_ids
+        negative_rows = [rows_of(texts or [], row, args.negatives_column) for row, texts in enumerate(negatives)]
+    groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
     clicks = []
     for row, query in enumerate(table[args.query_column]):
+        positive = int(positive_rows[row])
         clicks.append(
             {
                 "query": check_text(query, args.train_file, row, args.query_column),
-                "positive": int(store.rows([positive_ids[row]])[0]),
-                "negatives": [int(r) for r in store.rows([str(i) for i in (negative_ids[row] or [])])],
-                "group": text_key(str(groups[row])),
+                "positive": positive,
+                "negatives": [int(r) for r in negative_rows[row]],
+                "group": group_key(groups[row], ad_texts[positive]),
             }
         )
     if not clicks:
@@ -126,9 +142,33 @@ def read_clicks(args, store, ad_texts):
     return clicks
 
 
+def group_key(group, positive_text):
+    """The key that masks another click's ad as a false negative: the ad group when the click has one; a
+    click without a group (null or no column) is only in a group with ads of the same text."""
+    return text_key(f"group\x00{group}") if group is not None else text_key(positive_text)
+
+
+def ad_keys(ad_texts, rows):
+    """Keys of ads by text: the same ad text under another id is the positive, never a negative."""
+    return torch.tensor([text_key(ad_texts[row]) for row in rows.tolist()], dtype=torch.long)
+
+
+def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
+    """This process's share of the step's random negatives.
+
+    One global draw per batch, a function of (seed, epoch, batch) only, split over the processes; gathered,
+    the candidates are the same --num_random_negatives ads for any number of processes (rounded up to a
+    multiple of it), and a resumed run draws them again without any saved RNG state.
+    """
+    per_process = math.ceil(args.num_random_negatives / accelerator.num_processes)
+    rng = np.random.default_rng([args.seed, epoch, batch_in_epoch])
+    rows = rng.integers(num_ads, size=per_process * accelerator.num_processes)
+    return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, "refine_contrastive.py")
+    check_run_args(args, SCRIPT)
     accelerator = make_accelerator(args)
     if args.train_file is None or args.corpus_file is None:
         with accelerator.main_process_first():
@@ -137,41 +177,56 @@ def main(argv=None):
         args.corpus_file = args.corpus_file or paths["ads"]
     set_seed(args.seed)
 
-    # The teacher's ad vectors: read from the store (built once if missing), then the teacher is freed.
+    # The teacher's ad vectors: a store on disk (built once by all processes when missing); each step reads
+    # only the rows it needs from the memory-mapped shards. The teacher leaves memory at once.
     ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
     teacher = Encoder.from_pretrained(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
-    store_dir = args.store_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
-    ads_fp = data_fingerprint(ad_ids, ad_texts)
-    store_path = args.ad_store or default_store_path(store_dir, args.teacher_model, "ad", teacher, ads_fp)
-    teacher.to(accelerator.device)
-    store = store_for(accelerator, teacher, ad_ids, ad_texts, "ad", store_path, args.encode_batch_size, ads_fp)
-    del teacher
-    ad_vectors = torch.from_numpy(np.array(store.vectors, dtype=np.float32))  # in memory: rows are gathered per step
-    clicks = read_clicks(args, store, ad_texts)
-
-    student = Encoder.from_pretrained(
-        args.student_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    ad_store = open_or_build_store(
+        accelerator,
+        teacher,
+        ad_ids,
+        ad_texts,
+        "ad",
+        path=args.ad_store,
+        store_dir=default_store_dir(args),
+        model_path=args.teacher_model,
+        batch_size=args.encode_batch_size,
     )
-    if student.embedding_dim != store.dim:
+    del teacher
+    clicks = read_clicks(args, ad_store, ad_texts)
+
+    # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
+    student = Encoder.from_pretrained(
+        args.student_model,
+        dtype="float32",
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle_weights,
+    )
+    if student.embedding_dim != ad_store.dim:
         raise UserError(
-            f"The student outputs {student.embedding_dim}-d vectors but the ad store holds {store.dim}-d; "
+            f"The student outputs {student.embedding_dim}-d vectors but the ad store holds {ad_store.dim}-d; "
             "align the student to this teacher first (distill_student.py adds the projection head)."
         )
     log_truncation(student, [click["query"] for click in clicks], "query", args.train_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
+
     def collate(rows):
         hard = []
         for row in rows:  # missing hard negatives: random ads drawn from the row, the same in a resumed run
             chosen = row["negatives"][: args.num_hard_negatives]
             rng = np.random.default_rng(text_key(row["query"]) ^ args.seed)
-            hard += chosen + rng.integers(len(ad_vectors), size=args.num_hard_negatives - len(chosen)).tolist()
-        batch = student.tokenize([row["query"] for row in rows], "query")
-        batch["positive_rows"] = torch.tensor([row["positive"] for row in rows])
-        batch["hard_negative_rows"] = torch.tensor(hard, dtype=torch.long)
+            hard += chosen + rng.integers(len(ad_store), size=args.num_hard_negatives - len(chosen)).tolist()
+        positive_rows, hard_rows = np.array([row["positive"] for row in rows]), np.array(hard, dtype=np.int64)
+        batch = tokenize([row["query"] for row in rows], "query")
+        batch["positive_vectors"] = torch.from_numpy(ad_store.read(positive_rows))
+        batch["positive_keys"] = ad_keys(ad_texts, positive_rows)
+        batch["hard_negative_vectors"] = torch.from_numpy(ad_store.read(hard_rows))
+        batch["hard_negative_keys"] = ad_keys(ad_texts, hard_rows)
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
         return batch
 
@@ -185,42 +240,65 @@ def main(argv=None):
     )
     if len(dataloader) < accelerator.num_processes:
         raise UserError(f"{len(clicks)} clicks are fewer than one global batch; lower --per_device_train_batch_size.")
-    student, optimizer, scheduler, loop = prepare_training(
-        accelerator, args, student, dataloader, len(clicks), "refine_contrastive"
+
+    # Optimiser and schedule. Each process sees 1/num_processes of the batches; one optimiser step per
+    # --gradient_accumulation_steps of them.
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(student, args.weight_decay, accelerator), lr=args.learning_rate
     )
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    args.max_train_steps = args.max_train_steps or max(math.ceil(args.num_train_epochs * steps_per_epoch), 1)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = int(0.05 * args.max_train_steps)
+    # accelerate steps a prepared scheduler once per process at every optimiser step, so the schedule counts
+    # num_processes x the optimiser steps (as in the HF *_no_trainer examples); the learning rate at each
+    # optimiser step is then the same for any number of processes.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
+    accelerator.init_trackers("refine_contrastive", config=tracker_config(args))
+    progress = resume_from_checkpoint(accelerator, args, SCRIPT)
+    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
+    log_banner(args, accelerator, len(clicks))
+
     margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
-    student.train()
+    model.train()
     for batch in loop:
-        with accelerator.accumulate(student):
-            # Random negatives come from the torch RNG, which checkpoints save and restore.
-            random_rows = torch.randint(len(ad_vectors), (args.num_random_negatives,))
-            positive_rows = batch.pop("positive_rows").cpu()
-            negative_rows = torch.cat([batch.pop("hard_negative_rows").cpu(), random_rows])
+        with accelerator.accumulate(model):
+            random_rows = random_negative_rows(
+                args, len(ad_store), progress.epoch, progress.batch_in_epoch, accelerator
+            )
+            positives, positive_keys = batch.pop("positive_vectors"), batch.pop("positive_keys")
+            negatives = torch.cat([batch.pop("hard_negative_vectors"), torch.from_numpy(ad_store.read(random_rows))])
+            negative_keys = torch.cat([batch.pop("hard_negative_keys"), ad_keys(ad_texts, random_rows)])
             positive_groups = batch.pop("positive_groups")
-            query_vectors = student(**batch)
+            query_vectors = model(**batch)
             loss, accuracy = contrastive_loss(
                 query_vectors,
-                ad_vectors[positive_rows].to(query_vectors),
-                ad_vectors[negative_rows].to(query_vectors),
+                positives.to(query_vectors),
+                negatives.to(query_vectors),
                 temperature=args.temperature,
-                # Store rows are unique per ad, so they serve as keys: the positive is never its own negative.
-                positive_keys=positive_rows.to(query_vectors.device),
-                negative_keys=negative_rows.to(query_vectors.device),
+                positive_keys=positive_keys,
+                negative_keys=negative_keys,
                 positive_groups=positive_groups,
                 false_negative_margin=margin,
             )
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                clip_and_check_gradients(accelerator, student, args, loop.step)
+                clip_and_check_gradients(accelerator, model, args, loop.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         loop.end_of_batch(loss=loss.item(), accuracy=accuracy.item(), lr=scheduler.get_last_lr()[0])
 
-    results = {f"train_{key}": value for key, value in loop.last_logs.items()}
-    results |= {"steps": loop.step, "ad_store": store_path}
-    save_final_model(accelerator, args, student, "refine_contrastive.py", "student", results)
+    results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results |= {"steps": loop.step, "ad_store": ad_store.folder}
+    save_final_model(accelerator, args, model, SCRIPT, "student", results, progress.log_history)
     accelerator.end_training()
     return results
 

@@ -17,35 +17,39 @@ Two CPU processes (gloo), e.g. to check a multi-process run without GPUs:
 """
 
 import argparse
+import math
 import os
 import random
 
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
-from common.data import (
-    check_text,
-    check_text_list,
-    load_table,
-    require_columns,
-    text_key,
-)
-from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
-from common.encoder import Encoder
-from common.errors import UserError, run_cli
-from common.loss import contrastive_loss
-from common.training import (
+from common.cli import (
     add_common_training_args,
-    check_finite_loss,
     check_run_args,
-    clip_and_check_gradients,
+    log_banner,
     log_truncation,
     make_accelerator,
     parse_with_config,
-    prepare_training,
+    tracker_config,
+)
+from common.data import check_text, check_text_list, load_table, require_columns, text_key
+from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
+from common.encoder import Encoder
+from common.errors import UserError, run_cli
+from common.loop import (
+    TrainLoop,
+    check_finite_loss,
+    clip_and_check_gradients,
+    optimizer_param_groups,
+    resume_from_checkpoint,
     save_final_model,
 )
+from common.loss import contrastive_loss
+
+SCRIPT = "train_teacher.py"
 
 
 def parse_args(argv=None):
@@ -137,7 +141,7 @@ class PairCollator:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, "train_teacher.py")
+    check_run_args(args, SCRIPT)
     accelerator = make_accelerator(args)
     if args.train_file is None:
         with accelerator.main_process_first():
@@ -145,6 +149,7 @@ def main(argv=None):
     args.model_name_or_path = args.model_name_or_path or demo_base_model()
     set_seed(args.seed)
 
+    # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     encoder = Encoder.from_pretrained(
         args.model_name_or_path,
         pooling=args.pooling,
@@ -152,6 +157,7 @@ def main(argv=None):
         ad_prompt=args.ad_prompt,
         max_length=args.max_length,
         padding_side=args.padding_side,
+        dtype="float32",
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle_weights,
     )
@@ -161,6 +167,7 @@ def main(argv=None):
     log_truncation(encoder, [row["query"] for row in rows], "query", args.train_file)
     log_truncation(encoder, [row["positive"] for row in rows], "ad", args.train_file)
     ad_pool = sorted({row["positive"] for row in rows})
+    # The collator holds the encoder itself (not the DDP-wrapped model prepare returns) for tokenising.
     dataloader = DataLoader(
         rows,
         batch_size=args.per_device_train_batch_size,
@@ -173,14 +180,36 @@ def main(argv=None):
         raise UserError(
             f"{len(rows)} training rows are fewer than one global batch; lower --per_device_train_batch_size."
         )
-    encoder, optimizer, scheduler, loop = prepare_training(
-        accelerator, args, encoder, dataloader, len(rows), "train_teacher"
+
+    # Optimiser and schedule. Each process sees 1/num_processes of the batches; one optimiser step per
+    # --gradient_accumulation_steps of them.
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(encoder, args.weight_decay, accelerator), lr=args.learning_rate
     )
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    args.max_train_steps = args.max_train_steps or max(math.ceil(args.num_train_epochs * steps_per_epoch), 1)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = int(0.05 * args.max_train_steps)
+    # accelerate steps a prepared scheduler once per process at every optimiser step, so the schedule counts
+    # num_processes x the optimiser steps (as in the HF *_no_trainer examples); the learning rate at each
+    # optimiser step is then the same for any number of processes.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
+    accelerator.init_trackers("train_teacher", config=tracker_config(args))
+    progress = resume_from_checkpoint(accelerator, args, SCRIPT)
+    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
+    log_banner(args, accelerator, len(rows))
+
     margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
-    encoder.train()
+    model.train()
     for batch in loop:
-        with accelerator.accumulate(encoder):
-            vectors = encoder(**batch["inputs"])  # queries, positives, then the hard negatives
+        with accelerator.accumulate(model):
+            vectors = model(**batch["inputs"])  # queries, positives, then the hard negatives
             batch_size = len(batch["query_keys"])
             query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
             negatives = vectors[2 * batch_size :]
@@ -200,14 +229,15 @@ def main(argv=None):
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                clip_and_check_gradients(accelerator, encoder, args, loop.step)
+                clip_and_check_gradients(accelerator, model, args, loop.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         loop.end_of_batch(loss=loss.item(), accuracy=accuracy.item(), lr=scheduler.get_last_lr()[0])
 
-    results = {f"train_{key}": value for key, value in loop.last_logs.items()} | {"steps": loop.step}
-    save_final_model(accelerator, args, encoder, "train_teacher.py", "teacher", results)
+    results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results["steps"] = loop.step
+    save_final_model(accelerator, args, model, SCRIPT, "teacher", results, progress.log_history)
     accelerator.end_training()
     return results
 

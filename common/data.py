@@ -104,12 +104,21 @@ def check_text_list(value, source, row, column):
     return [check_text(item, source, row, column) for item in value]
 
 
-def read_texts(source, id_column, text_column, split="train"):
-    """(ids, texts) from a corpus or query file; ids must be unique."""
+def read_texts(source, id_column, text_column, split="train", ids_optional=False):
+    """(ids, texts) from a corpus or query file; ids must be unique.
+
+    With `ids_optional` (label-free queries), a file without the id column gets its row numbers as ids
+    ("0", "1", ...): encode.py and distill_student.py read a query file the same way, so a query store
+    written by one is found current by the other.
+    """
     table = load_table(source, split=split)
-    require_columns(table, [id_column, text_column], source, "--id_column/--text_column")
-    ids = [str(value) for value in table[id_column]]
+    has_ids = id_column in (table.column_names or [])
+    require_columns(table, [text_column] if ids_optional and not has_ids else [id_column, text_column], source,
+                    "--id_column/--text_column")  # fmt: skip
     texts = [check_text(value, source, row, text_column) for row, value in enumerate(table[text_column])]
+    if not has_ids:
+        return [str(row) for row in range(len(texts))], texts
+    ids = [str(value) for value in table[id_column]]
     if len(set(ids)) != len(ids):
         duplicate = next(value for value, count in _counts(ids).items() if count > 1)
         raise UserError(

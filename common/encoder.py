@@ -69,6 +69,38 @@ def pool(hidden_states, attention_mask, pooling):
     return hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), index]
 
 
+def append_end_of_text(tokenizer):
+    """Make the tokenizer append the end-of-text token to every text, if it does not already.
+
+    Last-token pooling reads the state of that token (the Qwen3-Embedding convention: `<|endoftext|>`, or
+    the EOS token of vocabularies without it). Qwen3-Embedding's tokenizer appends it; Qwen3-0.6B's and
+    most decoder LLMs' do not, and pooling would then read the last word. The token is added by the
+    tokenizer's own post-processor, so truncation keeps it, and the saved tokenizer.json (hence
+    sentence-transformers and any serving stack) appends it too. Returns True when it was added here.
+    """
+    vocabulary = tokenizer.get_vocab()
+    token = "<|endoftext|>" if "<|endoftext|>" in vocabulary else tokenizer.eos_token
+    if token is None or token not in vocabulary:
+        raise UserError("Last-token pooling needs an end-of-text token but the tokenizer has none; use --pooling mean.")
+    token_id = vocabulary[token]
+    if tokenizer("a")["input_ids"][-1:] == [token_id]:
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(
+            "Last-token pooling needs a tokenizer that appends the end-of-text token, and this slow tokenizer "
+            "does not; save the model with a fast tokenizer (tokenizer.json) or use --pooling mean."
+        )
+    from tokenizers import processors
+
+    append = processors.TemplateProcessing(
+        single=f"$A {token}", pair=f"$A {token} $B:1 {token}:1", special_tokens=[(token, token_id)]
+    )
+    existing = backend.post_processor
+    backend.post_processor = append if existing is None else processors.Sequence([existing, append])
+    return True
+
+
 def resolve_model_dir(name_or_path, revision=None, token=None):
     """Return a local folder for a local path or a hub id (downloaded once into the HF cache)."""
     if os.path.isdir(name_or_path):
@@ -143,7 +175,10 @@ def model_fingerprint(folder):
     fingerprinted in well under a second; any training step changes every block.
     """
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
+    # Top-down walk, pruned in place: checkpoints/ and stages/ (training state, rotated or deleted at will)
+    # are never entered, and sorting `dirs` fixes the order. (Sorting os.walk's generator would walk the
+    # whole tree before the pruning could act.)
+    for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint", "stages")))
         for name in sorted(files):
             if name in _FINGERPRINT_SKIP or name.startswith("."):
@@ -177,6 +212,8 @@ class Encoder(nn.Module):
             backbone.pooler.requires_grad_(False)  # BERT's pooler is never used; DDP would flag it as unused
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if config.pooling == "last":
+            append_end_of_text(self.tokenizer)
         self.fingerprint = None  # set by from_pretrained; stores record it
 
     # ---------------------------------------------------------------- loading

@@ -96,6 +96,7 @@ def contrastive_loss(
     is_label = torch.zeros_like(scores, dtype=torch.bool)
     is_label[local, labels] = True
     mask = (candidate_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) & ~is_label
+    same_group = None
     if positive_groups is not None:
         same_group = keys_fn(positive_groups).unsqueeze(0) == positive_groups.unsqueeze(1)
         mask[:, : same_group.shape[1]] |= same_group & ~is_label[:, : same_group.shape[1]]
@@ -111,8 +112,12 @@ def contrastive_loss(
         masks.append(self_mask)
     if ad_ad:
         block = positives @ all_positives.T
+        # s(p_i, p_j): the positive against itself, a duplicate of it, or an ad of its group is no negative.
+        ad_mask = (all_positive_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) | is_label[:, : block.shape[1]]
+        if same_group is not None:
+            ad_mask |= same_group
         blocks.append(block)
-        masks.append((all_positive_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) | is_label[:, : block.shape[1]])
+        masks.append(ad_mask)
     logits, mask = torch.cat(blocks, dim=1), torch.cat(masks, dim=1)
     if false_negative_margin is not None:
         too_close = logits > positive_scores + false_negative_margin

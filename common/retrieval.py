@@ -4,17 +4,32 @@ import math
 
 import numpy as np
 
+from common.errors import UserError
 
-def build_index(ad_vectors, use_gpu=True):
-    """Exact inner-product index (cosine on normalised vectors); on the GPUs when faiss has them."""
+
+def build_index(ad_vectors, use_gpu=True, chunk_rows=65536):
+    """Exact inner-product index (cosine on normalised vectors); on the GPUs when faiss has them.
+
+    `ad_vectors` is a matrix or an EmbeddingStore; a store is added shard by shard in chunks, so no
+    float32 copy of the whole store is made besides the index itself.
+    """
     import faiss
 
-    ad_vectors = np.ascontiguousarray(ad_vectors, dtype=np.float32)
-    index = faiss.IndexFlatIP(ad_vectors.shape[1])
+    chunks = (
+        [shard[start : start + chunk_rows] for _, shard in ad_vectors.iter_shards()
+         for start in range(0, len(shard), chunk_rows)]
+        if hasattr(ad_vectors, "iter_shards") else [ad_vectors]
+    )  # fmt: skip
+    dim = ad_vectors.dim if hasattr(ad_vectors, "dim") else np.asarray(ad_vectors).shape[1]
+    index = faiss.IndexFlatIP(dim)
     # faiss-cpu has no GPU API at all; faiss-gpu on a machine without GPUs reports zero of them.
     if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(ad_vectors)
+    for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise UserError("The ad vectors hold NaN or inf; rebuild the store.")
+        index.add(chunk)
     return index
 
 

@@ -1,4 +1,4 @@
-"""The embedding store: frozen teacher vectors of ads or queries, on disk, memory-mappable.
+"""The embedding store: frozen teacher vectors of ads or queries, on disk, memory-mapped, read by row.
 
 A store is a folder:
     metadata.json                 model and data fingerprints, dim, dtype, normalised, prompt, pooling, shards
@@ -7,6 +7,10 @@ A store is a folder:
 Each process writes its own shard; the main process writes metadata.json last and renames the
 folder into place, so a crash never leaves a folder that looks complete. A store whose fingerprints
 do not match the model and data it is used with is refused.
+
+At scale (50M ads x 4096-d is 770 GB in float32) nothing here loads a whole store: the training scripts
+read the rows each step needs (`EmbeddingStore.read`), shard by shard, from the memory maps. Vectors are
+checked for NaN/inf when written, on a bounded sample when opened, and row by row when read.
 """
 
 import json
@@ -19,31 +23,61 @@ from common.data import data_fingerprint
 from common.errors import UserError
 
 FORMAT = "harness-store/1"
+_OPEN_CHECK_BYTES = 64 << 20  # finiteness sample read when a store is opened
 
 
 class EmbeddingStore:
-    def __init__(self, folder, metadata, ids, shards):
-        self.folder, self.metadata, self.ids, self.shards = folder, metadata, ids, shards
+    """Rows of one or more stores (see `stack`) over memory-mapped shards; ids are a numpy string array."""
+
+    def __init__(self, folder, metadata, id_shards, shards):
+        self.folder, self.metadata, self.id_shards, self.shards = folder, metadata, id_shards, shards
+        self.offsets = np.cumsum([0] + [len(shard) for shard in shards])
         self._row_of = None
+
+    @property
+    def ids(self):
+        """All ids as one numpy string array (read from the id shards when asked for)."""
+        return np.concatenate(self.id_shards) if self.id_shards else np.array([], dtype=str)
 
     @property
     def dim(self):
         return self.metadata["dim"]
 
     def __len__(self):
-        return len(self.ids)
+        return int(self.offsets[-1])
 
-    @property
-    def vectors(self):
-        """The whole matrix: memory-mapped when there is one shard, concatenated otherwise."""
-        if len(self.shards) == 1:
-            return self.shards[0]
-        return np.concatenate(self.shards)
+    def read(self, rows):
+        """float32 vectors of the given global rows (any order, repeats allowed), read from the memory maps.
+
+        Rows are read in sorted order within each shard (sequential disk access), then put back in the
+        order asked; only these rows are copied into memory.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range for a store of {len(self)} rows")
+        output = np.empty((len(rows), self.dim), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        bounds = np.searchsorted(sorted_rows, self.offsets)
+        for shard_index, shard in enumerate(self.shards):
+            start, stop = bounds[shard_index], bounds[shard_index + 1]
+            if start == stop:
+                continue
+            local = sorted_rows[start:stop] - self.offsets[shard_index]
+            output[order[start:stop]] = shard[local]
+        if not np.isfinite(output).all():
+            bad = int(rows[~np.isfinite(output).all(axis=1)][0])
+            raise UserError(f"Row {bad} of the store {self.folder} holds NaN or inf; rebuild the store.")
+        return output
+
+    def iter_shards(self):
+        """(global row offset, memory-mapped shard) pairs, for whole passes such as building an index."""
+        return zip(self.offsets[:-1].tolist(), self.shards)
 
     def rows(self, ids):
         """Row numbers of the given ids; an unknown id is an error naming it."""
         if self._row_of is None:
-            self._row_of = {item_id: row for row, item_id in enumerate(self.ids)}
+            self._row_of = {str(item_id): row for row, item_id in enumerate(self.ids.tolist())}
         try:
             return np.array([self._row_of[item_id] for item_id in ids], dtype=np.int64)
         except KeyError as error:
@@ -53,7 +87,19 @@ class EmbeddingStore:
             ) from None
 
     @classmethod
-    def open(cls, folder, model_fingerprint=None, data_fp=None, dim=None, check_finite=True):
+    def stack(cls, stores):
+        """Several stores of the same width as one: rows of the first, then of the second, ..."""
+        if len(stores) == 1:
+            return stores[0]
+        dims = {store.dim for store in stores}
+        if len(dims) != 1:
+            raise UserError(f"Stores of different widths {sorted(dims)} cannot be used together; rebuild them.")
+        shards = [shard for store in stores for shard in store.shards]
+        id_shards = [ids for store in stores for ids in store.id_shards]
+        return cls(", ".join(store.folder for store in stores), stores[0].metadata, id_shards, shards)
+
+    @classmethod
+    def open(cls, folder, model_fingerprint=None, data_fp=None, dim=None):
         path = os.path.join(folder, "metadata.json")
         if not os.path.exists(path):
             raise UserError(f"{folder} is not an embedding store (no metadata.json); build it with encode.py.")
@@ -75,28 +121,68 @@ class EmbeddingStore:
                 f"The store {folder} holds {metadata['dim']}-d vectors but {dim}-d are needed; use a matching store."
             )
         ids, shards = [], []
+        budget_rows = max(_OPEN_CHECK_BYTES // (4 * metadata["dim"] * max(len(metadata["shards"]), 1)), 1)
         for shard in metadata["shards"]:
-            shard_ids = np.load(os.path.join(folder, shard["ids"]))
+            shard_ids = np.load(os.path.join(folder, shard["ids"]), mmap_mode="r")
             vectors = np.load(os.path.join(folder, shard["vectors"]), mmap_mode="r")
             if len(shard_ids) != shard["count"] or vectors.shape != (shard["count"], metadata["dim"]):
                 raise UserError(f"Shard {shard['vectors']} of {folder} does not match its metadata; rebuild the store.")
-            if check_finite:
-                for start in range(0, len(vectors), 65536):
-                    if not np.isfinite(vectors[start : start + 65536]).all():
-                        raise UserError(f"Shard {shard['vectors']} of {folder} contains NaN or inf; rebuild the store.")
-            ids.extend(str(item_id) for item_id in shard_ids)
+            if not _sample_is_finite(vectors, budget_rows):
+                raise UserError(f"Shard {shard['vectors']} of {folder} contains NaN or inf; rebuild the store.")
+            ids.append(shard_ids)
             shards.append(vectors)
         return cls(folder, metadata, ids, shards)
+
+
+def _sample_is_finite(vectors, budget_rows):
+    """The whole shard when it is small, else the first rows and evenly spaced blocks (bounded I/O)."""
+    if len(vectors) <= budget_rows:
+        blocks = [(start, min(start + 8192, len(vectors))) for start in range(0, len(vectors), 8192)]
+    else:
+        size = max(budget_rows // 32, 1)
+        blocks = [(start, start + size) for start in np.linspace(0, len(vectors) - size, 32).astype(np.int64)]
+    return all(np.isfinite(vectors[start:stop]).all() for start, stop in blocks)
 
 
 def _shard_names(rank, world):
     return f"vectors-{rank:05d}-of-{world:05d}.npy", f"ids-{rank:05d}-of-{world:05d}.npy"
 
 
+def write_shard(partial, rank, world, vectors, ids, dtype="float32"):
+    """One process's shard into the store being written at `partial`."""
+    if not np.isfinite(vectors).all():
+        raise UserError(f"The model produced NaN/inf vectors for shard {rank}; nothing was stored. Check the model.")
+    vectors_name, ids_name = _shard_names(rank, world)
+    np.save(os.path.join(partial, vectors_name), np.asarray(vectors).astype(dtype, copy=False))
+    np.save(os.path.join(partial, ids_name), np.asarray(ids, dtype=str))
+
+
+def finish_store(partial, folder, metadata, shard_counts):
+    """Write metadata.json last and rename the folder into place (main process only)."""
+    world = len(shard_counts)
+    metadata = {
+        "format": FORMAT,
+        **metadata,
+        "count": int(sum(shard_counts)),
+        "shards": [
+            {"vectors": _shard_names(rank, world)[0], "ids": _shard_names(rank, world)[1], "count": int(count)}
+            for rank, count in enumerate(shard_counts)
+        ],
+    }
+    with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, indent=2)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
 def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, dtype="float32", data_fp=None):
     """Encode texts with every process (each its slice) into a new store folder; return it opened.
     `data_fp` is data_fingerprint(ids, texts) when the caller already has it (hashing billions of texts
     once is enough)."""
+    not_a_store = os.path.exists(folder) and not os.path.exists(os.path.join(folder, "metadata.json"))
+    if not_a_store and (not os.path.isdir(folder) or os.listdir(folder)):  # never delete what is not a store
+        raise UserError(f"{folder} exists and is not an embedding store; choose another store path.")
     partial = folder.rstrip("/") + ".partial"
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)  # left by a crash: never trusted, rebuilt from scratch
@@ -114,20 +200,12 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
             device=accelerator.device,
             progress=accelerator.is_local_main_process,
         )
-    vectors_name, ids_name = _shard_names(rank, world)
-    np.save(os.path.join(partial, vectors_name), vectors.astype(dtype))
-    np.save(os.path.join(partial, ids_name), np.array(ids[start:stop], dtype=str))
+    write_shard(partial, rank, world, vectors, ids[start:stop], dtype)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shards = []
-        for shard_rank in range(world):
-            shard_start, shard_stop = shard_rank * per_rank, min((shard_rank + 1) * per_rank, len(texts))
-            vectors_name, ids_name = _shard_names(shard_rank, world)
-            shards.append({"vectors": vectors_name, "ids": ids_name, "count": max(shard_stop - shard_start, 0)})
+        counts = [max(min((r + 1) * per_rank, len(texts)) - r * per_rank, 0) for r in range(world)]
         metadata = {
-            "format": FORMAT,
             "kind": kind,
-            "count": len(texts),
             "dim": int(module.embedding_dim),
             "dtype": dtype,
             "normalized": bool(module.config.normalize),
@@ -137,24 +215,17 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
             "model": str(module.config.base_model),
             "model_fingerprint": module.fingerprint,
             "data_fingerprint": data_fp or data_fingerprint(ids, texts),
-            "shards": shards,
         }
-        with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=2)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        finish_store(partial, folder, metadata, counts)
     accelerator.wait_for_everyone()
     return EmbeddingStore.open(folder)
 
 
-def store_for(accelerator, encoder, ids, texts, kind, folder, batch_size=128, data_fp=None):
-    """Open the store at `folder` if it matches this encoder and data, build it if it does not exist."""
-    module = accelerator.unwrap_model(encoder)
-    data_fp = data_fp or data_fingerprint(ids, texts)
-    if os.path.exists(os.path.join(folder, "metadata.json")):
-        return EmbeddingStore.open(folder, module.fingerprint, data_fp, module.embedding_dim)
-    return build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=batch_size, data_fp=data_fp)
+def default_store_dir(args):
+    """Where stores go unless a flag names one: --store_dir, else `stores/` beside the output folder."""
+    if getattr(args, "store_dir", None):
+        return args.store_dir
+    return os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "stores")
 
 
 def default_store_path(store_dir, model_path, kind, encoder, data_fp):
@@ -162,3 +233,21 @@ def default_store_path(store_dir, model_path, kind, encoder, data_fp):
     name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
     tag = f"{encoder.fingerprint[:10]}-{data_fp[:10]}"
     return os.path.join(store_dir, f"{name}-{kind}-{tag}")
+
+
+def open_or_build_store(
+    accelerator, encoder, ids, texts, kind, *, path=None, store_dir, model_path, batch_size=128, data_fp=None
+):
+    """The store of `encoder`'s vectors of these texts: opened at `path` (default: a fingerprinted path under
+    `store_dir`) when it matches the model and data, refused when it does not, built by all processes
+    when it does not exist. The encoder is moved to the accelerator's device for the build and back."""
+    module = accelerator.unwrap_model(encoder)
+    data_fp = data_fp or data_fingerprint(ids, texts)
+    path = path or default_store_path(store_dir, model_path, kind, module, data_fp)
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return EmbeddingStore.open(path, module.fingerprint, data_fp, module.embedding_dim)
+    device = next(module.parameters()).device
+    module.to(accelerator.device)
+    store = build_store(accelerator, module, ids, texts, kind, path, batch_size=batch_size, data_fp=data_fp)
+    module.to(device)
+    return store

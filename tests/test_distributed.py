@@ -89,13 +89,13 @@ def test_two_processes_write_one_sharded_store(tmp_path, small_data, tiny_bert):
             ["--multi_gpu", "--num_processes", "2"],
             [
                 "encode.py",
-                "--model",
+                "--model_name_or_path",
                 tiny_bert,
                 "--input_file",
                 small_data["ads"],
-                "--store",
+                "--output_dir",
                 store,
-                "--per_device_batch_size",
+                "--encode_batch_size",
                 "16",
             ],
             tmp_path,
@@ -109,19 +109,24 @@ def test_two_processes_write_one_sharded_store(tmp_path, small_data, tiny_bert):
         "vectors-00001-of-00002.npy",
     ]
     ids, texts = read_texts(small_data["ads"], "id", "text")
-    assert opened.ids == ids
-    np.testing.assert_allclose(opened.vectors, Encoder.from_pretrained(tiny_bert).encode(texts, "ad"), atol=1e-5)
+    assert opened.ids.tolist() == ids
+    expected = Encoder.from_pretrained(tiny_bert).encode(texts, "ad")
+    np.testing.assert_allclose(opened.read(range(len(ids))), expected, atol=1e-5)
     assert not os.path.exists(store + ".partial")
 
 
 def test_encode_script_reuses_a_current_store_and_refuses_a_stale_one(tmp_path, small_data, tiny_bert, tiny_qwen):
     import encode
     from common.errors import UserError
+    from common.store import EmbeddingStore
 
     store = str(tmp_path / "store")
-    encode.main(["--model", tiny_bert, "--input_file", small_data["ads"], "--store", store, "--dtype", "float16"])
+    ads = ["--input_file", small_data["ads"], "--output_dir", store]
+    encode.main(["--model_name_or_path", tiny_bert, *ads, "--dtype", "float16"])
     modified = os.path.getmtime(os.path.join(store, "metadata.json"))
-    encode.main(["--model", tiny_bert, "--input_file", small_data["ads"], "--store", store])  # current: kept
+    encode.main(["--teacher_model", tiny_bert, *ads])  # current: kept
     assert os.path.getmtime(os.path.join(store, "metadata.json")) == modified
     with pytest.raises(UserError, match="another model"):
-        encode.main(["--model", tiny_qwen, "--input_file", small_data["ads"], "--store", store])
+        encode.main(["--model_name_or_path", tiny_qwen, *ads])
+    encode.main(["--model_name_or_path", tiny_qwen, *ads, "--overwrite_output_dir"])  # rebuilt on request
+    assert EmbeddingStore.open(store).metadata["model_fingerprint"] == Encoder.from_pretrained(tiny_qwen).fingerprint

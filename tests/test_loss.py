@@ -66,6 +66,22 @@ def test_false_negative_masks():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # each query's only negative is in its group
 
 
+def test_same_group_ads_are_no_negatives_in_the_ad_ad_block():
+    """Two clicks on ads of one ad group: p2 is neither q1's negative nor p1's ad-ad negative."""
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    positives = torch.tensor([[0.8, 0.6], [0.6, 0.8], [1.0, 0.0]])
+    groups = torch.tensor([5, 5, 6])
+    loss, _ = contrastive_loss(
+        queries, positives, temperature=1.0, false_negative_margin=None, ad_ad=True, positive_groups=groups
+    )
+    # Candidates of each row: p1 p2 p3, then ad-ad p_i.p1 p_i.p2 p_i.p3 (self and same group masked).
+    row1 = [0.8, 1.0, 0.8]  # q1: p1, p3; ad-ad p1.p3 = .8
+    row2 = [0.8, 0.0, 0.6]  # q2: p2, p3; ad-ad p2.p3 = .6
+    row3 = [0.96, 1.0, 0.6, 0.8, 0.6]  # q3: p1 p2 p3; ad-ad p3.p1 = .8, p3.p2 = .6
+    expected = (nll(row1, 0) + nll(row2, 0) + nll(row3, 2)) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
 def _global_batch():
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1) for _ in range(3)]

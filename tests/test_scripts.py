@@ -297,7 +297,9 @@ def test_general_text_is_mixed_into_alignment_and_bf16_evaluation(chain, small_d
     from common.store import EmbeddingStore
 
     store = EmbeddingStore.open(results["teacher_query_store"])
-    assert len(store) == 96 + 4 and store.ids[-1] == "1:3"
+    assert len(store) == 96  # the general text has a store of its own
+    general_stores = [name for name in os.listdir(os.path.dirname(results["teacher_query_store"])) if "-query-" in name]
+    assert len(general_stores) == 2
     bf16 = evaluate.main([
         "--teacher_model", chain["teacher"], "--students", f"s={tmp_path / 's'}", "--baselines", "--dtype",
         "bfloat16", "--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],

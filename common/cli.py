@@ -1,0 +1,174 @@
+"""Command line and config every script shares: the Hub's flag names, `--config` YAML, run checks, the Accelerator."""
+
+import json
+import logging
+import os
+
+import torch
+import yaml
+
+from common.errors import UserError
+
+logger = logging.getLogger("harness")
+
+
+# ---------------------------------------------------------------------------- flags
+def add_common_training_args(parser):
+    """The Hub's flag names for the parts of a training run every phase has."""
+    group = parser.add_argument_group("Optimisation")
+    group.add_argument("--per_device_train_batch_size", type=int, default=32)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=5e-5)
+    group.add_argument("--weight_decay", type=float, default=0.01)
+    group.add_argument("--num_train_epochs", type=float, default=1.0)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
+    group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the optimiser steps.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group = parser.add_argument_group("Runtime")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: what `accelerate config` says (bf16 in the shipped GPU configs). Weights stay fp32.",
+    )
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_model_safety_args(group)
+    group = parser.add_argument_group("Checkpointing")
+    group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
+    group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    group = parser.add_argument_group("Logging and Hub")
+    group.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none.")
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None, help="Default: the HF_TOKEN environment or the cached login.")
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def add_model_safety_args(group):
+    """The two opt-ins every script that loads a model shares; both are off by default."""
+    group.add_argument("--trust_remote_code", action="store_true", help="Run model code from the Hub (off: unsafe).")
+    group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
+
+
+def parse_with_config(parser, argv=None):
+    """Parse argv; `--config file.yaml` supplies defaults that flags on the command line override."""
+    parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags win.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        if not os.path.exists(known.config):
+            raise UserError(f"Config file {known.config} does not exist; check the path.")
+        with open(known.config, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{known.config} must be a YAML mapping of flag names to values.")
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise UserError(f"{known.config} sets unknown flags {', '.join(unknown)}; remove or rename them.")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- accelerator
+def make_accelerator(args, log_with=None):
+    """An Accelerator with gloo on CPU-only machines (DeepSpeed's gathers fail on CPU otherwise)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+        mixed_precision=args.mixed_precision,
+        log_with=log_with or report_to,
+        project_dir=args.output_dir,
+        kwargs_handlers=handlers,
+        # Seedable sampler: the shuffle order is a function of (seed, epoch) only, the same for any number of
+        # processes, so N processes see the batches one process sees, and resume can replay the order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    _quiet_libraries()
+    return accelerator
+
+
+def _quiet_libraries():
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def uses_deepspeed(accelerator):
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def check_run_args(args, script):
+    """Checks that must fail before any work: the output folder, Hub push settings, DeepSpeed."""
+    marker = os.path.join(args.output_dir, "training_args.json")
+    if os.path.exists(marker) and not args.overwrite_output_dir:
+        try:
+            with open(marker, encoding="utf-8") as handle:
+                previous = json.load(handle).get("script", "another run")
+        except (OSError, ValueError):
+            previous = "another run"
+        raise UserError(
+            f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
+            "it or choose another --output_dir."
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id (e.g. your-name/harness-student).")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "The accelerate config asks for DeepSpeed but it is not installed; `pip install deepspeed` or "
+                "launch with accelerate_configs/multi_gpu.yaml."
+            ) from None
+
+
+# ---------------------------------------------------------------------------- recorded config
+SECRET_ARGS = {"hub_token"}
+
+
+def public_config(args):
+    """The whole config, less secrets: what checkpoints, run files and trackers record."""
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+
+
+def tracker_config(args):
+    """Config for trackers: scalars only, never the token."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in public_config(args).items()}
+
+
+def log_banner(args, accelerator, num_examples):
+    total = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_examples}")
+    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps} (warmup {args.num_warmup_steps})")
+
+
+def log_truncation(encoder, texts, kind, source):
+    """Long texts are truncated, not refused; say how many so that a too-small --max_length shows."""
+    count, checked = encoder.count_truncated(texts, kind)
+    if count:
+        logger.info(
+            f"{count} of {checked} {'queries' if kind == 'query' else 'ads'} in {source} exceed max_length "
+            f"{encoder.config.max_length} tokens and are truncated (raise --max_length to keep them whole)."
+        )
+    return count

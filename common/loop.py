@@ -1,0 +1,271 @@
+"""Checkpoints and the training loop's bookkeeping: what every phase shares and is easy to get wrong.
+
+A script keeps its own loop (forward, loss, backward, optimiser and scheduler steps) and calls:
+- `optimizer_param_groups`: AdamW groups without decay on biases and norms (one group under DeepSpeed);
+- `resume_from_checkpoint`: loads model, optimiser, scheduler and RNG, and says where the run stood;
+- `TrainLoop`: epochs, the seeded shuffle per epoch, skipping what a checkpoint consumed, counting optimiser
+  steps only when gradients synchronised, logging, checkpoints every --checkpointing_steps;
+- `check_finite_loss` / `clip_and_check_gradients`: a NaN/inf stops the run before the optimiser applies it;
+- `save_final_model`: gathers (ZeRO-3) and writes the complete encoder folder, card and run files.
+"""
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from common.cli import logger, public_config, uses_deepspeed
+from common.errors import UserError
+
+_CHECKPOINT = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------- optimiser
+def optimizer_param_groups(model, weight_decay, accelerator):
+    """AdamW parameter groups: no weight decay on biases and norms; one group under DeepSpeed ZeRO-3, which
+    flattens parameters into its own groups (a scheduler built on two groups then fails)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    if uses_deepspeed(accelerator):
+        return [{"params": decay + no_decay, "weight_decay": weight_decay}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@dataclass
+class Progress:
+    """Where a run stands: optimiser steps done, the epoch and batches consumed in it, the logs so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    log_history: list = field(default_factory=list)
+
+
+def checkpoint_root(output_dir):
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(accelerator, args, script, progress):
+    """accelerator.save_state into a temporary folder, renamed into place once complete; keep the last N."""
+    root = checkpoint_root(args.output_dir)
+    final = os.path.join(root, f"step_{progress.step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    if not uses_deepspeed(accelerator):  # ZeRO shards are checked at the final save instead
+        _check_finite_state(accelerator.unwrap_model(accelerator._models[-1]).state_dict(), final)
+    accelerator.save_state(partial)
+    if accelerator.is_main_process:
+        state = {
+            "script": script,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "batch_in_epoch": progress.batch_in_epoch,
+            "num_processes": accelerator.num_processes,
+            "log_history": progress.log_history,
+            "args": public_config(args),
+        }
+        with open(os.path.join(partial, TRAINER_STATE), "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        existing = sorted(_complete_checkpoints(root), key=lambda item: item[0])
+        for _, stale in existing[: max(len(existing) - args.checkpoints_total_limit, 0)]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _complete_checkpoints(root):
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _CHECKPOINT.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.exists(os.path.join(path, TRAINER_STATE)):
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def resume_from_checkpoint(accelerator, args, script):
+    """Load the checkpoint named by --resume_from_checkpoint ('latest' or a folder) into the prepared
+    model, optimiser, scheduler and RNG; returns the Progress it recorded (a fresh one without a checkpoint)."""
+    if not args.resume_from_checkpoint:
+        return Progress()
+    if args.resume_from_checkpoint == "latest":
+        found = _complete_checkpoints(checkpoint_root(args.output_dir))
+        if not found:
+            logger.info(f"No checkpoint under {checkpoint_root(args.output_dir)}; starting from scratch.")
+            return Progress()
+        path = max(found)[1]
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.exists(os.path.join(path, TRAINER_STATE)):
+            raise UserError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}); pass another or 'latest'.")
+    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    if state.get("script", script) != script:
+        raise UserError(f"{path} is a checkpoint of {state['script']}, not of {script}; resume with that script.")
+    logger.info(f"Resuming from {path}")
+    accelerator.load_state(path)
+    return Progress(state["step"], state["epoch"], state["batch_in_epoch"], state.get("log_history", []))
+
+
+# ---------------------------------------------------------------------------- the loop
+class TrainLoop:
+    """Epochs, resume and bookkeeping around a script's own forward/backward.
+
+        loop = TrainLoop(accelerator, args, dataloader, progress, script)
+        for batch in loop:
+            with accelerator.accumulate(model):
+                ...forward, loss, backward, optimizer step, scheduler step...
+            loop.end_of_batch(loss=loss.item(), lr=scheduler.get_last_lr()[0])
+
+    Iterating sets the sampler epoch (a seeded shuffle per epoch) and, after a resume, skips the batches
+    the checkpoint had already consumed; epochs follow each other until --max_train_steps optimiser steps.
+    `end_of_batch` counts an optimiser step only when accelerate synchronised gradients, records the logs
+    of every step (`log_history`, written to trainer_state.json), shows them every --logging_steps and saves
+    a checkpoint every --checkpointing_steps.
+    """
+
+    def __init__(self, accelerator, args, dataloader, progress, script):
+        if len(dataloader) == 0:
+            raise UserError("The data gives no batch on each process; lower --per_device_train_batch_size.")
+        self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script
+        self.progress = progress
+        self.bar = None
+
+    @property
+    def step(self):
+        return self.progress.step
+
+    @property
+    def last_logs(self):
+        return self.progress.log_history[-1] if self.progress.log_history else {}
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        progress, args = self.progress, self.args
+        self.bar = tqdm(
+            total=args.max_train_steps,
+            initial=progress.step,
+            disable=not self.accelerator.is_local_main_process,
+            desc="steps",
+        )
+        skip = progress.batch_in_epoch
+        while progress.step < args.max_train_steps:
+            self.dataloader.set_epoch(progress.epoch)
+            batches = self.dataloader
+            if skip:
+                batches = _rng_neutral(self.accelerator.skip_first_batches(self.dataloader, skip))
+            progress.batch_in_epoch, skip = skip, 0
+            for batch in batches:
+                if progress.step >= args.max_train_steps:
+                    break
+                progress.batch_in_epoch += 1
+                yield batch
+            else:
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        self.bar.close()
+
+    def end_of_batch(self, **logs):
+        if not self.accelerator.sync_gradients:
+            return
+        progress = self.progress
+        progress.step += 1
+        progress.log_history.append({"step": progress.step, **logs})
+        self.bar.update(1)
+        if progress.step % self.args.logging_steps == 0 or progress.step == self.args.max_train_steps:
+            self.bar.set_postfix({key: f"{value:.4g}" for key, value in logs.items()})
+            self.accelerator.log(logs, step=progress.step)
+        if self.args.checkpointing_steps and progress.step % self.args.checkpointing_steps == 0:
+            save_checkpoint(self.accelerator, self.args, self.script, progress)
+
+
+def _rng_neutral(batches):
+    """Iterate without the draw a new DataLoader iterator takes from the global RNG for its base seed.
+
+    The uninterrupted run made that draw at the start of the epoch, before the checkpoint saved the
+    RNG state; drawing again after a mid-epoch resume would shift every later dropout mask.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    iterator = iter(batches)
+    first = next(iterator, None)
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    if first is None:
+        return
+    yield first
+    yield from iterator
+
+
+# ---------------------------------------------------------------------------- finite checks
+def check_finite(value, what, step):
+    """Stop on a NaN/inf loss or gradient norm, before the optimiser applies it or anything is saved."""
+    if value is not None and not torch.isfinite(torch.as_tensor(value)).all():
+        raise UserError(
+            f"The {what} became {float(torch.as_tensor(value).float().max())} at step {step + 1}; lower "
+            "--learning_rate or check the data (the last checkpoint is kept; no weights were saved)."
+        )
+
+
+def check_finite_loss(loss, step):
+    check_finite(loss.detach(), "loss", step)
+
+
+def clip_and_check_gradients(accelerator, model, args, step):
+    """Clip the gradients; a non-finite norm stops the run before the optimiser step."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    check_finite(norm, "gradient norm", step)
+
+
+def _check_finite_state(state_dict, where):
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"Parameter {name} holds NaN/inf; nothing was written to {where}. Lower --learning_rate.")
+
+
+# ---------------------------------------------------------------------------- outputs
+def save_run_files(output_dir, args, script, results=None, log_history=None):
+    """training_args.json (the whole config, less secrets), all_results.json and trainer_state.json (the
+    logs of every optimiser step) next to the saved model."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+        json.dump({"script": script, **public_config(args)}, handle, indent=2, default=str)
+    if results is not None:
+        with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    if log_history is not None:
+        with open(os.path.join(output_dir, TRAINER_STATE), "w", encoding="utf-8") as handle:
+            json.dump({"script": script, "log_history": log_history}, handle, indent=2)
+
+
+def save_final_model(accelerator, args, model, script, role, results, log_history=None):
+    """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push."""
+    from common.hub import push_to_hub, write_model_card
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        _check_finite_state(state_dict, args.output_dir)
+        encoder = accelerator.unwrap_model(model)
+        encoder.save_pretrained(args.output_dir, state_dict=state_dict)
+        write_model_card(args.output_dir, encoder, role, script, results)
+        save_run_files(args.output_dir, args, script, results, log_history)
+        logger.info(f"Saved the {role} to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    accelerator.wait_for_everyone()
