@@ -226,7 +226,7 @@ def align(accelerator, args, student, texts, teacher_store):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(l2_loss=loss.item(), lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(l2_loss=loss, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results["steps"] = loop.step

@@ -294,7 +294,7 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(loss=loss.item(), accuracy=accuracy.item(), lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(loss=loss, accuracy=accuracy, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results |= {"steps": loop.step, "ad_store": ad_store.folder}

@@ -129,7 +129,7 @@ class TrainLoop:
         for batch in loop:
             with accelerator.accumulate(model):
                 ...forward, loss, backward, optimizer step, scheduler step...
-            loop.end_of_batch(loss=loss.item(), lr=scheduler.get_last_lr()[0])
+            loop.end_of_batch(loss=loss, lr=scheduler.get_last_lr()[0])
 
     Iterating sets the sampler epoch (a seeded shuffle per epoch) and, after a resume, skips the batches
     the checkpoint had already consumed; epochs follow each other until --max_train_steps optimiser steps.
@@ -180,8 +180,14 @@ class TrainLoop:
         self.bar.close()
 
     def end_of_batch(self, **logs):
+        """After each batch; tensors among `logs` (losses, accuracies) are averaged over the processes, so the
+        logs of N processes are those of one process with the whole batch."""
         if not self.accelerator.sync_gradients:
             return
+        logs = {
+            key: self.accelerator.reduce(value.detach().float(), "mean").item() if torch.is_tensor(value) else value
+            for key, value in logs.items()
+        }
         progress = self.progress
         progress.step += 1
         progress.log_history.append({"step": progress.step, **logs})

@@ -28,7 +28,7 @@ def small_data(tmp_path_factory):
     return write_demo_data(str(tmp_path_factory.mktemp("data")), **SMALL)
 
 
-def make_tiny_bert(folder, hidden=32, layers=2, seed=0):
+def make_tiny_bert(folder, hidden=32, layers=2, seed=0, dropout=0.1):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -40,6 +40,8 @@ def make_tiny_bert(folder, hidden=32, layers=2, seed=0):
         num_attention_heads=4,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     encoder = Encoder(
         BertModel(config), tokenizer, EncoderConfig(pooling="mean", max_length=64, base_model="tiny-bert")

@@ -1,0 +1,153 @@
+"""N processes = 1 process: the contract every training script keeps, checked on 2 gloo processes.
+
+For each script, with dropout off and the same seed and steps:
+- 2 processes with per-device batch B/2 end with the weights of 1 process with batch B (float tolerance),
+  and log the same learning rate and loss at every optimiser step;
+- the learning-rate schedule is the one asked for (warm-up over 4 steps, 0 at the last step), not N times
+  faster (accelerate steps a prepared scheduler once per process);
+- a 2-process run SIGKILLed after a checkpoint and resumed with `--resume_from_checkpoint latest` ends
+  with the weights of the uninterrupted 2-process run;
+- distill_student.py: accumulating 2 x B/2 on one process equals one batch of B (an L2 loss per query).
+  The contrastive scripts differ there by design (a micro-batch's queries only see its own candidates):
+  the README says so.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import make_tiny_bert
+from safetensors.torch import load_file
+from transformers import get_scheduler
+
+import distill_student
+import refine_contrastive
+import train_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+STEPS, WARMUP, GLOBAL_BATCH = 10, 4, 16  # 96 rows: 6 global batches per epoch, so 10 steps cross an epoch
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
+
+
+def script_args(name, data, model, stores):
+    common = [
+        "--max_train_steps", str(STEPS), "--num_warmup_steps", str(WARMUP), "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--checkpointing_steps", "4",
+    ]  # fmt: skip
+    if name == "train_teacher":
+        return ["--model_name_or_path", model, "--train_file", data["train"], *common]
+    common += ["--store_dir", stores]
+    if name == "distill_student":
+        return ["--teacher_model", model, "--query_file", data["queries"], "--student_num_layers", "1", *common]
+    return ["--student_model", model, "--teacher_model", model, "--train_file", data["train"],
+            "--corpus_file", data["ads"], "--num_random_negatives", "16", *common]  # fmt: skip
+
+
+MAINS = {
+    "train_teacher": train_teacher.main,
+    "distill_student": distill_student.main,
+    "refine_contrastive": refine_contrastive.main,
+}
+
+
+def launch_two(name, args, log_path, kill_after_checkpoint=None):
+    """`accelerate launch` 2 gloo CPU processes; optionally SIGKILL them all once a checkpoint exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               f"{name}.py", *args]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        if kill_after_checkpoint is None:
+            assert process.wait(timeout=600) == 0, Path(log_path).read_text()[-3000:]
+            return
+        deadline = time.time() + 300
+        while not os.path.exists(kill_after_checkpoint):
+            assert process.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
+            time.sleep(0.05)
+        # The launcher and both workers (torchrun starts them in sessions of their own), as a preempted job dies.
+        workers = psutil.Process(process.pid).children(recursive=True)
+        for victim in [process, *workers]:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        process.wait()
+        psutil.wait_procs(workers, timeout=30)
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_weights(left, right, atol):
+    left, right = weights(left), weights(right)
+    assert left.keys() == right.keys()
+    worst = max(float((left[key].float() - right[key].float()).abs().max()) for key in left)
+    print(f"largest weight difference {worst:.2e}")
+    assert worst <= atol, f"largest weight difference {worst:.2e} > {atol:.0e}"
+    return worst
+
+
+def history(folder, key):
+    with open(os.path.join(folder, "trainer_state.json")) as handle:
+        return [entry[key] for entry in json.load(handle)["log_history"]]
+
+
+def expected_learning_rates():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=WARMUP, num_training_steps=STEPS)
+    rates = []
+    for _ in range(STEPS):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    return rates  # 2.5e-4, 5e-4, 7.5e-4, 1e-3, 8.3e-4, ..., 0
+
+
+@pytest.mark.parametrize("name", list(MAINS))
+def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data, tiny_bert_no_dropout, tmp_path):
+    args = script_args(name, small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+    one, two, resumed = (str(tmp_path / run) for run in ("one", "two", "resumed"))
+    MAINS[name]([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--output_dir", one])
+    half = ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
+    launch_two(name, [*args, *half, "--output_dir", two], tmp_path / "two.log")
+
+    # The same learning rate at every optimiser step, and the schedule asked for.
+    np.testing.assert_allclose(history(two, "lr"), history(one, "lr"), rtol=1e-9)
+    np.testing.assert_allclose(history(one, "lr"), expected_learning_rates(), rtol=1e-9, atol=1e-12)
+    loss_key = "l2_loss" if name == "distill_student" else "loss"
+    np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4)
+    # The same weights.
+    assert_same_weights(two, one, atol=2e-5)
+
+    # Killed after the checkpoint of step 4 (often in the middle of writing step 8's), then resumed.
+    launch_two(name, [*args, *half, "--output_dir", resumed], tmp_path / "killed.log",
+               kill_after_checkpoint=os.path.join(resumed, "checkpoints", "step_4"))  # fmt: skip
+    assert not os.path.exists(os.path.join(resumed, "model.safetensors"))
+    launch_two(name, [*args, *half, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log")  # fmt: skip
+    assert_same_weights(resumed, two, atol=1e-6)
+    assert history(resumed, "lr") == history(two, "lr")
+
+
+def test_gradient_accumulation_equals_the_whole_batch_in_distillation(small_data, tiny_bert_no_dropout, tmp_path):
+    args = script_args("distill_student", small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+    whole, accumulated = str(tmp_path / "whole"), str(tmp_path / "accumulated")
+    distill_student.main([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--output_dir", whole])
+    distill_student.main([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH // 2),
+                          "--gradient_accumulation_steps", "2", "--output_dir", accumulated])  # fmt: skip
+    np.testing.assert_allclose(history(accumulated, "lr"), history(whole, "lr"), rtol=1e-9)
+    assert_same_weights(accumulated, whole, atol=2e-5)
