@@ -14,6 +14,7 @@ checked for NaN/inf when written, on a bounded sample when opened, and row by ro
 """
 
 import json
+import mmap
 import os
 import shutil
 
@@ -125,6 +126,7 @@ class EmbeddingStore:
         for shard in metadata["shards"]:
             shard_ids = np.load(os.path.join(folder, shard["ids"]), mmap_mode="r")
             vectors = np.load(os.path.join(folder, shard["vectors"]), mmap_mode="r")
+            _advise_random_access(vectors)
             if len(shard_ids) != shard["count"] or vectors.shape != (shard["count"], metadata["dim"]):
                 raise UserError(f"Shard {shard['vectors']} of {folder} does not match its metadata; rebuild the store.")
             if not _sample_is_finite(vectors, budget_rows):
@@ -132,6 +134,14 @@ class EmbeddingStore:
             ids.append(shard_ids)
             shards.append(vectors)
         return cls(folder, metadata, ids, shards)
+
+
+def _advise_random_access(memory_map):
+    """Training reads scattered rows: without this hint the kernel reads ahead around every row and maps
+    up to the whole file into the process (page cache, reclaimable, but counted in its resident memory)."""
+    handle = getattr(memory_map, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        handle.madvise(mmap.MADV_RANDOM)
 
 
 def _sample_is_finite(vectors, budget_rows):
