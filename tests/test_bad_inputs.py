@@ -26,7 +26,11 @@ def workspace(tmp_path_factory, small_data, tiny_bert):
     """A finished teacher run, a teacher query store and data files: all must survive every bad input."""
     root = tmp_path_factory.mktemp("workspace")
     teacher = str(root / "teacher")
-    train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], teacher, "--max_train_steps", "1"))
+    train_teacher.main(
+        tiny_teacher_run(
+            tiny_bert, small_data["train"], teacher, "--max_train_steps", "1", "--checkpointing_steps", "1"
+        )
+    )
     distill_student.main(
         [
             "--teacher_model",
@@ -200,6 +204,20 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
                 ws["store"],
             ],
             "another model",
+        ),
+        (
+            "checkpoint of another script",
+            distill_student.main,
+            [
+                *distill_args,
+                "--query_file",
+                data["queries"],
+                "--resume_from_checkpoint",
+                os.path.join(ws["teacher"], "checkpoints", "step_1"),
+                "--store_dir",
+                str(tmp / "stores"),
+            ],
+            "is a checkpoint of train_teacher.py, not of distill_student.py",
         ),
         (
             "query file without the column",
