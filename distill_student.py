@@ -37,16 +37,20 @@ from transformers import get_scheduler
 from common.cli import (
     add_common_training_args,
     check_run_args,
+    fraction,
+    layer_list,
     log_banner,
     log_truncation,
     logger,
     make_accelerator,
     parse_with_config,
+    positive_int,
+    shrinking_schedule,
     tracker_config,
 )
 from common.data import read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_depth
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -68,21 +72,27 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Models")
     group.add_argument("--teacher_model", default=os.path.join(DEMO_ROOT, "teacher"))
     group.add_argument("--student_model", default=None, help="Hub id or folder; default: layers of the teacher.")
-    group.add_argument("--student_num_layers", type=int, default=2, help="Teacher layers kept, evenly spaced.")
-    group.add_argument("--student_layers", default=None, help="Exact teacher layers to keep, e.g. '0,3,5'.")
+    group.add_argument("--student_num_layers", type=positive_int, default=2, help="Teacher layers kept, evenly spaced.")
+    group.add_argument(
+        "--student_layers", type=layer_list, default=None, help="Exact teacher layers to keep, e.g. '0,3,5'."
+    )
     group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Student pooling override.")
-    group.add_argument("--max_length", type=int, default=None)
+    group.add_argument("--max_length", type=positive_int, default=None)
     # Pruning
     group = parser.add_argument_group("Progressive pruning")
-    group.add_argument("--prune_schedule", default=None, help="Block counts after each step, e.g. '14,7,4'.")
-    group.add_argument("--ffn_keep_ratio", type=float, default=1.0, help="FFN units kept at each step (<= 1).")
+    group.add_argument(
+        "--prune_schedule", type=shrinking_schedule, default=None, help="Block counts after each step, e.g. '14,7,4'."
+    )
+    group.add_argument("--ffn_keep_ratio", type=fraction, default=1.0, help="FFN units kept at each step (<= 1).")
     group.add_argument(
         "--layer_importance",
         choices=["block_influence", "norm_ratio"],
         default="block_influence",
         help="Block ranking: 1 - cos(in, out) (default), or ||out||/||in|| as in the paper's summaries.",
     )
-    group.add_argument("--calibration_queries", type=int, default=512, help="Queries that rank blocks and units.")
+    group.add_argument(
+        "--calibration_queries", type=positive_int, default=512, help="Queries that rank blocks and units."
+    )
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--query_file", default=None, help="Label-free queries; default: the built-in data.")
@@ -105,7 +115,7 @@ def parse_args(argv=None):
     )
     group.add_argument("--teacher_general_store", default=None, help="Same, for --general_text_file.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
-    group.add_argument("--encode_batch_size", type=int, default=128)
+    group.add_argument("--encode_batch_size", type=positive_int, default=128)
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-aligned"))
@@ -113,6 +123,39 @@ def parse_args(argv=None):
     add_common_training_args(parser)
     parser.set_defaults(learning_rate=2e-4, per_device_train_batch_size=64, num_train_epochs=4.0)
     return parse_with_config(parser, argv)
+
+
+def check_depths(args):
+    """Layer counts against the models' real depths, read from their configs before any weights load."""
+    teacher_depth = model_depth(args.teacher_model, args.trust_remote_code)
+    if args.student_model:
+        if args.student_layers:
+            raise UserError("--student_layers cuts the teacher; it cannot be combined with --student_model.")
+        depth = model_depth(args.student_model, args.trust_remote_code)
+    elif args.student_layers:
+        if args.student_layers[-1] >= teacher_depth:
+            raise UserError(
+                f"--student_layers {','.join(map(str, args.student_layers))} names a layer the "
+                f"{teacher_depth}-layer teacher does not have; use indices 0 to {teacher_depth - 1}."
+            )
+        depth = len(args.student_layers)
+    else:
+        if args.student_num_layers > teacher_depth:
+            raise UserError(
+                f"--student_num_layers {args.student_num_layers} is deeper than the {teacher_depth}-layer teacher; "
+                "use fewer layers."
+            )
+        depth = args.student_num_layers
+    if not args.student_model and depth == teacher_depth and not args.prune_schedule:
+        raise UserError(
+            f"A student with all {teacher_depth} layers of the teacher is the teacher: aligning it changes nothing; "
+            "keep fewer layers (--student_num_layers) or add --prune_schedule."
+        )
+    if args.prune_schedule and args.prune_schedule[0] >= depth:
+        raise UserError(
+            f"--prune_schedule {','.join(map(str, args.prune_schedule))} must start below the student's {depth} "
+            "blocks; each step keeps fewer blocks than the one before."
+        )
 
 
 def read_label_free_texts(args):
@@ -152,11 +195,7 @@ def make_student(args, teacher):
             allow_pickle=args.allow_pickle_weights,
         )
         total = student.backbone.config.num_hidden_layers
-        layers = (
-            [int(i) for i in args.student_layers.split(",")]
-            if args.student_layers
-            else evenly_spaced_layers(total, args.student_num_layers)
-        )
+        layers = args.student_layers or evenly_spaced_layers(total, args.student_num_layers)
         keep_layers(student, layers)
         student.config.extra["teacher_layers"] = layers
         logger.info(f"Student: teacher layers {layers} of {total}")
@@ -255,6 +294,7 @@ def prune(student, keep_layers_count, args, calibration):
 def main(argv=None):
     args = parse_args(argv)
     check_run_args(args, SCRIPT)
+    check_depths(args)
     accelerator = make_accelerator(args)
     if args.query_file is None:
         with accelerator.main_process_first():
@@ -293,7 +333,7 @@ def main(argv=None):
 
     # Progressive pruning: align, then (prune to K blocks, re-align) for each K of the schedule. Every
     # stage but the last is saved under <output_dir>/stages/, so a resumed run skips finished stages.
-    schedule = [int(k) for k in args.prune_schedule.split(",")] if args.prune_schedule else []
+    schedule = args.prune_schedule or []
     for stage, keep in enumerate([None, *schedule]):
         stage_args = copy.copy(args)
         if stage < len(schedule):

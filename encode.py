@@ -19,7 +19,7 @@ store above is the one distill_student.py expects for that file.
 import argparse
 import os
 
-from common.cli import add_model_safety_args, logger, make_accelerator, parse_with_config
+from common.cli import add_model_safety_args, logger, make_accelerator, parse_with_config, positive_int
 from common.data import data_fingerprint, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     group.add_argument("--id_column", default="id", help="Required for ads; query files without it use row numbers.")
     group.add_argument("--text_column", default="text")
     group.add_argument("--kind", choices=["ad", "query"], default="ad", help="Which prompt to encode with.")
-    group.add_argument("--encode_batch_size", type=int, default=128, help="Per process.")
+    group.add_argument("--encode_batch_size", type=positive_int, default=128, help="Per process.")
     group = parser.add_argument_group("Output")
     group.add_argument(
         "--output_dir",

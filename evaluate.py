@@ -23,7 +23,14 @@ import time
 import numpy as np
 import torch
 
-from common.cli import add_model_safety_args, logger, make_accelerator, parse_with_config
+from common.cli import (
+    add_model_safety_args,
+    logger,
+    make_accelerator,
+    non_negative_int,
+    parse_with_config,
+    positive_int,
+)
 from common.data import data_fingerprint, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
@@ -67,13 +74,15 @@ def parse_args(argv=None):
     group.add_argument("--text_column", default="text")
     group.add_argument("--ad_store", default=None, help="The teacher's ad store; built when missing.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
-    group.add_argument("--encode_batch_size", type=int, default=128)
+    group.add_argument("--encode_batch_size", type=positive_int, default=128)
     # Metrics
     group = parser.add_argument_group("Metrics")
-    group.add_argument("--k", type=int, nargs="+", default=[10, 100])
-    group.add_argument("--latency_queries", type=int, default=200, help="Queries timed one by one; 0: skip.")
-    group.add_argument("--throughput_batch_size", type=int, default=128)
-    group.add_argument("--throughput_queries", type=int, default=1024)
+    group.add_argument("--k", type=positive_int, nargs="+", default=[10, 100])
+    group.add_argument(
+        "--latency_queries", type=non_negative_int, default=200, help="Queries timed one by one; 0: skip."
+    )
+    group.add_argument("--throughput_batch_size", type=positive_int, default=128)
+    group.add_argument("--throughput_queries", type=positive_int, default=1024)
     group.add_argument("--no_gpu_index", action="store_true", help="Keep the FAISS index on the CPU.")
     # Output
     group = parser.add_argument_group("Output")

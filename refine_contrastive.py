@@ -25,10 +25,14 @@ from transformers import get_scheduler
 from common.cli import (
     add_common_training_args,
     check_run_args,
+    finite_float,
     log_banner,
     log_truncation,
     make_accelerator,
+    non_negative_int,
     parse_with_config,
+    positive_float,
+    positive_int,
     tracker_config,
 )
 from common.data import check_text, load_table, read_texts, require_columns, text_key
@@ -74,18 +78,20 @@ def parse_args(argv=None):
     group.add_argument("--text_column", default="text")
     group.add_argument("--ad_store", default=None, help="The teacher's ad store; built here when missing.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
-    group.add_argument("--encode_batch_size", type=int, default=128)
+    group.add_argument("--encode_batch_size", type=positive_int, default=128)
     # Loss
     group = parser.add_argument_group("Loss")
-    group.add_argument("--num_hard_negatives", type=int, default=1)
+    group.add_argument("--num_hard_negatives", type=non_negative_int, default=1)
     group.add_argument(
         "--num_random_negatives",
-        type=int,
+        type=non_negative_int,
         default=256,
         help="Ads drawn from the store per optimiser step for the whole batch (split over processes).",
     )
-    group.add_argument("--temperature", type=float, default=0.05)
-    group.add_argument("--false_negative_margin", type=float, default=0.1, help="Negative value: no margin mask.")
+    group.add_argument("--temperature", type=positive_float, default=0.05)
+    group.add_argument(
+        "--false_negative_margin", type=finite_float, default=0.1, help="Negative value: no margin mask."
+    )
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student"))

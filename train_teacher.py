@@ -29,10 +29,14 @@ from transformers import get_scheduler
 from common.cli import (
     add_common_training_args,
     check_run_args,
+    finite_float,
     log_banner,
     log_truncation,
     make_accelerator,
+    non_negative_int,
     parse_with_config,
+    positive_float,
+    positive_int,
     tracker_config,
 )
 from common.data import check_text, check_text_list, load_table, require_columns, text_key
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Default: from the model.")
     group.add_argument("--query_prompt", default=None, help="e.g. 'Instruct: Given a web search query, ...\\nQuery:'")
     group.add_argument("--ad_prompt", default=None)
-    group.add_argument("--max_length", type=int, default=None)
+    group.add_argument("--max_length", type=positive_int, default=None)
     group.add_argument("--padding_side", choices=["left", "right"], default=None)
     # Data
     group = parser.add_argument_group("Data")
@@ -70,11 +74,15 @@ def parse_args(argv=None):
     group.add_argument("--positive_column", default="positive")
     group.add_argument("--negatives_column", default="negatives", help="List of hard-negative ad texts (optional).")
     group.add_argument("--group_column", default="group", help="Ad group / advertiser of the positive (optional).")
-    group.add_argument("--num_hard_negatives", type=int, default=1, help="Per query; missing ones are random ads.")
+    group.add_argument(
+        "--num_hard_negatives", type=non_negative_int, default=1, help="Per query; missing ones are random ads."
+    )
     # Loss
     group = parser.add_argument_group("Loss")
-    group.add_argument("--temperature", type=float, default=0.05)
-    group.add_argument("--false_negative_margin", type=float, default=0.1, help="Negative value: no margin mask.")
+    group.add_argument("--temperature", type=positive_float, default=0.05)
+    group.add_argument(
+        "--false_negative_margin", type=finite_float, default=0.1, help="Negative value: no margin mask."
+    )
     group.add_argument("--no_query_query", action="store_true", help="Leave in-batch queries out of the negatives.")
     group.add_argument("--no_ad_ad", action="store_true", help="Leave ad-ad pairs out of the denominator.")
     # Output

@@ -1,8 +1,12 @@
 """Command line and config every script shares: the Hub's flag names, `--config` YAML, run checks, the Accelerator."""
 
+import argparse
+import itertools
 import json
 import logging
+import math
 import os
+import sys
 
 import torch
 import yaml
@@ -12,37 +16,127 @@ from common.errors import UserError
 logger = logging.getLogger("harness")
 
 
+# ---------------------------------------------------------------------------- typed values
+# argparse calls these on the text of a flag (from the command line or, via `parse_with_config`, from YAML),
+# so a wrong type or an out-of-range value stops the run before any work, with one `error:` line naming it.
+def _integer(text):
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _real(text):
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text):
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
+    return value
+
+
+def non_negative_int(text):
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+    return value
+
+
+def positive_float(text):
+    value = _real(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    return value
+
+
+def non_negative_float(text):
+    value = _real(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
+    return value
+
+
+def finite_float(text):
+    return _real(text)
+
+
+def fraction(text):
+    """A share in (0, 1]."""
+    value = _real(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in (0, 1]")
+    return value
+
+
+def any_int(text):
+    return _integer(text)
+
+
+def layer_list(text):
+    """Comma-separated block indices, e.g. '0,3,5': integers >= 0, increasing."""
+    try:
+        values = [int(item) for item in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if min(values) < 0 or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"{text!r} must list distinct layer indices >= 0 in increasing order")
+    return values
+
+
+def shrinking_schedule(text):
+    """Block counts after each pruning step, e.g. '14,7,4': integers >= 1, strictly decreasing."""
+    try:
+        values = [int(item) for item in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if min(values) < 1 or any(later >= earlier for earlier, later in itertools.pairwise(values)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be block counts >= 1 that strictly decrease, e.g. 14,7,4")
+    return values
+
+
 # ---------------------------------------------------------------------------- flags
 def add_common_training_args(parser):
     """The Hub's flag names for the parts of a training run every phase has."""
     group = parser.add_argument_group("Optimisation")
-    group.add_argument("--per_device_train_batch_size", type=int, default=32)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--learning_rate", type=float, default=5e-5)
-    group.add_argument("--weight_decay", type=float, default=0.01)
-    group.add_argument("--num_train_epochs", type=float, default=1.0)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--per_device_train_batch_size", type=positive_int, default=32)
+    group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    group.add_argument("--learning_rate", type=positive_float, default=5e-5)
+    group.add_argument("--weight_decay", type=non_negative_float, default=0.01)
+    group.add_argument("--num_train_epochs", type=positive_float, default=1.0)
+    group.add_argument("--max_train_steps", type=positive_int, default=None, help="Overrides --num_train_epochs.")
     group.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
-    group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the optimiser steps.")
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument(
+        "--num_warmup_steps", type=non_negative_int, default=None, help="Default: 5%% of the optimiser steps."
+    )
+    group.add_argument("--max_grad_norm", type=positive_float, default=1.0)
     group.add_argument("--gradient_checkpointing", action="store_true")
     group = parser.add_argument_group("Runtime")
-    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--seed", type=non_negative_int, default=42)
     group.add_argument(
         "--mixed_precision",
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Default: what `accelerate config` says (bf16 in the shipped GPU configs). Weights stay fp32.",
     )
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
     add_model_safety_args(group)
     group = parser.add_argument_group("Checkpointing")
-    group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N checkpoints.")
+    group.add_argument(
+        "--checkpointing_steps", type=positive_int, default=None, help="Save the training state every N steps."
+    )
+    group.add_argument("--checkpoints_total_limit", type=positive_int, default=2, help="Keep the last N checkpoints.")
     group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     group = parser.add_argument_group("Logging and Hub")
     group.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none.")
-    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--logging_steps", type=positive_int, default=10)
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", default=None)
     group.add_argument("--hub_token", default=None, help="Default: the HF_TOKEN environment or the cached login.")
@@ -56,22 +150,55 @@ def add_model_safety_args(group):
 
 
 def parse_with_config(parser, argv=None):
-    """Parse argv; `--config file.yaml` supplies defaults that flags on the command line override."""
+    """Parse argv; `--config file.yaml` supplies values that flags on the command line override.
+
+    YAML values go through the same argparse conversion and checks as typed flags (they become command-line
+    tokens placed before argv): `max_train_steps: 2.5` is refused like `--max_train_steps 2.5`, and an
+    on/off flag takes only true or false, never the string "false".
+    """
     parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags win.")
+    argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        if not os.path.exists(known.config):
-            raise UserError(f"Config file {known.config} does not exist; check the path.")
+    if not known.config:
+        return parser.parse_args(argv)
+    if not os.path.isfile(known.config):
+        raise UserError(f"Config file {known.config} does not exist or is not a file; check the path.")
+    try:
         with open(known.config, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise UserError(f"{known.config} must be a YAML mapping of flag names to values.")
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise UserError(f"{known.config} sets unknown flags {', '.join(unknown)}; remove or rename them.")
-        parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{known.config} is not valid YAML ({type(error).__name__}); fix the file.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{known.config} must be a YAML mapping of flag names to values.")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    unknown = sorted(str(key) for key in values if key not in actions or key == "config")
+    if unknown:
+        raise UserError(f"{known.config} sets unknown flags {', '.join(unknown)}; remove or rename them.")
+    tokens = []
+    for key, value in values.items():
+        action, flag = actions[key], actions[key].option_strings[0]
+        if action.nargs == 0:  # on/off flags (store_true)
+            if not isinstance(value, bool):
+                raise UserError(f"{known.config}: {key} must be true or false, got {value!r}.")
+            tokens += [flag] if value else []
+            continue
+        if value is None:
+            continue  # the flag's default
+        items = value if isinstance(value, list) and action.nargs in ("*", "+") else [value]
+        nested = any(isinstance(item, (list, dict)) for item in items)
+        if nested or (isinstance(value, (list, dict)) and items is not value):
+            raise UserError(f"{known.config}: {key} must be a single value, got {value!r}.")
+        texts = [("true" if item else "false") if isinstance(item, bool) else str(item) for item in items]
+        for text in texts:
+            if action.type is not None:
+                try:
+                    action.type(text)
+                except (argparse.ArgumentTypeError, ValueError) as error:
+                    raise UserError(f"{known.config}: {key}: {error}.") from None
+            if action.choices is not None and action.type is None and text not in action.choices:
+                raise UserError(f"{known.config}: {key} must be one of {', '.join(map(str, action.choices))}.")
+        tokens += [flag, *texts]
+    return parser.parse_args(tokens + argv)
 
 
 # ---------------------------------------------------------------------------- accelerator
@@ -126,6 +253,12 @@ def check_run_args(args, script):
         raise UserError(
             f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
             "it or choose another --output_dir."
+        )
+    steps, warmup = getattr(args, "max_train_steps", None), getattr(args, "num_warmup_steps", None)
+    if steps is not None and warmup is not None and warmup > steps:
+        raise UserError(
+            f"--num_warmup_steps {warmup} is more than --max_train_steps {steps}: the learning rate would never "
+            "reach its peak; lower the warm-up."
         )
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id (e.g. your-name/harness-student).")

@@ -119,6 +119,19 @@ def resolve_model_dir(name_or_path, revision=None, token=None):
         ) from None
 
 
+def model_depth(name_or_path, trust_remote_code=False):
+    """The number of transformer blocks a model folder or hub id declares (its config only; no weights)."""
+    folder = resolve_model_dir(str(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is None:
+        raise UserError(f"{folder} does not say how many layers it has (no num_hidden_layers in its config).")
+    return depth
+
+
 def _read_json(folder, *parts):
     path = os.path.join(folder, *parts)
     if not os.path.exists(path):

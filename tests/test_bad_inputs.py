@@ -122,7 +122,8 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
         "--store_dir",
         str(tmp / "stores"),
     ]
-    distill_args = ["--teacher_model", ws["teacher"], "--output_dir", out, "--max_train_steps", "1"]
+    distill_args = ["--teacher_model", ws["teacher"], "--output_dir", out, "--max_train_steps", "1",
+                    "--student_num_layers", "1"]  # fmt: skip
     return [
         ("empty file", *teacher(write(tmp, "empty.jsonl", "")), "is empty"),
         ("missing column", *teacher(write(tmp, "c.jsonl", jsonl({"query": "a", "ad": "b"}))), "no column 'positive'"),
@@ -198,6 +199,8 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
                 *distill_args,
                 "--teacher_model",
                 ws["student"],
+                "--student_model",
+                tiny_bert_narrow,
                 "--query_file",
                 data["queries"],
                 "--teacher_query_store",
