@@ -9,16 +9,19 @@ A script keeps its own loop (forward, loss, backward, optimiser and scheduler st
 - `save_final_model`: gathers (ZeRO-3) and writes the complete encoder folder, card and run files.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from common.cli import logger, public_config, uses_deepspeed
-from common.errors import UserError
+from common.errors import Interrupted, UserError
 
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -144,6 +147,25 @@ class TrainLoop:
         self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script
         self.progress = progress
         self.bar = None
+        self.stop_signal = None  # set by SIGTERM / Ctrl-C; acted on at the end of the optimiser step
+
+    def _request_stop(self, signal_number, frame):
+        self.stop_signal = signal_number
+        signal.signal(signal_number, signal.SIG_DFL)  # a second Ctrl-C or SIGTERM stops at once
+
+    @contextlib.contextmanager
+    def _stop_handlers(self):
+        """SIGTERM (preemption, `scancel`, `kill`) and Ctrl-C finish the current optimiser step, write a
+        checkpoint and end the run with one line, instead of dying mid-step or mid-save."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self._request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     @property
     def step(self):
@@ -163,6 +185,12 @@ class TrainLoop:
             disable=not self.accelerator.is_local_main_process,
             desc="steps",
         )
+        with self._stop_handlers():
+            yield from self._batches()
+        self.bar.close()
+
+    def _batches(self):
+        progress, args = self.progress, self.args
         skip = progress.batch_in_epoch
         while progress.step < args.max_train_steps:
             self.dataloader.set_epoch(progress.epoch)
@@ -177,7 +205,6 @@ class TrainLoop:
                 yield batch
             else:
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-        self.bar.close()
 
     def end_of_batch(self, **logs):
         """After each batch; tensors among `logs` (losses, accuracies) are averaged over the processes, so the
@@ -195,8 +222,25 @@ class TrainLoop:
         if progress.step % self.args.logging_steps == 0 or progress.step == self.args.max_train_steps:
             self.bar.set_postfix({key: f"{value:.4g}" for key, value in logs.items()})
             self.accelerator.log(logs, step=progress.step)
-        if self.args.checkpointing_steps and progress.step % self.args.checkpointing_steps == 0:
+        saved = self.args.checkpointing_steps and progress.step % self.args.checkpointing_steps == 0
+        if saved:
             save_checkpoint(self.accelerator, self.args, self.script, progress)
+        if self._stop_requested():
+            if not saved and progress.step < self.args.max_train_steps:
+                save_checkpoint(self.accelerator, self.args, self.script, progress)
+            number = self.stop_signal or signal.SIGTERM
+            raise Interrupted(
+                f"Stopped by {signal.Signals(number).name} after step {progress.step}; the checkpoint of that step is "
+                f"in {checkpoint_root(self.args.output_dir)}: continue with --resume_from_checkpoint latest.",
+                number,
+            )
+
+    def _stop_requested(self):
+        """Whether any process was asked to stop: all stop at the same step, or the next collective would hang."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, "sum")) > 0
 
 
 def _rng_neutral(batches):

@@ -151,3 +151,38 @@ def test_gradient_accumulation_equals_the_whole_batch_in_distillation(small_data
                           "--gradient_accumulation_steps", "2", "--output_dir", accumulated])  # fmt: skip
     np.testing.assert_allclose(history(accumulated, "lr"), history(whole, "lr"), rtol=1e-9)
     assert_same_weights(accumulated, whole, atol=2e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(small_data, tiny_bert_no_dropout, tmp_path):
+    """A scheduler's SIGTERM may reach the processes at different moments: all stop after the same step,
+    write its checkpoint together, and the 2-process resume reaches the uninterrupted run's weights."""
+    args = script_args("train_teacher", small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+    args[args.index("--checkpointing_steps") + 1] = "100"  # only the stop writes a checkpoint
+    args[args.index("--max_train_steps") + 1] = "40"  # long enough to be stopped on a busy machine
+    args += ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    launch_two("train_teacher", [*args, "--output_dir", straight], tmp_path / "straight.log")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "train_teacher.py", *args, "--output_dir", stopped]  # fmt: skip
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "2/40" not in Path(log_path).read_text():
+            assert launcher.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
+            time.sleep(0.01)
+        workers = [
+            p for p in psutil.Process(launcher.pid).children(recursive=True) if "train_teacher.py" in p.cmdline()
+        ]
+        rank_one = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank_one.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=300)
+    text = Path(log_path).read_text()
+    assert launcher.returncode != 0 and "Stopped by SIGTERM after step" in text, text[-3000:]
+    (checkpoint,) = os.listdir(os.path.join(stopped, "checkpoints"))  # one, written by both ranks together
+    assert int(checkpoint.removeprefix("step_")) < 40
+    launch_two("train_teacher", [*args, "--output_dir", stopped, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log")  # fmt: skip
+    assert_same_weights(stopped, straight, atol=1e-6)

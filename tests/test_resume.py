@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -94,3 +95,38 @@ def test_sigkill_then_resume_matches_uninterrupted(name, small_data, tiny_bert, 
     np.testing.assert_allclose(resumed, straight, atol=1e-5)
     kept = sorted(os.listdir(crashed / "checkpoints"))
     assert kept == ["step_18", "step_20"], kept  # rotation kept the last 2, partial folders were cleared
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_one_line(stop, small_data, tiny_bert, tmp_path):
+    """A preempted job (SIGTERM) or Ctrl-C finishes its step, writes that step's checkpoint, says so in one
+    line, exits 128 + the signal; resuming from it reaches the uninterrupted run's weights."""
+    args = [*script_args("train_teacher", small_data, tiny_bert)]
+    args[args.index("--checkpointing_steps") + 1] = "100"  # no periodic checkpoint: the stop must write one
+    train_teacher.main([*args, "--output_dir", str(tmp_path / "straight")])
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "train_teacher.py", *args, "--output_dir", str(stopped)], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    output = []  # stderr, read by a thread: the progress bar writes "\r" and no newline
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stderr.read(1), "")))
+    reader.start()
+    deadline = time.time() + 300
+    while "2/20" not in "".join(output):  # training has started
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(stop)
+    process.wait()
+    reader.join()
+    stderr = "".join(output)
+    assert process.returncode == 128 + stop
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "continue with --resume_from_checkpoint latest" in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    (checkpoint,) = os.listdir(stopped / "checkpoints")
+    assert checkpoint.startswith("step_") and not (stopped / "model.safetensors").exists()
+
+    train_teacher.main([*args, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest"])
+    straight = Encoder.from_pretrained(str(tmp_path / "straight")).encode(QUERIES, "query")
+    resumed = Encoder.from_pretrained(str(stopped)).encode(QUERIES, "query")
+    np.testing.assert_allclose(resumed, straight, atol=1e-5)
