@@ -136,8 +136,68 @@ def _read_json(folder, *parts):
     path = os.path.join(folder, *parts)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(
+            f"{path} is not valid JSON (a damaged or half-written file); restore or re-save the model."
+        ) from None
+
+
+STAGING = ".final.partial"  # where save_final_model writes a model before moving it into the output folder
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def check_model_folder(folder):
+    """Refuse a model folder that is not complete, before any library reads it: a save that did not finish,
+    a training run that did not finish, no config or tokenizer, damaged or truncated weights, a head missing."""
+    if os.path.isdir(os.path.join(folder, STAGING)):
+        raise UserError(
+            f"{folder} was being saved when its run stopped (the folder is incomplete); run the script again "
+            "with --resume_from_checkpoint latest to finish it."
+        )
+    names = set(os.listdir(folder))
+    if "checkpoints" in names and "training_args.json" not in names:
+        raise UserError(
+            f"{folder} holds a training run that has not finished (checkpoints, no final model); finish it with "
+            "--resume_from_checkpoint latest, or point at a finished model."
+        )
+    if "config.json" not in names:
+        raise UserError(f"{folder} has no config.json, so it is not a complete model folder; point at a saved model.")
+    if not names & set(_TOKENIZER_FILES):
+        raise UserError(f"{folder} has no tokenizer files; save the tokenizer with the model (save_pretrained).")
+    for name in sorted(names):
+        if name.endswith(".safetensors"):
+            _check_safetensors(os.path.join(folder, name))
+    index = _read_json(folder, "model.safetensors.index.json")
+    if index:
+        missing = sorted(set(index.get("weight_map", {}).values()) - names)
+        if missing:
+            raise UserError(f"{folder} lacks the weight shard {missing[0]} its index names; download or save it again.")
+    saved = _read_json(folder, ENCODER_CONFIG_NAME)
+    if saved and saved.get("projection_out"):
+        head = os.path.join(folder, saved.get("extra", {}).get("dense_path", "2_Dense"), "model.safetensors")
+        if not os.path.exists(head):
+            raise UserError(f"{folder} declares a projection head but {head} is missing; save the model again.")
+        _check_safetensors(head)
+
+
+def _check_safetensors(path):
+    """A safetensors file's header must parse and its tensors must end exactly where the file ends."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        try:
+            if not 0 < header_size <= size - 8:
+                raise ValueError
+            header = json.loads(handle.read(header_size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            end = None
+    if end is None or 8 + header_size + end != size:
+        raise UserError(f"{path} is damaged or truncated; restore it, or resume or re-run the save.")
 
 
 def _config_from_sentence_transformers(folder):
@@ -250,21 +310,19 @@ class Encoder(nn.Module):
         """Load a model folder or hub id; explicit arguments override what the folder says."""
         name_or_path = str(name_or_path)
         folder = resolve_model_dir(name_or_path, revision=revision, token=token)
+        check_model_folder(folder)
         saved = _read_json(folder, ENCODER_CONFIG_NAME)
         try:
             model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
         except (OSError, ValueError) as error:
             raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
         if saved is not None:
-            config = EncoderConfig(**saved)
+            try:
+                config = EncoderConfig(**saved)
+            except TypeError as error:
+                raise UserError(f"{folder}/{ENCODER_CONFIG_NAME} is not an encoder config ({error}).") from None
         else:
             config = _config_from_sentence_transformers(folder) or EncoderConfig()
-            try:
-                model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
-            except ValueError as error:
-                raise UserError(
-                    f"{folder} holds no loadable model config ({error}); pass a Hugging Face model."
-                ) from None
             if model_type in DECODER_MODEL_TYPES:
                 if _read_json(folder, "modules.json") is None:
                     config.pooling = "last"

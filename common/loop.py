@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.cli import logger, public_config, uses_deepspeed
+from common.encoder import STAGING
 from common.errors import Interrupted, UserError
 
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
@@ -303,6 +304,26 @@ def save_run_files(output_dir, args, script, results=None, log_history=None):
             json.dump({"script": script, "log_history": log_history}, handle, indent=2)
 
 
+def _move_into_place(staging, folder, last):
+    """Move every entry of `staging` into `folder` (replacing entries of the same name), `last` last, then
+    remove the empty staging folder. A stale model file of an earlier run that the new save does not have
+    (say, the head of a student that now has none) is removed first."""
+    names = sorted(os.listdir(staging), key=lambda name: name == last)
+    stale = {"2_Dense", "3_Normalize", "model.safetensors.index.json"} - set(names)
+    for name in [*stale, last]:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)  # without the mark, the folder counts as unfinished until the move completes
+    for name in names:
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
+
+
 def save_final_model(accelerator, args, model, script, role, results, log_history=None):
     """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push."""
     from common.hub import push_to_hub, write_model_card
@@ -312,9 +333,15 @@ def save_final_model(accelerator, args, model, script, role, results, log_histor
     if accelerator.is_main_process:
         _check_finite_state(state_dict, args.output_dir)
         encoder = accelerator.unwrap_model(model)
-        encoder.save_pretrained(args.output_dir, state_dict=state_dict)
-        write_model_card(args.output_dir, encoder, role, script, results)
-        save_run_files(args.output_dir, args, script, results, log_history)
+        # Written whole into a staging folder, then moved into place with training_args.json (the mark of a
+        # finished run) last; a folder caught between the two is refused by the loader until it is re-saved.
+        staging = os.path.join(args.output_dir, STAGING)
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        encoder.save_pretrained(staging, state_dict=state_dict)
+        write_model_card(staging, encoder, role, script, results)
+        save_run_files(staging, args, script, results, log_history)
+        _move_into_place(staging, args.output_dir, last="training_args.json")
         logger.info(f"Saved the {role} to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)

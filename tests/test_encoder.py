@@ -145,3 +145,56 @@ def test_fingerprint_ignores_checkpoints_and_stages(tiny_bert, tmp_path):
     assert model_fingerprint(str(folder)) == before
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("32", "33", 1))
     assert model_fingerprint(str(folder)) != before
+
+
+def damaged_copies(source, root):
+    """(name, folder, expected message) for each way a model folder can be incomplete or damaged."""
+    import json
+    import shutil
+
+    def copy(name):
+        shutil.copytree(source, root / name)
+        return root / name
+
+    cases = []
+    folder = copy("mid-save")
+    (folder / ".final.partial").mkdir()
+    cases.append(("interrupted final save", folder, "was being saved when its run stopped"))
+    folder = copy("unfinished")
+    (folder / "checkpoints" / "step_2").mkdir(parents=True)
+    cases.append(("unfinished run", folder, "has not finished"))
+    folder = copy("truncated")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    cases.append(("truncated weights", folder, "model.safetensors is damaged or truncated"))
+    folder = copy("garbage")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    cases.append(("garbage weights", folder, "damaged or truncated"))
+    folder = copy("bad-json")
+    (folder / "harness_encoder.json").write_text('{"pooling": "mean", ')
+    cases.append(("half-written encoder config", folder, "is not valid JSON"))
+    folder = copy("no-config")
+    (folder / "config.json").unlink()
+    cases.append(("no config", folder, "has no config.json"))
+    folder = copy("no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    cases.append(("no tokenizer", folder, "has no tokenizer files"))
+    folder = copy("no-head")
+    config = json.loads((folder / "harness_encoder.json").read_text())
+    config.update(projection_in=32, projection_out=8)
+    (folder / "harness_encoder.json").write_text(json.dumps(config))
+    cases.append(("head declared, file missing", folder, "declares a projection head"))
+    return cases
+
+
+def test_incomplete_or_damaged_model_folders_are_refused(tiny_bert, tmp_path):
+    failures = []
+    for name, folder, expected in damaged_copies(tiny_bert, tmp_path):
+        try:
+            Encoder.from_pretrained(str(folder))
+            failures.append(f"{name}: loaded")
+        except UserError as error:
+            if expected not in str(error):
+                failures.append(f"{name}: {error}")
+    assert not failures, "\n".join(failures)

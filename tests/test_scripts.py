@@ -405,3 +405,25 @@ def test_refinement_groups_and_duplicate_ads(tmp_path):
     assert groups[2] == groups[3] and groups[2] != groups[0]
     keys = refine_contrastive.ad_keys(texts, np.arange(4)).tolist()
     assert keys[0] == keys[2] and len(set(keys)) == 3  # the duplicate text shares the positive's key
+
+
+def test_a_final_save_cut_short_is_refused_and_finished_by_resuming(small_data, tiny_bert, tmp_path, monkeypatch):
+    import common.loop
+
+    output = tmp_path / "teacher"
+    args = ["--model_name_or_path", tiny_bert, "--train_file", small_data["train"], "--output_dir", str(output),
+            "--max_train_steps", "4", "--checkpointing_steps", "2", *FAST]  # fmt: skip
+
+    def crash(staging, folder, last):
+        raise KeyboardInterrupt  # the process dies between writing the model and moving it into place
+
+    monkeypatch.setattr(common.loop, "_move_into_place", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher.main(args)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="was being saved when its run stopped"):
+        Encoder.from_pretrained(str(output))
+    train_teacher.main([*args, "--resume_from_checkpoint", "latest"])
+    finished = Encoder.from_pretrained(str(output))
+    assert not (output / ".final.partial").exists() and (output / "training_args.json").exists()
+    assert np.isfinite(finished.encode(QUERIES, "query")).all()
