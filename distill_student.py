@@ -293,8 +293,19 @@ def prune(student, keep_layers_count, args, calibration):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, SCRIPT)
-    check_depths(args)
+    check_depths(args)  # the models' depths, read from their configs
+    check_run_args(
+        args,
+        SCRIPT,
+        inputs=[
+            args.teacher_model,
+            args.student_model,
+            args.query_file,
+            args.general_text_file,
+            args.teacher_query_store,
+            args.teacher_general_store,
+        ],
+    )
     accelerator = make_accelerator(args)
     if args.query_file is None:
         with accelerator.main_process_first():

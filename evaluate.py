@@ -92,6 +92,19 @@ def parse_args(argv=None):
     return parse_with_config(parser, argv)
 
 
+def check_report_dir(output_dir):
+    """The report goes to a new or empty folder, or replaces an earlier report of this script, nothing else."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder; choose a folder path.")
+    if os.path.isdir(output_dir):
+        names = set(os.listdir(output_dir)) - {".lock"}
+        if names and not {"results.json", "report.md"} <= names:
+            raise UserError(
+                f"--output_dir {output_dir} is not empty and holds no earlier report of evaluate.py; choose a new "
+                "or empty folder (nothing there was changed)."
+            )
+
+
 def named_paths(values, flag):
     pairs = []
     for value in values or []:
@@ -172,6 +185,7 @@ def render_report(results, ks):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_report_dir(args.output_dir)
     args.gradient_accumulation_steps = 1
     accelerator = make_accelerator(args)
     demo = args.corpus_file is None and args.queries_file is None and args.qrels_file is None

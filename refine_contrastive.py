@@ -174,7 +174,9 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, SCRIPT)
+    check_run_args(
+        args, SCRIPT, inputs=[args.student_model, args.teacher_model, args.train_file, args.corpus_file, args.ad_store]
+    )
     accelerator = make_accelerator(args)
     if args.train_file is None or args.corpus_file is None:
         with accelerator.main_process_first():

@@ -149,7 +149,7 @@ class PairCollator:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_run_args(args, SCRIPT)
+    check_run_args(args, SCRIPT, inputs=[args.model_name_or_path, args.train_file])
     accelerator = make_accelerator(args)
     if args.train_file is None:
         with accelerator.main_process_first():

@@ -241,19 +241,10 @@ def uses_deepspeed(accelerator):
     return accelerator.state.deepspeed_plugin is not None
 
 
-def check_run_args(args, script):
-    """Checks that must fail before any work: the output folder, Hub push settings, DeepSpeed."""
-    marker = os.path.join(args.output_dir, "training_args.json")
-    if os.path.exists(marker) and not args.overwrite_output_dir:
-        try:
-            with open(marker, encoding="utf-8") as handle:
-                previous = json.load(handle).get("script", "another run")
-        except (OSError, ValueError):
-            previous = "another run"
-        raise UserError(
-            f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
-            "it or choose another --output_dir."
-        )
+def check_run_args(args, script, inputs=()):
+    """Checks that must fail before any work: the output folder (see `check_output_dir`), the values that only
+    make sense together, Hub push settings, DeepSpeed."""
+    check_output_dir(args, script, inputs)
     steps, warmup = getattr(args, "max_train_steps", None), getattr(args, "num_warmup_steps", None)
     if steps is not None and warmup is not None and warmup > steps:
         raise UserError(
@@ -270,6 +261,101 @@ def check_run_args(args, script):
                 "The accelerate config asks for DeepSpeed but it is not installed; `pip install deepspeed` or "
                 "launch with accelerate_configs/multi_gpu.yaml."
             ) from None
+    lock_folder(args.output_dir, "the output folder")  # last: a refused run leaves nothing behind
+
+
+def _previous_script(folder):
+    """The script whose run a folder holds: finished (training_args.json) or not (checkpoints); else None."""
+    paths = [os.path.join(folder, "training_args.json")]
+    checkpoints = os.path.join(folder, "checkpoints")
+    if os.path.isdir(checkpoints):
+        paths += [os.path.join(checkpoints, name, "trainer_state.json") for name in sorted(os.listdir(checkpoints))]
+    for path in paths:
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return json.load(handle).get("script", "an unknown script")
+            except (OSError, ValueError):
+                return "an unknown script"
+    return None
+
+
+_OURS_WHEN_EMPTY = {".lock", ".final.partial"}
+
+
+def check_output_dir(args, script, inputs=()):
+    """Paths are sacred: `--output_dir` may be new, empty, or a run of this same script; it may never be (or
+    hold, or sit inside) one of the run's inputs. A finished run is replaced only with --overwrite_output_dir,
+    an unfinished one is continued with --resume_from_checkpoint or replaced with --overwrite_output_dir;
+    anything else is refused, and nothing is read or written before these checks."""
+    output = os.path.realpath(args.output_dir)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder; choose a folder path.")
+    for given in inputs:
+        if not given or not os.path.exists(str(given)):
+            continue  # hub ids and the built-in data
+        source = os.path.realpath(str(given))
+        if source == output or source.startswith(output + os.sep) or output.startswith(source + os.sep):
+            raise UserError(
+                f"--output_dir {args.output_dir} is, holds or sits inside the input {given}; writing there could "
+                "destroy it. Choose an output folder outside every input."
+            )
+    if not os.path.isdir(output):
+        return
+    previous = _previous_script(output)
+    finished = os.path.exists(os.path.join(output, "training_args.json"))
+    if previous is None:
+        if set(os.listdir(output)) - _OURS_WHEN_EMPTY:
+            raise UserError(
+                f"--output_dir {args.output_dir} is not empty and holds no run of {script}; choose a new or empty "
+                "folder (nothing there was changed)."
+            )
+        return
+    if previous != script:
+        raise UserError(
+            f"--output_dir {args.output_dir} holds a run of {previous}, not of {script}; choose another folder."
+        )
+    if finished and not args.overwrite_output_dir:
+        raise UserError(
+            f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
+            "it or choose another --output_dir."
+        )
+    if not finished and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        raise UserError(
+            f"{args.output_dir} holds an unfinished run of {script}; continue it with --resume_from_checkpoint "
+            "latest, or pass --overwrite_output_dir to start over."
+        )
+
+
+_HELD_LOCKS = {}
+
+
+def lock_folder(folder, what):
+    """Take `<folder>/.lock` for this process (the main one of a launch); a second writer is refused at once
+    with a sentence instead of interleaving its files with the first's. Held until the process ends."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    folder = os.path.realpath(folder)
+    if folder in _HELD_LOCKS:
+        return
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, ".lock"), "a+")  # noqa: SIM115 (held open: the lock lives with it)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"Another process is writing {what} {folder}; wait for it to finish or choose another folder."
+        ) from None
+    _HELD_LOCKS[folder] = handle
+
+
+def unlock_folder(folder):
+    handle = _HELD_LOCKS.pop(os.path.realpath(folder), None)
+    if handle is not None:
+        handle.close()
 
 
 # ---------------------------------------------------------------------------- recorded config

@@ -82,7 +82,15 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
             folder_path=folder,
             token=token,
             commit_message=commit_message,
-            ignore_patterns=["checkpoints/*", "stages/*", "*.partial/*", "stores/*", "training_args.json"],
+            ignore_patterns=[
+                "checkpoints/*",
+                "stages/*",
+                "*.partial/*",
+                "stores/*",
+                "training_args.json",
+                ".lock",
+                ".final.partial/*",
+            ],
         )
     except Exception as error:
         raise UserError(

@@ -105,6 +105,12 @@ def resume_from_checkpoint(accelerator, args, script):
     """Load the checkpoint named by --resume_from_checkpoint ('latest' or a folder) into the prepared
     model, optimiser, scheduler and RNG; returns the Progress it recorded (a fresh one without a checkpoint)."""
     if not args.resume_from_checkpoint:
+        # Starting over (--overwrite_output_dir): an earlier run's checkpoints must not outlive it, or rotation
+        # and 'latest' would mix the two runs.
+        stale = checkpoint_root(args.output_dir)
+        if accelerator.is_main_process and os.path.isdir(stale):
+            shutil.rmtree(stale)
+        accelerator.wait_for_everyone()
         return Progress()
     if args.resume_from_checkpoint == "latest":
         found = _complete_checkpoints(checkpoint_root(args.output_dir))

@@ -20,6 +20,7 @@ import shutil
 
 import numpy as np
 
+from common.cli import lock_folder, unlock_folder
 from common.data import data_fingerprint
 from common.errors import UserError
 
@@ -181,6 +182,8 @@ def finish_store(partial, folder, metadata, shard_counts):
     }
     with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
+    if os.path.exists(os.path.join(partial, ".lock")):
+        os.remove(os.path.join(partial, ".lock"))  # the lock stays held on the open file until the process ends
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(partial, folder)
@@ -194,8 +197,12 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     if not_a_store and (not os.path.isdir(folder) or os.listdir(folder)):  # never delete what is not a store
         raise UserError(f"{folder} exists and is not an embedding store; choose another store path.")
     partial = folder.rstrip("/") + ".partial"
+    if accelerator.is_main_process:
+        lock_folder(partial, "the store")  # a second builder would clear this one's shards
     if accelerator.is_main_process and os.path.exists(partial):
-        shutil.rmtree(partial)  # left by a crash: never trusted, rebuilt from scratch
+        for name in os.listdir(partial):  # left by a crash: never trusted, rebuilt from scratch
+            if name != ".lock":
+                os.remove(os.path.join(partial, name))
     accelerator.wait_for_everyone()
     os.makedirs(partial, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -227,6 +234,7 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
             "data_fingerprint": data_fp or data_fingerprint(ids, texts),
         }
         finish_store(partial, folder, metadata, counts)
+        unlock_folder(partial)
     accelerator.wait_for_everyone()
     return EmbeddingStore.open(folder)
 

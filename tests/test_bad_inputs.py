@@ -74,7 +74,7 @@ def jsonl(*rows):
 GOOD = {"query": "rent a boat", "positive": "Boats for rent", "negatives": ["Used boats"]}
 
 
-def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
+def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
     """(name, script main, argv, expected message part) for each bad input."""
     out = str(tmp / "out")
     teacher_args = ["--model_name_or_path", ws["teacher"], "--output_dir", out, "--max_train_steps", "1"]
@@ -152,8 +152,82 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
         (
             "output folder holds a finished run",
             train_teacher.main,
-            ["--model_name_or_path", ws["teacher"], "--train_file", data["train"], "--output_dir", ws["teacher"]],
+            ["--model_name_or_path", tiny_bert, "--train_file", data["train"], "--output_dir", ws["teacher"]],
             "already holds a finished run",
+        ),
+        (
+            "output folder is the input model, even with --overwrite_output_dir",
+            train_teacher.main,
+            [
+                "--model_name_or_path",
+                ws["teacher"],
+                "--train_file",
+                data["train"],
+                "--output_dir",
+                ws["teacher"],
+                "--overwrite_output_dir",
+            ],
+            "is, holds or sits inside the input",
+        ),
+        (
+            "output folder inside the input model",
+            train_teacher.main,
+            [
+                "--model_name_or_path",
+                ws["teacher"],
+                "--train_file",
+                data["train"],
+                "--output_dir",
+                os.path.join(ws["teacher"], "retrained"),
+            ],
+            "is, holds or sits inside the input",
+        ),
+        (
+            "output folder holding the training data",
+            train_teacher.main,
+            [
+                *teacher_args[:-4],
+                "--train_file",
+                data["train"],
+                "--output_dir",
+                os.path.dirname(data["train"]),
+                "--overwrite_output_dir",
+            ],
+            "is, holds or sits inside the input",
+        ),
+        (
+            "output folder of another script's run",
+            distill_student.main,
+            [
+                "--teacher_model",
+                tiny_bert,
+                "--output_dir",
+                ws["teacher"],
+                "--overwrite_output_dir",
+                "--student_num_layers",
+                "1",
+            ],
+            "holds a run of train_teacher.py, not of distill_student.py",
+        ),
+        (
+            "output folder that is the user's, not a run",
+            train_teacher.main,
+            [
+                "--model_name_or_path",
+                tiny_bert,
+                "--train_file",
+                data["train"],
+                "--output_dir",
+                str(ws["root"]),
+                "--overwrite_output_dir",
+            ],
+            "is not empty and holds no run of train_teacher.py",
+        ),
+        (
+            "output path that is a file",
+            train_teacher.main,
+            [*teacher_args[:-4], "--train_file", data["train"], "--output_dir", data["train"]],
+            "is a file, not a folder",
         ),
         (
             "pickle-only weights",
@@ -301,11 +375,11 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tmp):
 
 
 def test_bad_inputs_end_with_one_sentence_and_damage_nothing(
-    workspace, small_data, tiny_qwen, tiny_bert_narrow, tmp_path, monkeypatch
+    workspace, small_data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = snapshot(workspace["root"], os.path.dirname(small_data["train"]))
-    table = cases(workspace, small_data, tiny_qwen, tiny_bert_narrow, tmp_path)
+    table = cases(workspace, small_data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp_path)
     assert len(table) >= 25
     failures = []
     for name, main, argv, expected in table:
@@ -387,3 +461,42 @@ def test_hub_token_never_reaches_logs_or_files(small_data, tiny_bert, tmp_path, 
     for path in output.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_second_writer_of_an_output_folder_or_store_is_refused(small_data, tiny_bert, tmp_path):
+    """Two runs into one --output_dir, or two builders of one store: the second is refused with a sentence
+    while the first holds the folder's lock (here: held by this test, as a running job would)."""
+    import fcntl
+
+    from accelerate import Accelerator
+
+    from common.encoder import Encoder
+    from common.store import build_store
+
+    output = tmp_path / "teacher"
+    output.mkdir()
+    with open(output / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="Another process is writing the output folder"):
+            train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "1"))
+    assert os.listdir(output) == [".lock"]
+    store = tmp_path / "store"
+    (tmp_path / "store.partial").mkdir()
+    with open(tmp_path / "store.partial" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="Another process is writing the store"):
+            build_store(Accelerator(), Encoder.from_pretrained(tiny_bert), ["a"], ["rent a boat"], "ad", str(store))
+    assert not store.exists()
+    # Once the first writer is done, the folder is free again.
+    train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "1"))
+    assert (output / "training_args.json").exists()
+
+
+def test_evaluation_never_writes_into_a_folder_that_is_not_its_report(small_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes")
+    with pytest.raises(UserError, match=r"holds no earlier report of evaluate\.py"):
+        evaluate.main(["--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
+                       "--qrels_file", small_data["qrels"], "--output_dir", str(mine)])  # fmt: skip
+    assert (mine / "report.md").read_text() == "my own notes"
