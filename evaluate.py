@@ -155,7 +155,9 @@ def render_report(results, ks):
     lines = [
         "# Retrieval report",
         "",
-        f"{results['num_queries']} queries, {results['num_ads']} ads; teacher ad index: `{results['teacher']}`",
+        f"{results['num_queries']} queries ({results['num_queries_scored']} scored, "
+        f"{results['num_queries_skipped']} skipped for having no relevant judgment), {results['num_ads']} ads; "
+        f"teacher ad index: `{results['teacher']}`",
         "",
         f"| model | role | P@{k_small} | R@{k_small} | nDCG@{k_small} | MRR@{k_small} | R@{k_large} | "
         f"recovery nDCG@{k_small} | recovery R@{k_large} | p50 ms | p99 ms | q/s | params (M) |",
@@ -204,6 +206,10 @@ def main(argv=None):
     if args.baselines is None:
         args.baselines = [f"untuned-base={demo_base_model()}"] if demo else []
     students, baselines = named_paths(args.students, "--students"), named_paths(args.baselines, "--baselines")
+    names = [name for name, _ in baselines + students]
+    if "teacher" in names or len(set(names)) != len(names):
+        clash = "teacher" if "teacher" in names else next(name for name in names if names.count(name) > 1)
+        raise UserError(f"The model name '{clash}' is used twice (or is the reserved 'teacher'); name each model once.")
 
     ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
@@ -223,9 +229,12 @@ def main(argv=None):
         )
     device = accelerator.device
 
+    judged = {qid for qid, grades in qrels.items() if any(grade > 0 for grade in grades.values())}
     results = {
         "teacher": args.teacher_model,
         "num_queries": len(query_ids),
+        "num_queries_scored": len(judged),  # the metrics average over queries with a relevant judgment
+        "num_queries_skipped": len(query_ids) - len(judged),
         "num_ads": len(ad_ids),
         "models": {},
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

@@ -35,7 +35,7 @@ from common.cli import (
     positive_int,
     tracker_config,
 )
-from common.data import check_text, load_table, read_texts, require_columns, text_key
+from common.data import check_id, check_text, load_table, read_texts, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -110,9 +110,19 @@ def read_clicks(args, store, ad_texts):
         table, [args.query_column, args.positive_id_column if use_ids else args.positive_column], args.train_file
     )
     if use_ids:
-        positive_rows = store.rows([str(value) for value in table[args.positive_id_column]])
+        column = args.positive_id_column
+        positive_rows = store.rows([check_id(v, args.train_file, r, column) for r, v in enumerate(table[column])])
         negative_ids = table[args.negative_ids_column] if args.negative_ids_column in columns else [[]] * len(table)
-        negative_rows = [store.rows([str(i) for i in (ids or [])]) for ids in negative_ids]
+        negative_rows = []
+        for row, ids in enumerate(negative_ids):
+            if ids is not None and not isinstance(ids, list):
+                raise UserError(
+                    f"{args.train_file} row {row}, column '{args.negative_ids_column}': expected a list of ad ids, "
+                    f"got {type(ids).__name__}; fix the row."
+                )
+            negative_rows.append(
+                store.rows([check_id(i, args.train_file, row, args.negative_ids_column) for i in ids or []])
+            )
     else:  # texts only: find each ad by its text in the corpus
         row_of_text = {}
         for row, text in enumerate(ad_texts):

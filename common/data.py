@@ -26,6 +26,14 @@ def load_table(source, split="train", streaming=False):
         if extension != ".parquet":
             _check_utf8(source)
         kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+        if extension in (".csv", ".tsv"):
+            # Every column as text, as written: type inference would turn an id "0152" into the number 152.
+            import csv
+
+            with open(source, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle, delimiter=kwargs.get("delimiter", ",")), [])
+            if len(set(header)) == len(header) and all(header):
+                kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         try:
             return datasets.load_dataset(
                 _BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
@@ -94,6 +102,18 @@ def check_text(value, source, row, column):
     return value
 
 
+def check_id(value, source, row, column):
+    """An id cell: a string, or an integer written without quotes; kept as text ("0152" stays "0152")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(
+            f"{source} row {row}, column '{column}': expected an id (text or integer), got "
+            f"{type(value).__name__}; fix or drop the row."
+        )
+    if isinstance(value, str) and not value.strip():
+        raise UserError(f"{source} row {row}, column '{column}': empty id; fix or drop the row.")
+    return str(value)
+
+
 def check_text_list(value, source, row, column):
     if value is None:
         return []
@@ -118,7 +138,7 @@ def read_texts(source, id_column, text_column, split="train", ids_optional=False
     texts = [check_text(value, source, row, text_column) for row, value in enumerate(table[text_column])]
     if not has_ids:
         return [str(row) for row in range(len(texts))], texts
-    ids = [str(value) for value in table[id_column]]
+    ids = [check_id(value, source, row, id_column) for row, value in enumerate(table[id_column])]
     if len(set(ids)) != len(ids):
         duplicate = next(value for value, count in _counts(ids).items() if count > 1)
         raise UserError(
@@ -133,13 +153,24 @@ def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_c
     require_columns(table, [query_column, doc_column, relevance_column], source)
     qrels = {}
     for row, (qid, did, grade) in enumerate(zip(table[query_column], table[doc_column], table[relevance_column])):
+        qid, did = check_id(qid, source, row, query_column), check_id(did, source, row, doc_column)
+        if isinstance(grade, bool) or not isinstance(grade, (int, str)):
+            grade = repr(grade)  # a float (2.5, or 2.0) or a null is not a grade
         try:
             grade = int(grade)
         except (TypeError, ValueError):
             raise UserError(
                 f"{source} row {row}, column '{relevance_column}': '{grade}' is not an integer grade."
             ) from None
-        qrels.setdefault(str(qid), {})[str(did)] = grade
+        previous = qrels.setdefault(qid, {}).get(did)
+        if previous is not None and previous != grade:
+            raise UserError(
+                f"{source} row {row}: query '{qid}' and document '{did}' were already judged {previous}, now "
+                f"{grade}; keep one judgment per pair."
+            )
+        qrels[qid][did] = grade
+    if not any(grade > 0 for grades in qrels.values() for grade in grades.values()):
+        raise UserError(f"{source} judges nothing relevant (no grade > 0); check the relevance column.")
     return qrels
 
 

@@ -96,6 +96,11 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
     qrels_unknown_doc = write(tmp, "q2.tsv", "query_id\tdoc_id\trelevance\nq0000\tnope\t1\n")
     qrels_bad_grade = write(tmp, "q3.tsv", "query_id\tdoc_id\trelevance\nq0000\tad00000\thigh\n")
     duplicate_ads = write(tmp, "dup.jsonl", jsonl({"id": "a", "text": "x"}, {"id": "a", "text": "y"}))
+    qrels_float_grade = write(tmp, "q4.jsonl", jsonl({"query_id": "q0000", "doc_id": "ad00000", "relevance": 2.0}))
+    qrels_conflict = write(tmp, "q5.tsv", "query_id\tdoc_id\trelevance\nq0000\tad00000\t2\nq0000\tad00000\t0\n")
+    qrels_nothing_relevant = write(tmp, "q6.tsv", "query_id\tdoc_id\trelevance\nq0000\tad00000\t0\n")
+    qrels_null_id = write(tmp, "q7.jsonl", jsonl({"query_id": None, "doc_id": "ad00000", "relevance": 1}))
+    null_ad_id = write(tmp, "nullid.jsonl", jsonl({"id": "a", "text": "x"}, {"id": None, "text": "y"}))
     eval_args = [
         "--teacher_model",
         ws["teacher"],
@@ -359,6 +364,22 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             "judges ad 'nope'",
         ),
         ("non-integer grade", evaluate.main, [*eval_args, "--qrels_file", qrels_bad_grade], "not an integer grade"),
+        ("float grade", evaluate.main, [*eval_args, "--qrels_file", qrels_float_grade], "'2.0' is not an integer"),
+        ("conflicting judgments", evaluate.main, [*eval_args, "--qrels_file", qrels_conflict], "already judged 2"),
+        ("nothing relevant", evaluate.main, [*eval_args, "--qrels_file", qrels_nothing_relevant], "judges nothing"),
+        ("null query id in judgments", evaluate.main, [*eval_args, "--qrels_file", qrels_null_id], "got NoneType"),
+        (
+            "null ad id in the corpus",
+            evaluate.main,
+            [*eval_args, "--qrels_file", data["qrels"], "--corpus_file", null_ad_id],
+            "row 1, column 'id': expected an id",
+        ),
+        (
+            "a student named teacher",
+            evaluate.main,
+            [*eval_args, "--qrels_file", data["qrels"], "--students", f"teacher={ws['student']}"],
+            "reserved 'teacher'",
+        ),
         (
             "student without a name",
             evaluate.main,
@@ -500,3 +521,13 @@ def test_evaluation_never_writes_into_a_folder_that_is_not_its_report(small_data
         evaluate.main(["--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
                        "--qrels_file", small_data["qrels"], "--output_dir", str(mine)])  # fmt: skip
     assert (mine / "report.md").read_text() == "my own notes"
+
+
+def test_ids_are_read_as_written(tmp_path):
+    """A TSV or CSV id "0152" stays "0152" (type inference would make it 152 and lose the judgment)."""
+    from common.data import read_qrels, read_texts
+
+    qrels = write(tmp_path, "qrels.tsv", "query_id\tdoc_id\trelevance\n0152\t007\t2\n0152\t7\t-1\n")
+    assert read_qrels(qrels) == {"0152": {"007": 2, "7": -1}}  # a negative grade is kept: not relevant
+    corpus = write(tmp_path, "ads.csv", "id,text\n007,Boats for rent\n7,Used laptops\n")
+    assert read_texts(corpus, "id", "text") == (["007", "7"], ["Boats for rent", "Used laptops"])
