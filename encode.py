@@ -24,7 +24,7 @@ from common.data import data_fingerprint, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.store import EmbeddingStore, build_store, default_store_path
+from common.store import EmbeddingStore, build_store, check_store_matches, default_store_path
 
 
 def parse_args(argv=None):
@@ -86,6 +86,7 @@ def main(argv=None):
     )
     if os.path.exists(os.path.join(store_path, "metadata.json")) and not args.overwrite_output_dir:
         store = EmbeddingStore.open(store_path, encoder.fingerprint, data_fp, encoder.embedding_dim)  # refuses stale
+        check_store_matches(store, encoder, args.kind)
         logger.info(f"{store_path} is current ({len(store)} vectors); pass --overwrite_output_dir to rebuild it.")
         return store_path
     if len(texts) < accelerator.num_processes:

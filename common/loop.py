@@ -10,6 +10,7 @@ A script keeps its own loop (forward, loss, backward, optimiser and scheduler st
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -70,6 +71,7 @@ def save_checkpoint(accelerator, args, script, progress):
     if accelerator.is_main_process:
         state = {
             "script": script,
+            "run_identity": run_identity(accelerator, args),
             "step": progress.step,
             "epoch": progress.epoch,
             "batch_in_epoch": progress.batch_in_epoch,
@@ -87,6 +89,23 @@ def save_checkpoint(accelerator, args, script, progress):
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+# What a resumed run must share with the run that wrote the checkpoint: otherwise it would not continue it.
+_FIXED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+                   "num_warmup_steps", "seed")  # fmt: skip
+
+
+def run_identity(accelerator, args):
+    """The settings, process count and model shape that a checkpoint belongs to."""
+    model = accelerator.unwrap_model(accelerator._models[-1]) if accelerator._models else None
+    shapes = ""
+    if model is not None:  # ZeRO-3 keeps the full shape of a partitioned parameter in ds_shape
+        shapes = ";".join(f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}" for name, p in model.named_parameters())
+    identity = {key: getattr(args, key, None) for key in _FIXED_SETTINGS}
+    identity["num_processes"] = accelerator.num_processes
+    identity["model_shape"] = hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    return identity
 
 
 def _complete_checkpoints(root):
@@ -126,6 +145,13 @@ def resume_from_checkpoint(accelerator, args, script):
         state = json.load(handle)
     if state.get("script", script) != script:
         raise UserError(f"{path} is a checkpoint of {state['script']}, not of {script}; resume with that script.")
+    saved, current = state.get("run_identity", {}), run_identity(accelerator, args)
+    for key in sorted(saved.keys() & current.keys()):
+        if saved[key] != current[key]:
+            raise UserError(
+                f"{path} was written with {key} = {saved[key]} but this run has {current[key]}; resume with the "
+                "same settings and model, or start over with --overwrite_output_dir."
+            )
     logger.info(f"Resuming from {path}")
     accelerator.load_state(path)
     return Progress(state["step"], state["epoch"], state["batch_in_epoch"], state.get("log_history", []))

@@ -25,6 +25,7 @@ from common.data import data_fingerprint
 from common.errors import UserError
 
 FORMAT = "harness-store/1"
+_REQUIRED = ("format", "dim", "shards", "model_fingerprint", "data_fingerprint")
 _OPEN_CHECK_BYTES = 64 << 20  # finiteness sample read when a store is opened
 
 
@@ -105,8 +106,15 @@ class EmbeddingStore:
         path = os.path.join(folder, "metadata.json")
         if not os.path.exists(path):
             raise UserError(f"{folder} is not an embedding store (no metadata.json); build it with encode.py.")
-        with open(path, encoding="utf-8") as handle:
-            metadata = json.load(handle)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                metadata = json.load(handle)
+            if not isinstance(metadata, dict) or not all(key in metadata for key in _REQUIRED):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(
+                f"{path} is damaged (not the metadata of a store); delete the store and rebuild it."
+            ) from None
         if metadata.get("format") != FORMAT:
             raise UserError(f"{folder} has store format {metadata.get('format')!r}, expected {FORMAT}; rebuild it.")
         if model_fingerprint and metadata["model_fingerprint"] != model_fingerprint:
@@ -125,8 +133,13 @@ class EmbeddingStore:
         ids, shards = [], []
         budget_rows = max(_OPEN_CHECK_BYTES // (4 * metadata["dim"] * max(len(metadata["shards"]), 1)), 1)
         for shard in metadata["shards"]:
-            shard_ids = np.load(os.path.join(folder, shard["ids"]), mmap_mode="r")
-            vectors = np.load(os.path.join(folder, shard["vectors"]), mmap_mode="r")
+            try:
+                shard_ids = np.load(os.path.join(folder, shard["ids"]), mmap_mode="r")
+                vectors = np.load(os.path.join(folder, shard["vectors"]), mmap_mode="r")
+            except (OSError, ValueError, KeyError, TypeError, EOFError):
+                raise UserError(
+                    f"A shard of the store {folder} is missing, truncated or damaged; delete the store and rebuild it."
+                ) from None
             _advise_random_access(vectors)
             if len(shard_ids) != shard["count"] or vectors.shape != (shard["count"], metadata["dim"]):
                 raise UserError(f"Shard {shard['vectors']} of {folder} does not match its metadata; rebuild the store.")
@@ -239,6 +252,24 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     return EmbeddingStore.open(folder)
 
 
+def check_store_matches(store, encoder, kind):
+    """Beyond fingerprints: the store holds `kind` vectors made the way this encoder makes them (an ad store
+    passed as a query store, or one built with another prompt, pooling or normalisation, is refused)."""
+    expected = {
+        "kind": kind,
+        "prompt": encoder.prompt_for(kind),
+        "pooling": encoder.config.pooling,
+        "normalized": bool(encoder.config.normalize),
+        "max_length": encoder.config.max_length,
+    }
+    for key, value in expected.items():
+        if key in store.metadata and store.metadata[key] != value:
+            raise UserError(
+                f"The store {store.folder} has {key} {store.metadata[key]!r} but {value!r} is needed here; pass "
+                f"the {kind} store of this model, or rebuild it."
+            )
+
+
 def default_store_dir(args):
     """Where stores go unless a flag names one: --store_dir, else `stores/` beside the output folder."""
     if getattr(args, "store_dir", None):
@@ -263,7 +294,9 @@ def open_or_build_store(
     data_fp = data_fp or data_fingerprint(ids, texts)
     path = path or default_store_path(store_dir, model_path, kind, module, data_fp)
     if os.path.exists(os.path.join(path, "metadata.json")):
-        return EmbeddingStore.open(path, module.fingerprint, data_fp, module.embedding_dim)
+        store = EmbeddingStore.open(path, module.fingerprint, data_fp, module.embedding_dim)
+        check_store_matches(store, module, kind)
+        return store
     device = next(module.parameters()).device
     module.to(accelerator.device)
     store = build_store(accelerator, module, ids, texts, kind, path, batch_size=batch_size, data_fp=data_fp)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,34 @@ def test_a_folder_that_is_not_a_store_is_never_replaced(encoder, tmp_path):
     with pytest.raises(UserError, match="not an embedding store"):
         build_store(Accelerator(), encoder, IDS, TEXTS, "ad", str(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_store_made_another_way_is_refused_beyond_fingerprints(encoder, tmp_path):
+    """Same model, same texts, but encoded as ads: refused as a query store (the prompt would differ too)."""
+    folder = str(tmp_path / "store")
+    build_store(Accelerator(), encoder, IDS, TEXTS, "ad", folder)
+    with pytest.raises(UserError, match="has kind 'ad' but 'query' is needed"):
+        open_or_build_store(Accelerator(), encoder, IDS, TEXTS, "query", path=folder, store_dir=None, model_path=None)
+    meta = json.loads(Path(folder, "metadata.json").read_text())
+    meta["max_length"] = 7
+    with open(os.path.join(folder, "metadata.json"), "w") as handle:
+        json.dump(meta, handle)
+    with pytest.raises(UserError, match="has max_length 7"):
+        open_or_build(encoder, TEXTS, folder)
+
+
+def test_damaged_metadata_or_shards_are_refused_with_a_sentence(encoder, tmp_path):
+    folder = tmp_path / "store"
+    build_store(Accelerator(), encoder, IDS, TEXTS, "ad", str(folder))
+    metadata = (folder / "metadata.json").read_text()
+    (folder / "metadata.json").write_text(metadata[: len(metadata) // 2])  # half-written
+    with pytest.raises(UserError, match=r"metadata\.json is damaged"):
+        EmbeddingStore.open(str(folder))
+    (folder / "metadata.json").write_text(metadata)
+    shard = folder / "vectors-00000-of-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match="missing, truncated or damaged"):
+        EmbeddingStore.open(str(folder))
+    shard.unlink()
+    with pytest.raises(UserError, match="missing, truncated or damaged"):
+        EmbeddingStore.open(str(folder))
