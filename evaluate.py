@@ -295,11 +295,12 @@ def main(argv=None):
                 if teacher_metrics[key] > 0
             }
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
         report = render_report(results, args.k)
-        with open(os.path.join(args.output_dir, "report.md"), "w", encoding="utf-8") as handle:
-            handle.write(report)
+        for name, text in (("results.json", json.dumps(results, indent=2)), ("report.md", report)):
+            path = os.path.join(args.output_dir, name)
+            with open(path + ".partial", "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(path + ".partial", path)  # atomic: an earlier report is never left half-overwritten
         print(report)
     accelerator.wait_for_everyone()
     return results

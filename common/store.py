@@ -206,6 +206,11 @@ def build_store(accelerator, encoder, ids, texts, kind, folder, batch_size=128, 
     """Encode texts with every process (each its slice) into a new store folder; return it opened.
     `data_fp` is data_fingerprint(ids, texts) when the caller already has it (hashing billions of texts
     once is enough)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"The store path {folder} lies under {parent}, which is a file; choose a folder path.")
     not_a_store = os.path.exists(folder) and not os.path.exists(os.path.join(folder, "metadata.json"))
     if not_a_store and (not os.path.isdir(folder) or os.listdir(folder)):  # never delete what is not a store
         raise UserError(f"{folder} exists and is not an embedding store; choose another store path.")

@@ -332,6 +332,12 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             "was written with model_shape",
         ),
         (
+            "store folder under a file",
+            distill_student.main,
+            [*distill_args, "--query_file", data["queries"], "--store_dir", data["queries"]],
+            "which is a file",
+        ),
+        (
             "query file without the column",
             distill_student.main,
             [*distill_args, "--query_file", data["test_queries"]],
