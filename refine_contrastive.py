@@ -24,6 +24,7 @@ from transformers import get_scheduler
 
 from common.cli import (
     add_common_training_args,
+    check_has_negatives,
     check_run_args,
     finite_float,
     log_banner,
@@ -184,6 +185,7 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_has_negatives(args, args.num_random_negatives)
     check_run_args(
         args, SCRIPT, inputs=[args.student_model, args.teacher_model, args.train_file, args.corpus_file, args.ad_store]
     )

@@ -28,6 +28,7 @@ from transformers import get_scheduler
 
 from common.cli import (
     add_common_training_args,
+    check_has_negatives,
     check_run_args,
     finite_float,
     log_banner,
@@ -149,6 +150,7 @@ class PairCollator:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_has_negatives(args)
     check_run_args(args, SCRIPT, inputs=[args.model_name_or_path, args.train_file])
     accelerator = make_accelerator(args)
     if args.train_file is None:

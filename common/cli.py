@@ -264,6 +264,16 @@ def check_run_args(args, script, inputs=()):
     lock_folder(args.output_dir, "the output folder")  # last: a refused run leaves nothing behind
 
 
+def check_has_negatives(args, random_negatives=0):
+    """A contrastive run whose queries would see no negative has a loss of 0 at every step: refuse it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.per_device_train_batch_size * world == 1 and args.num_hard_negatives == 0 and random_negatives == 0:
+        raise UserError(
+            "With one query per step and no hard or random negatives the contrastive loss is 0 and nothing is "
+            "learned; raise --per_device_train_batch_size or add negatives."
+        )
+
+
 def _previous_script(folder):
     """The script whose run a folder holds: finished (training_args.json) or not (checkpoints); else None."""
     paths = [os.path.join(folder, "training_args.json")]

@@ -141,3 +141,12 @@ def test_combinations_refused_before_any_model_loads(argv, message, tmp_path, mo
     with pytest.raises(UserError, match=message):
         distill_student.main(["--teacher_model", demo_base_model(), "--output_dir", str(tmp_path / "o"), *argv])
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_contrastive_run_without_any_negative_is_refused(tmp_path):
+    argv = ["--per_device_train_batch_size", "1", "--num_hard_negatives", "0", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(UserError, match="the contrastive loss is 0"):
+        train_teacher.main(argv)
+    with pytest.raises(UserError, match="the contrastive loss is 0"):
+        refine_contrastive.main([*argv, "--num_random_negatives", "0"])
+    assert not os.path.exists(tmp_path / "o")
