@@ -30,7 +30,7 @@ POOLINGS = ("mean", "cls", "last")
 # Decoder LLM embedders (Qwen3-Embedding, gte-Qwen, e5-mistral, ...) pool the last (EOS) token.
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
 # What decides the vectors; a fingerprint hashes these files (weights sampled, see `model_fingerprint`).
-_FINGERPRINT_SKIP = {"README.md", ".gitattributes", "training_args.json", "all_results.json"}
+_FINGERPRINT_SKIP = {"README.md", ".gitattributes", "training_args.json", "all_results.json", "trainer_state.json"}
 
 
 @dataclass
