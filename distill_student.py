@@ -1,6 +1,7 @@
 """Phase 2: L2 alignment of a small student query encoder to the frozen teacher (label-free).
 
-L = mean_i ||f_S(q_i) - f_T(q_i)||^2 over query text only, so logged queries need no labels. The
+L = mean_i ||f_S(q_i) - f_T(q_i)||^2 over query text only, so logged queries need no labels (other
+objectives and weighted sums with --alignment_loss: cosine, kl, kernel; see common/alignment.py). The
 teacher's query vectors are computed once into an embedding store (or read from one) and the teacher
 is then freed; only the student trains. When the student's width differs from the teacher's, a linear
 head is added and saved with the student (sentence-transformers `2_Dense`), so the student's vectors
@@ -34,6 +35,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from common.alignment import alignment_loss, parse_objectives
 from common.cli import (
     add_common_training_args,
     check_run_args,
@@ -44,6 +46,7 @@ from common.cli import (
     logger,
     make_accelerator,
     parse_with_config,
+    positive_float,
     positive_int,
     shrinking_schedule,
     tracker_config,
@@ -78,6 +81,17 @@ def parse_args(argv=None):
     )
     group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Student pooling override.")
     group.add_argument("--max_length", type=positive_int, default=None)
+    # Objective
+    group = parser.add_argument_group("Alignment objective")
+    group.add_argument(
+        "--alignment_loss",
+        type=parse_objectives,
+        default="l2",
+        help="l2 (default), cosine, kl, kernel, or a weighted sum such as 'l2+0.5*kl' (see common/alignment.py).",
+    )
+    group.add_argument(
+        "--alignment_temperature", type=positive_float, default=0.05, help="Softmax temperature of the kl objective."
+    )
     # Pruning
     group = parser.add_argument_group("Progressive pruning")
     group.add_argument(
@@ -255,9 +269,9 @@ def align(accelerator, args, student, texts, teacher_store):
         with accelerator.accumulate(model):
             teacher_targets = batch.pop("teacher_vectors")
             student_vectors = model(**batch)
-            # Sum over dimensions, mean over the batch: with DDP's gradient averaging, N processes with B/N
-            # queries each and accumulation of micro-batches both give exactly the gradient of one batch of B.
-            loss = (student_vectors.float() - teacher_targets).pow(2).sum(dim=1).mean()
+            # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
+            # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
+            loss = alignment_loss(student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -265,7 +279,7 @@ def align(accelerator, args, student, texts, teacher_store):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(l2_loss=loss, lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(alignment_loss=loss, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results["steps"] = loop.step

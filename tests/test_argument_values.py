@@ -18,6 +18,7 @@ import evaluate
 import refine_contrastive
 import train_teacher
 from common import cli
+from common.alignment import parse_objectives
 from common.errors import UserError
 
 SCRIPTS = {
@@ -38,6 +39,7 @@ REFUSED = {
     cli.fraction: ["0", "1.5", "-0.5", "x"],
     cli.layer_list: ["3,1", "0,0", "-1,2", "a,b"],
     cli.shrinking_schedule: ["4,7", "7,7", "0", "4,x"],
+    parse_objectives: ["l3", "0*l2", "l2+l2", "x*kl"],
 }
 YAML_REFUSED = {  # typed values in YAML: a float for an integer, a string "false" for an on/off flag, ...
     cli.positive_int: [2.5, 0, "12abc"],

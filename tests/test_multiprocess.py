@@ -128,7 +128,7 @@ def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data
     # The same learning rate at every optimiser step, and the schedule asked for.
     np.testing.assert_allclose(history(two, "lr"), history(one, "lr"), rtol=1e-9)
     np.testing.assert_allclose(history(one, "lr"), expected_learning_rates(), rtol=1e-9, atol=1e-12)
-    loss_key = "l2_loss" if name == "distill_student" else "loss"
+    loss_key = "alignment_loss" if name == "distill_student" else "loss"
     np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4)
     # The same weights.
     assert_same_weights(two, one, atol=2e-5)

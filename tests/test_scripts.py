@@ -427,3 +427,13 @@ def test_a_final_save_cut_short_is_refused_and_finished_by_resuming(small_data, 
     finished = Encoder.from_pretrained(str(output))
     assert not (output / ".final.partial").exists() and (output / "training_args.json").exists()
     assert np.isfinite(finished.encode(QUERIES, "query")).all()
+
+
+def test_distillation_with_a_weighted_sum_of_objectives(small_data, tiny_bert, tmp_path):
+    output = tmp_path / "s"
+    results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"],
+                                    "--student_num_layers", "1", "--alignment_loss", "l2+0.5*kl+kernel+0.1*cosine",
+                                    "--output_dir", str(output), "--max_train_steps", "2", *FAST])  # fmt: skip
+    assert np.isfinite(results["train_alignment_loss"]) and results["train_alignment_loss"] > 0
+    recorded = json.loads((output / "training_args.json").read_text())["alignment_loss"]
+    assert recorded == [[1.0, "l2"], [0.5, "kl"], [1.0, "kernel"], [0.1, "cosine"]]

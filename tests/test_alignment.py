@@ -1,0 +1,98 @@
+"""Phase-2 objectives against hand computations, their parser, and 2 gloo processes = 1 process."""
+
+import argparse
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from common.alignment import alignment_loss, parse_objectives
+
+STUDENT = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+TEACHER = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+
+
+def test_l2_and_cosine_by_hand():
+    l2 = ((1 - 0.8) ** 2 + (0 - 0.6) ** 2 + (0.6 - 0) ** 2 + (0.8 - 1) ** 2) / 2
+    assert alignment_loss(STUDENT, TEACHER, parse_objectives("l2")).item() == pytest.approx(l2)
+    cosine = ((1 - 0.8) + (1 - 0.8)) / 2  # cos = <s, t> for unit vectors: 0.8 and 0.8
+    assert alignment_loss(STUDENT, TEACHER, parse_objectives("cosine")).item() == pytest.approx(cosine)
+    combined = alignment_loss(STUDENT, TEACHER, parse_objectives("l2 + 0.5*cosine")).item()
+    assert combined == pytest.approx(l2 + 0.5 * cosine)
+
+
+def test_kl_by_hand():
+    tau = 0.5
+
+    def softmax(row):
+        exps = [math.exp(value / tau) for value in row]
+        return [value / sum(exps) for value in exps]
+
+    # Items are the teacher vectors of the batch: t1 = (.8, .6), t2 = (0, 1).
+    teacher_scores = [[1.0, 0.6], [0.6, 1.0]]  # <t_i, t_j>
+    student_scores = [[0.8, 0.0], [0.96, 0.8]]  # <s_i, t_j>
+    expected = 0.0
+    for target_row, student_row in zip(teacher_scores, student_scores):
+        p, q = softmax(target_row), softmax(student_row)
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    loss = alignment_loss(STUDENT, TEACHER, parse_objectives("kl"), temperature=tau)
+    assert loss.item() == pytest.approx(expected / 2, abs=1e-6)
+    assert alignment_loss(TEACHER, TEACHER, parse_objectives("kl")).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kernel_alignment_by_hand():
+    student_kernel = [[1.0, 0.6], [0.6, 1.0]]
+    teacher_kernel = [[1.0, 0.6], [0.6, 1.0]]
+    assert alignment_loss(STUDENT, TEACHER, parse_objectives("kernel")).item() == pytest.approx(0.0, abs=1e-7)
+    rotated = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # kernel [[1, 0], [0, 1]]
+    expected = sum((a - b) ** 2 for row_a, row_b in zip([[1, 0], [0, 1]], teacher_kernel) for a, b in zip(row_a, row_b))
+    assert alignment_loss(rotated, TEACHER, parse_objectives("kernel")).item() == pytest.approx(expected / 4)
+    assert student_kernel == teacher_kernel  # STUDENT and TEACHER differ in coordinates, not in structure
+
+
+@pytest.mark.parametrize("bad", ["l3", "0*l2", "-1*kl", "l2+l2", "x*kl", ""])
+def test_bad_objective_specs_are_refused(bad):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_objectives(bad)
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1)
+    teacher = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1)
+    return student, teacher
+
+
+def _worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    student, teacher = _batch()
+    rows = slice(rank * 4, rank * 4 + 4)
+    local = student[rows].clone().requires_grad_(True)
+    loss = alignment_loss(local, teacher[rows], parse_objectives("l2+kl+kernel+cosine"), temperature=0.1)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_gradient_of_one(tmp_path):
+    """Half the batch on each of 2 gloo ranks, gradients averaged as DDP does: the one-process gradient."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    student, teacher = _batch()
+    full = student.clone().requires_grad_(True)
+    loss = alignment_loss(full, teacher, parse_objectives("l2+kl+kernel+cosine"), temperature=0.1)
+    loss.backward()
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    assert (results[0]["loss"] + results[1]["loss"]).item() / 2 == pytest.approx(loss.item(), abs=1e-5)
+    for rank, result in enumerate(results):
+        # The kernel term's gather sends each rank's row gradients back to their owner (all-reduced), so the
+        # local gradient, halved as DDP averages, is the one-process gradient of those rows.
+        torch.testing.assert_close(result["grad"] / 2, full.grad[rank * 4 : rank * 4 + 4], atol=1e-6, rtol=1e-5)
