@@ -68,6 +68,7 @@ def save_checkpoint(accelerator, args, script, progress):
     if not uses_deepspeed(accelerator):  # ZeRO shards are checked at the final save instead
         _check_finite_state(accelerator.unwrap_model(accelerator._models[-1]).state_dict(), final)
     accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
     if accelerator.is_main_process:
         state = {
             "script": script,

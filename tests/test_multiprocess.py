@@ -132,6 +132,11 @@ def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data
     np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4)
     # The same weights.
     assert_same_weights(two, one, atol=2e-5)
+    # Every rank's files are inside each checkpoint before it is renamed into place; no partial is left.
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["step_4", "step_8"]
+    for step in ("step_4", "step_8"):
+        names = os.listdir(os.path.join(two, "checkpoints", step))
+        assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(names), names
 
     # Killed after the checkpoint of step 4 (often in the middle of writing step 8's), then resumed.
     launch_two(name, [*args, *half, "--output_dir", resumed], tmp_path / "killed.log",
