@@ -85,9 +85,18 @@ def save_checkpoint(accelerator, args, script, progress):
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        existing = sorted(_complete_checkpoints(root), key=lambda item: item[0])
+        # Rotation. A checkpoint is first renamed out of the step_N namespace, then deleted, so a kill during
+        # the deletion never leaves a half-deleted step_N; leftovers of such kills (and of killed saves) are
+        # removed here, as nothing else writes in this folder while the run holds its lock.
+        complete = dict(_complete_checkpoints(root))
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if path not in complete.values():
+                shutil.rmtree(path, ignore_errors=True)
+        existing = sorted(complete.items())
         for _, stale in existing[: max(len(existing) - args.checkpoints_total_limit, 0)]:
-            shutil.rmtree(stale)
+            os.replace(stale, stale + ".deleting")
+            shutil.rmtree(stale + ".deleting")
     accelerator.wait_for_everyone()
     return final
 

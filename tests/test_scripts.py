@@ -263,6 +263,8 @@ def test_resume_from_latest_checkpoint_matches_uninterrupted(small_data, tiny_be
     train_teacher.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "6"])
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_4", "step_6"]  # rotation keeps 2
     (tmp_path / "resumed" / "checkpoints" / "step_8.partial").mkdir()  # a crash mid-save is never "latest"
+    (tmp_path / "resumed" / "checkpoints" / "step_2").mkdir()  # a kill in the middle of deleting step_2
+    (tmp_path / "resumed" / "checkpoints" / "step_2" / "optimizer.bin").write_bytes(b"")
     train_teacher.main(
         [
             *common,
@@ -278,6 +280,7 @@ def test_resume_from_latest_checkpoint_matches_uninterrupted(small_data, tiny_be
     straight = Encoder.from_pretrained(str(tmp_path / "straight")).encode(QUERIES, "query")
     resumed = Encoder.from_pretrained(str(tmp_path / "resumed")).encode(QUERIES, "query")
     np.testing.assert_allclose(resumed, straight, atol=1e-5)
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_6", "step_8"]  # leftovers cleared
 
 
 def test_user_errors_name_the_cause(small_data, tiny_bert, tmp_path):
