@@ -76,10 +76,6 @@ def fraction(text):
     return value
 
 
-def any_int(text):
-    return _integer(text)
-
-
 def layer_list(text):
     """Comma-separated block indices, e.g. '0,3,5': integers >= 0, increasing."""
     try:

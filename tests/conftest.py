@@ -23,6 +23,18 @@ from common.encoder import Encoder, EncoderConfig  # noqa: E402
 SMALL = {"brands_per_cell": 2, "ads_per_group": 1, "train_pairs": 96, "unlabeled_queries": 96, "test_queries": 16}
 
 
+def run_on_two_gloo_ranks(worker, out_dir):
+    """mp.spawn `worker(rank, world_size, port, out_dir)` on 2 processes with a free loopback port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(out_dir)), nprocs=2, join=True)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Each script's main() is a process of its own in real use; in one test process, accelerate's shared

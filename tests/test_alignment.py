@@ -3,11 +3,10 @@
 import argparse
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_on_two_gloo_ranks
 
 from common.alignment import alignment_loss, parse_objectives
 
@@ -82,10 +81,7 @@ def _worker(rank, world, port, out_dir):
 
 def test_two_processes_give_the_gradient_of_one(tmp_path):
     """Half the batch on each of 2 gloo ranks, gradients averaged as DDP does: the one-process gradient."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_on_two_gloo_ranks(_worker, tmp_path)
     student, teacher = _batch()
     full = student.clone().requires_grad_(True)
     loss = alignment_loss(full, teacher, parse_objectives("l2+kl+kernel+cosine"), temperature=0.1)

@@ -2,11 +2,10 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_on_two_gloo_ranks
 
 from common.loss import contrastive_loss
 
@@ -103,10 +102,7 @@ def _worker(rank, world, port, out_dir):
 
 def test_gradients_flow_through_gathered_negatives(tmp_path):
     """Two gloo ranks with half a batch each give the gradients of the full batch on one process."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_on_two_gloo_ranks(_worker, tmp_path)
     full = [tensor.clone().requires_grad_(True) for tensor in _global_batch()]
     loss, _ = contrastive_loss(*full, temperature=0.1, false_negative_margin=None, query_query=True, ad_ad=True)
     loss.backward()
