@@ -38,6 +38,7 @@ from transformers import get_scheduler
 from common.alignment import alignment_loss, parse_objectives
 from common.cli import (
     add_common_training_args,
+    boolean,
     check_run_args,
     fraction,
     layer_list,
@@ -51,9 +52,9 @@ from common.cli import (
     shrinking_schedule,
     tracker_config,
 )
-from common.data import read_texts
+from common.data import LengthGroupedSampler, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_depth
+from common.encoder import Encoder, evenly_spaced_layers, freeze_input_embeddings, keep_layers, model_depth
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -81,6 +82,14 @@ def parse_args(argv=None):
     )
     group.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="Student pooling override.")
     group.add_argument("--max_length", type=positive_int, default=None)
+    group.add_argument(
+        "--freeze_embeddings",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Keep the student's input embeddings (tokens, positions) fixed; only the blocks and head train.",
+    )
     # Objective
     group = parser.add_argument_group("Alignment objective")
     group.add_argument(
@@ -130,6 +139,15 @@ def parse_args(argv=None):
     group.add_argument("--teacher_general_store", default=None, help="Same, for --general_text_file.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
     group.add_argument("--encode_batch_size", type=positive_int, default=128)
+    group.add_argument(
+        "--group_by_length",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        help="Batches of texts of similar length (shuffled batch order), so little compute goes to padding "
+        "(default true; 'false' for plain shuffled batches).",
+    )
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-aligned"))
@@ -230,14 +248,29 @@ def align(accelerator, args, student, texts, teacher_store):
         batch["teacher_vectors"] = torch.from_numpy(teacher_store.read(rows))  # only this batch's rows
         return batch
 
+    # The rows of one optimiser step (per-device batch x processes x accumulation) are a random draw of texts,
+    # the same for any number of processes; with --group_by_length they have similar lengths, which saves the
+    # compute spent on padding.
+    global_batch_size = args.per_device_train_batch_size * accelerator.num_processes
+    sampler = (
+        LengthGroupedSampler(
+            [len(text) for text in texts], global_batch_size * args.gradient_accumulation_steps, args.seed
+        )
+        if args.group_by_length
+        else None
+    )
     dataloader = DataLoader(
         range(len(texts)),
         batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=len(texts) >= args.per_device_train_batch_size * accelerator.num_processes,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(texts) >= global_batch_size,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
+
+    if args.freeze_embeddings:
+        logger.info(f"Input embeddings frozen: {freeze_input_embeddings(student) / 1e6:.1f}M parameters")
 
     # Optimiser and schedule. Each process sees 1/num_processes of the batches; one optimiser step per
     # --gradient_accumulation_steps of them.

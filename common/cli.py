@@ -76,6 +76,16 @@ def fraction(text):
     return value
 
 
+def boolean(text):
+    """true/false (also yes/no, 1/0), as HfArgumentParser reads `--flag false`."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} must be true or false")
+
+
 def layer_list(text):
     """Comma-separated block indices, e.g. '0,3,5': integers >= 0, increasing."""
     try:

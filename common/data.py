@@ -4,6 +4,7 @@ import hashlib
 import os
 
 import numpy as np
+import torch
 
 from common.errors import UserError
 
@@ -195,3 +196,42 @@ def data_fingerprint(ids, texts):
 
 def keys_array(values):
     return np.array([text_key(value) for value in values], dtype=np.int64)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """A shuffled order of rows in which every global batch holds texts of similar length.
+
+    Each epoch: a random permutation (a function of seed and epoch only), cut into groups of
+    `group_batches` global batches; each group sorted by length (characters: free to compute for a
+    billion rows, and close to the token count) and cut into global batches; the order of the full
+    batches shuffled, a partial last batch kept last. Padding to the longest text of a batch then
+    wastes little. Used with DataLoader(batch_size=per-device batch): accelerate hands process k the
+    k-th per-device slice of each global batch, so N processes see exactly the rows of 1 process with
+    the global batch.
+    """
+
+    def __init__(self, lengths, global_batch_size, seed, group_batches=64):
+        self.lengths = np.asarray(lengths)
+        self.global_batch_size, self.seed, self.group_batches = global_batch_size, seed, group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        size, group = self.global_batch_size, self.global_batch_size * self.group_batches
+        batches = []
+        for start in range(0, len(order), group):
+            rows = order[start : start + group]
+            rows = rows[np.argsort(-self.lengths[rows], kind="stable")]
+            batches += [rows[i : i + size] for i in range(0, len(rows), size)]
+        full = [batch for batch in batches if len(batch) == size]
+        partial = [batch for batch in batches if len(batch) < size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        for batch in shuffled + partial:
+            yield from batch.tolist()

@@ -565,3 +565,20 @@ def _find_layers(backbone):
             if isinstance(layers, nn.ModuleList):
                 return layers, owner, attribute
     raise UserError(f"Cannot find the transformer blocks of {type(backbone).__name__}; pass --student_model instead.")
+
+
+def freeze_input_embeddings(encoder):
+    """Stop training the token (and, where the model has them, position and segment) embeddings.
+
+    Returns the number of parameters frozen. A student cut from the teacher then keeps the teacher's
+    token space, also for words its training text never contained; the optimiser skips the largest
+    matrix of a small model (the vocabulary: 11.7M of all-MiniLM-L6-v2's 22.7M parameters).
+    """
+    modules = [encoder.backbone.get_input_embeddings()]
+    embeddings = getattr(encoder.backbone, "embeddings", None)  # BERT-like: word, position, token type, norm
+    if isinstance(embeddings, nn.Module):
+        modules.append(embeddings)
+    frozen = {id(p): p for module in modules for p in module.parameters()}
+    for parameter in frozen.values():
+        parameter.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())

@@ -45,13 +45,13 @@ def search(index, query_vectors, k, batch_size=4096):
     return np.concatenate(scores), np.concatenate(rows)
 
 
-def retrieval_metrics(ranked_ids, qrels, ks):
-    """Mean P@k, R@k, nDCG@k and MRR@k over the queries that have at least one relevant document.
+def per_query_metrics(ranked_ids, qrels, ks):
+    """{metric@k: {query_id: value}} over the queries that have at least one relevant document.
 
     ranked_ids: {query_id: [doc_id, ...] best first}; qrels: {query_id: {doc_id: grade}}, grade > 0
     is relevant. nDCG uses linear gains (the grade itself) and log2 discounts, as trec_eval does.
     """
-    totals = {f"{name}@{k}": 0.0 for k in ks for name in ("precision", "recall", "ndcg", "mrr")}
+    values = {f"{name}@{k}": {} for k in ks for name in ("precision", "recall", "ndcg", "mrr")}
     judged = [qid for qid, grades in qrels.items() if any(grade > 0 for grade in grades.values())]
     for qid in judged:
         grades = qrels[qid]
@@ -59,15 +59,39 @@ def retrieval_metrics(ranked_ids, qrels, ks):
         relevant_count = sum(1 for grade in grades.values() if grade > 0)
         ideal = sorted((grade for grade in grades.values() if grade > 0), reverse=True)
         for k in ks:
-            top = ranked[:k]
-            hits = [grades.get(doc_id, 0) for doc_id in top]
+            hits = [grades.get(doc_id, 0) for doc_id in ranked[:k]]
             relevant_hits = sum(1 for grade in hits if grade > 0)
-            totals[f"precision@{k}"] += relevant_hits / k
-            totals[f"recall@{k}"] += relevant_hits / relevant_count
+            values[f"precision@{k}"][qid] = relevant_hits / k
+            values[f"recall@{k}"][qid] = relevant_hits / relevant_count
             dcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(hits))
             idcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(ideal[:k]))
-            totals[f"ndcg@{k}"] += dcg / idcg
+            values[f"ndcg@{k}"][qid] = dcg / idcg
             first = next((rank for rank, grade in enumerate(hits) if grade > 0), None)
-            totals[f"mrr@{k}"] += 0.0 if first is None else 1.0 / (first + 1)
-    count = max(len(judged), 1)
-    return {name: value / count for name, value in totals.items()}
+            values[f"mrr@{k}"][qid] = 0.0 if first is None else 1.0 / (first + 1)
+    return values
+
+
+def retrieval_metrics(ranked_ids, qrels, ks):
+    """Mean P@k, R@k, nDCG@k and MRR@k over the queries that have at least one relevant document."""
+    per_query = per_query_metrics(ranked_ids, qrels, ks)
+    return {name: sum(values.values()) / max(len(values), 1) for name, values in per_query.items()}
+
+
+def overlap_at_k(rows_a, rows_b, k):
+    """Mean |top-k(a) & top-k(b)| / k over queries: agreement of two rankings, no judgments needed."""
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(rows_a, rows_b)]))
+
+
+def bootstrap_ratio_interval(numerator, denominator, samples=1000, level=0.95, seed=0):
+    """Confidence interval of mean(numerator) / mean(denominator) over queries (paired percentile bootstrap).
+
+    numerator and denominator are per-query values of the same queries (a student's and the teacher's
+    metric); queries are resampled with replacement, both models together.
+    """
+    numerator, denominator = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(numerator), size=(samples, len(numerator)))
+    top, bottom = numerator[draws].mean(axis=1), denominator[draws].mean(axis=1)
+    ratios = top[bottom > 0] / bottom[bottom > 0]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))

@@ -1,0 +1,277 @@
+"""Study: how much of the teacher a small student keeps, per phase-2 recipe, on real collections.
+
+The setting (the reference budget of issue 8): teacher all-MiniLM-L6-v2 (real weights, untuned,
+symmetric); students are K of its 6 layers; one pass over ~30k label-free texts at batch 64 (about 470
+optimiser steps); each student's query vectors are searched against the teacher's document vectors, as
+in serving. The evaluation queries and judgments are never used for training.
+
+Label-free text (written under --output_dir, never into the repository):
+- general text, shared by all collections: the English Wikipedia articles and the Lee news corpus that
+  ship in the `gensim` wheel (gensim/test/test_data), split into sentences of 6 to 60 words (~20k);
+- document-side text, per collection: each document's title and its sentences of 4 words or more.
+Texts are shuffled together; the teacher's vectors of each file are encoded once into a store.
+
+For every collection in --data_root (folders with corpus.jsonl, queries.jsonl, qrels.tsv; by default
+../shared/data) and every recipe in --recipes, this trains the student with `distill_student.py` (and
+`refine_contrastive.py` for refined recipes), then prints one table: nDCG@10 and R@100, recovery of the
+teacher's value with a 95% bootstrap interval over queries, overlap@10 with the teacher's top 10,
+p50 latency at batch 1, parameters and training time; then the mean recovery of each recipe over the
+collections.
+
+    pip install gensim                                        # the general text
+    python benchmarks/distill_study.py                        # every recipe, every collection
+    python benchmarks/distill_study.py --recipes l2-2 cut-2 --collections med
+    python benchmarks/distill_study.py --list                 # the recipes and their flags
+"""
+
+import argparse
+import bz2
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import distill_student  # noqa: E402
+import encode  # noqa: E402
+import evaluate  # noqa: E402  (the repository's evaluate.py)
+from common.data import read_qrels  # noqa: E402
+from common.demo_data import demo_base_model  # noqa: E402
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers  # noqa: E402
+from common.retrieval import (  # noqa: E402
+    bootstrap_ratio_interval,
+    build_index,
+    overlap_at_k,
+    per_query_metrics,
+    search,
+)
+from common.store import EmbeddingStore  # noqa: E402
+
+# name -> (student layers, distill_student.py flags or None for the untrained cut). One pass over the texts.
+RECIPES = {
+    "cut-2": (2, None),
+    "l2-2": (2, []),
+    "l2-2-ungrouped": (2, ["--group_by_length", "false"]),
+    "l2-2-lr5e-4": (2, ["--learning_rate", "5e-4"]),
+    "l2-2-lr1e-3": (2, ["--learning_rate", "1e-3"]),
+    "l2-2-frozen": (2, ["--freeze_embeddings"]),
+    "cosine-2": (2, ["--alignment_loss", "cosine"]),
+    "kl-2": (2, ["--alignment_loss", "kl"]),
+    "kernel-2": (2, ["--alignment_loss", "kernel"]),
+    "l2+kl-2": (2, ["--alignment_loss", "l2+kl"]),
+    "cut-3": (3, None),
+    "l2-3": (3, []),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_root", default=os.path.join(ROOT, "..", "shared", "data"))
+    parser.add_argument("--collections", nargs="+", default=None, help="Folder names; default: all found.")
+    parser.add_argument("--recipes", nargs="+", default=None, help="Recipe names; default: all.")
+    parser.add_argument("--list", action="store_true", help="Print the recipes and exit.")
+    parser.add_argument("--latency_queries", type=int, default=200)
+    parser.add_argument("--bootstrap_samples", type=int, default=2000)
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "distill_study"))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.recipes or []) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    return args
+
+
+def split_sentences(text, min_words, max_words=10**9):
+    sentences = re.split(r"(?<=[.?!])\s+", text)
+    return [s.strip() for s in sentences if min_words <= len(s.split()) <= max_words]
+
+
+def general_text():
+    """Wikipedia and news sentences from gensim's test data (real text that installs from PyPI)."""
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        sys.exit("The general text comes from the gensim wheel: pip install gensim")
+    data = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data")
+    texts = []
+    wiki = os.path.join(data, "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    for _, markup, _ in extract_pages(bz2.open(wiki)):
+        if markup.lower().startswith("#redirect"):
+            continue
+        for paragraph in filter_wiki(markup).replace("'''", "").replace("''", "").split("\n"):
+            paragraph = paragraph.strip()
+            if paragraph and not paragraph.startswith(("*", "|", "!", "{", "=", ":", ";")):
+                texts += [s for s in split_sentences(paragraph, 6, 60) if s[-1] in ".?!"]
+    with open(os.path.join(data, "lee_background.cor"), encoding="utf-8") as handle:
+        for line in handle:
+            texts += split_sentences(line, 6, 60)
+    return texts
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def prepare_collection(collection_dir, work_dir):
+    """Documents (title. text) for the teacher's index; titles and sentences as label-free text."""
+    documents, label_free = [], []
+    with open(os.path.join(collection_dir, "corpus.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            title = (doc.get("title") or "").strip()
+            documents.append({"id": doc["id"], "text": f"{title}. {doc['text']}" if title else doc["text"]})
+            label_free += ([title] if title else []) + split_sentences(doc["text"], 4)
+    paths = {
+        "documents": os.path.join(work_dir, "documents.jsonl"),
+        "document_text": os.path.join(work_dir, "document_text.jsonl"),
+        "queries": os.path.join(collection_dir, "queries.jsonl"),
+        "qrels": os.path.join(collection_dir, "qrels.tsv"),
+    }
+    write_jsonl(paths["documents"], documents)
+    random.Random(0).shuffle(label_free)
+    write_jsonl(paths["document_text"], ({"query": text} for text in label_free))
+    return paths, len(label_free)
+
+
+def encode_store(model, input_file, kind, path, text_column):
+    if not os.path.exists(os.path.join(path, "metadata.json")):
+        encode.main(["--model_name_or_path", model, "--input_file", input_file, "--kind", kind,
+                     "--text_column", text_column, "--output_dir", path, "--encode_batch_size", "128"])  # fmt: skip
+    return EmbeddingStore.open(path)
+
+
+def read_queries(path):
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    return [str(row["id"]) for row in rows], [row["text"] for row in rows]
+
+
+def latency_p50_ms(encoder, texts, count):
+    return evaluate.time_queries(encoder, texts, torch.device("cpu"), count, 64, 64)["latency_p50_ms"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    recipes = args.recipes or list(RECIPES)
+    if args.list:
+        for name in recipes:
+            layers, flags = RECIPES[name]
+            print(f"{name}: {layers} layers, " + ("no training" if flags is None else " ".join(flags) or "defaults"))
+        return
+    data_root = os.path.abspath(args.data_root)
+    names = args.collections or sorted(
+        name for name in os.listdir(data_root) if os.path.exists(os.path.join(data_root, name, "qrels.tsv"))
+    )
+    torch.set_num_threads(torch.get_num_threads())
+    teacher_path = demo_base_model()
+    work = os.path.abspath(args.output_dir)
+    general_file = os.path.join(work, "general_text.jsonl")
+    if not os.path.exists(general_file):
+        texts = general_text()
+        random.Random(0).shuffle(texts)
+        write_jsonl(general_file, ({"query": text} for text in texts))
+    general_store = os.path.join(work, "stores", "teacher-general")
+    encode_store(teacher_path, general_file, "query", general_store, "query")
+    teacher = Encoder.from_pretrained(teacher_path).eval()
+
+    rows, recovery = [], {}
+    for collection in names:
+        collection_work = os.path.join(work, collection)
+        paths, document_count = prepare_collection(os.path.join(data_root, collection), collection_work)
+        document_store = encode_store(
+            teacher_path, paths["documents"], "ad", os.path.join(collection_work, "stores", "teacher-documents"), "text"
+        )
+        doc_text_store = os.path.join(collection_work, "stores", "teacher-document-text")
+        encode_store(teacher_path, paths["document_text"], "query", doc_text_store, "query")
+        index, doc_ids = build_index(document_store, use_gpu=False), document_store.ids
+        query_ids, query_texts = read_queries(paths["queries"])
+        qrels = read_qrels(paths["qrels"])
+
+        def evaluate_encoder(encoder):
+            with torch.inference_mode():
+                vectors = encoder.encode(query_texts, "query", batch_size=64)
+            _, found = search(index, vectors, 100)
+            ranked = {qid: [doc_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, found)}
+            return found, per_query_metrics(ranked, qrels, [10, 100])
+
+        teacher_rows, teacher_metrics = evaluate_encoder(teacher)
+        teacher_latency = latency_p50_ms(teacher, query_texts, args.latency_queries)
+        judged = sorted(teacher_metrics["ndcg@10"])
+        general_count = len(EmbeddingStore.open(general_store))
+        print(f"{collection}: {len(doc_ids)} documents, {len(judged)} judged queries; label-free text: "
+              f"{general_count} general + {document_count} document-side")  # fmt: skip
+
+        def add_row(name, encoder, train_seconds):
+            found, metrics = evaluate_encoder(encoder)
+            row = {"collection": collection, "model": name, "train_s": train_seconds}
+            for key in ("ndcg@10", "recall@100"):
+                student = [metrics[key][q] for q in judged]
+                reference = [teacher_metrics[key][q] for q in judged]
+                row[key] = float(np.mean(student))
+                row[f"recovery {key}"] = row[key] / float(np.mean(reference))
+                row[f"interval {key}"] = bootstrap_ratio_interval(student, reference, args.bootstrap_samples)
+            row["overlap@10"] = overlap_at_k(found, teacher_rows, 10)
+            row["latency_ms"] = (
+                teacher_latency if name == "teacher" else latency_p50_ms(encoder, query_texts, args.latency_queries)
+            )
+            row["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
+            rows.append(row)
+            recovery.setdefault(name, []).append((row["recovery ndcg@10"], row["recovery recall@100"]))
+            print(json.dumps(row))
+
+        add_row("teacher", teacher, 0.0)
+        for name in recipes:
+            layers, flags = RECIPES[name]
+            if flags is None:
+                student = Encoder.from_pretrained(teacher_path)
+                keep_layers(student, evenly_spaced_layers(student.backbone.config.num_hidden_layers, layers))
+                add_row(name, student.eval(), 0.0)
+                continue
+            output = os.path.join(collection_work, name)
+            started = time.perf_counter()
+            distill_student.main([
+                "--teacher_model", teacher_path, "--student_num_layers", str(layers),
+                "--query_file", paths["document_text"], "--teacher_query_store", doc_text_store,
+                "--general_text_file", general_file, "--teacher_general_store", general_store,
+                "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
+                "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100", *flags,
+            ])  # fmt: skip
+            train_seconds = time.perf_counter() - started
+            add_row(name, Encoder.from_pretrained(output).eval(), train_seconds)
+
+    lines = [
+        "| collection | model | nDCG@10 | recovery (95% CI) | R@100 | recovery (95% CI) | overlap@10 | p50 ms "
+        "| params (M) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [row["collection"], row["model"]]
+        for key in ("ndcg@10", "recall@100"):
+            low, high = row[f"interval {key}"]
+            cells += [f"{row[key]:.4f}", f"{row[f'recovery {key}']:.1%} ({low:.1%}-{high:.1%})"]
+        cells += [f"{row['overlap@10']:.3f}", f"{row['latency_ms']:.2f}", f"{row['params_m']:.1f}",
+                  f"{row['train_s']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| model | mean recovery nDCG@10 | mean recovery R@100 | collections |", "|---|---|---|---|"]
+    for name, values in recovery.items():
+        ndcg, recall = np.mean([v[0] for v in values]), np.mean([v[1] for v in values])
+        lines.append(f"| {name} | {ndcg:.1%} | {recall:.1%} | {len(values)} |")
+    table = "\n".join(lines)
+    with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
