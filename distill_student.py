@@ -54,7 +54,14 @@ from common.cli import (
 )
 from common.data import LengthGroupedSampler, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder, evenly_spaced_layers, freeze_input_embeddings, keep_layers, model_depth
+from common.encoder import (
+    Encoder,
+    evenly_spaced_layers,
+    freeze_input_embeddings,
+    keep_layers,
+    model_depth,
+    truncate_output,
+)
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -89,6 +96,13 @@ def parse_args(argv=None):
         const=True,
         default=False,
         help="Keep the student's input embeddings (tokens, positions) fixed; only the blocks and head train.",
+    )
+    group.add_argument(
+        "--teacher_dim",
+        type=positive_int,
+        default=None,
+        help="Align to the teacher's vectors truncated to their first N coordinates and re-normalised "
+        "(Matryoshka); the student outputs N-d vectors, scored against the truncated ad index.",
     )
     # Objective
     group = parser.add_argument_group("Alignment objective")
@@ -231,9 +245,16 @@ def make_student(args, teacher):
         keep_layers(student, layers)
         student.config.extra["teacher_layers"] = layers
         logger.info(f"Student: teacher layers {layers} of {total}")
-    if student.embedding_dim != teacher.embedding_dim:
-        logger.info(f"Adding a projection head {student.hidden_size} -> {teacher.embedding_dim}")
-        student.add_projection(teacher.embedding_dim)
+    target_dim = args.teacher_dim or teacher.embedding_dim
+    if args.teacher_dim and not args.student_model:
+        # A cut of the teacher starts exactly at the truncated teacher: a head keeping the first coordinates.
+        logger.info(f"Matryoshka: the student outputs the first {target_dim} of {teacher.embedding_dim} coordinates")
+        truncate_output(student, target_dim)
+    elif student.embedding_dim != target_dim:
+        logger.info(f"Adding a projection head {student.hidden_size} -> {target_dim}")
+        student.add_projection(target_dim)
+    if args.teacher_dim:
+        student.config.extra["teacher_dim"] = args.teacher_dim  # the ad index is truncated the same way
     student.config.extra["teacher"] = str(args.teacher_model)
     student.config.base_model = args.student_model or f"{args.teacher_model} (layers)"
     return student
@@ -315,6 +336,7 @@ def align(accelerator, args, student, texts, teacher_store):
         loop.end_of_batch(alignment_loss=loss, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results.update(loop.speed())
     results["steps"] = loop.step
     save_final_model(accelerator, args, model, SCRIPT, "student", results, progress.log_history)
     student = accelerator.unwrap_model(model)
@@ -366,6 +388,11 @@ def main(argv=None):
     teacher = Encoder.from_pretrained(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
+    if args.teacher_dim and args.teacher_dim > teacher.embedding_dim:
+        raise UserError(
+            f"--teacher_dim {args.teacher_dim} is wider than the teacher's {teacher.embedding_dim}-d vectors; "
+            f"use at most {teacher.embedding_dim}."
+        )
     stores = [
         open_or_build_store(
             accelerator,
@@ -381,6 +408,8 @@ def main(argv=None):
         for ids, source_texts, store_path in sources
     ]
     teacher_store = EmbeddingStore.stack(stores)
+    if args.teacher_dim:
+        teacher_store = teacher_store.truncated(args.teacher_dim)
     teacher_depth = teacher.backbone.config.num_hidden_layers
     student = make_student(args, teacher)
     del teacher

@@ -36,7 +36,7 @@ from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.retrieval import build_index, retrieval_metrics, search
-from common.store import default_store_dir, open_or_build_store
+from common.store import default_store_dir, open_or_build_store, store_for_student
 
 
 def parse_args(argv=None):
@@ -243,7 +243,7 @@ def main(argv=None):
     }
     entries = [(name, path, "baseline (own ads)") for name, path in baselines]
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
-    teacher_index = None
+    teacher_store, teacher_indexes = None, {}
     ads_fp = data_fingerprint(ad_ids, ad_texts)  # once for all models
     for name, path, role in entries:
         encoder = Encoder.from_pretrained(
@@ -264,14 +264,13 @@ def main(argv=None):
             )
             index = build_index(store, use_gpu=not args.no_gpu_index)
             if role == "teacher":
-                teacher_index, teacher_dim = index, store.dim
+                teacher_store, teacher_indexes = store, {store.dim: index}
         else:
-            if encoder.embedding_dim != teacher_dim:
-                raise UserError(
-                    f"{name} outputs {encoder.embedding_dim}-d vectors but the teacher's ads are "
-                    f"{teacher_dim}-d; evaluate a student aligned to this teacher."
-                )
-            index = teacher_index
+            # the teacher's ad index; for a student aligned with --teacher_dim, one of the truncated vectors
+            store = store_for_student(teacher_store, encoder)
+            if store.dim not in teacher_indexes:
+                teacher_indexes[store.dim] = build_index(store, use_gpu=not args.no_gpu_index)
+            index = teacher_indexes[store.dim]
         if not accelerator.is_main_process:
             continue
         logger.info(f"Scoring {name} ({path})")

@@ -15,6 +15,7 @@ Multi-GPU (DDP):
 import argparse
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from common.cli import (
     finite_float,
     log_banner,
     log_truncation,
+    logger,
     make_accelerator,
     non_negative_int,
     parse_with_config,
@@ -49,7 +51,7 @@ from common.loop import (
     save_final_model,
 )
 from common.loss import contrastive_loss
-from common.store import default_store_dir, open_or_build_store
+from common.store import default_store_dir, open_or_build_store, store_for_student
 
 SCRIPT = "refine_contrastive.py"
 
@@ -67,6 +69,13 @@ def parse_args(argv=None):
     # Data
     group = parser.add_argument_group("Data")
     group.add_argument("--train_file", default=None, help="Clicks; default: the built-in data.")
+    group.add_argument(
+        "--pseudo_queries",
+        choices=["first_sentence"],
+        default=None,
+        help="No clicks: train on pseudo-clicks made from the corpus instead of --train_file: each ad's first "
+        "sentence (its title, when the text starts with one) is a query whose click is that ad.",
+    )
     group.add_argument("--train_split", default="train")
     group.add_argument("--query_column", default="query")
     group.add_argument("--positive_id_column", default="positive_id", help="Ad id of the click.")
@@ -159,6 +168,23 @@ def read_clicks(args, store, ad_texts):
     return clicks
 
 
+def pseudo_clicks(ad_texts, min_words=3):
+    """Clicks made from the corpus alone: (first sentence of an ad -> that ad), for ads whose first sentence
+    has at least `min_words` words and is not the whole text (the query must say less than the ad)."""
+    clicks = []
+    for row, text in enumerate(ad_texts):
+        first = re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0].strip()
+        if len(first.split()) >= min_words and len(first) < len(text.strip()):
+            clicks.append({"query": first, "positive": row, "negatives": [], "group": group_key(None, text)})
+    if not clicks:
+        raise UserError(
+            f"No ad has a first sentence of at least {min_words} words followed by more text, so --pseudo_queries "
+            "makes no click; give real clicks with --train_file."
+        )
+    logger.info(f"Pseudo-clicks: {len(clicks)} of {len(ad_texts)} ads give their first sentence as a query")
+    return clicks
+
+
 def group_key(group, positive_text):
     """The key that masks another click's ad as a false negative: the ad group when the click has one; a
     click without a group (null or no column) is only in a group with ads of the same text."""
@@ -186,14 +212,18 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
 def main(argv=None):
     args = parse_args(argv)
     check_has_negatives(args, args.num_random_negatives)
+    if args.pseudo_queries and args.train_file:
+        raise UserError(
+            "--pseudo_queries makes the clicks from the corpus; drop --train_file, or drop --pseudo_queries."
+        )
     check_run_args(
         args, SCRIPT, inputs=[args.student_model, args.teacher_model, args.train_file, args.corpus_file, args.ad_store]
     )
     accelerator = make_accelerator(args)
-    if args.train_file is None or args.corpus_file is None:
+    if (args.train_file is None and not args.pseudo_queries) or args.corpus_file is None:
         with accelerator.main_process_first():
             paths = demo_paths()
-        args.train_file = args.train_file or paths["train"]
+        args.train_file = args.train_file or (None if args.pseudo_queries else paths["train"])
         args.corpus_file = args.corpus_file or paths["ads"]
     set_seed(args.seed)
 
@@ -215,7 +245,7 @@ def main(argv=None):
         batch_size=args.encode_batch_size,
     )
     del teacher
-    clicks = read_clicks(args, ad_store, ad_texts)
+    clicks = pseudo_clicks(ad_texts) if args.pseudo_queries else read_clicks(args, ad_store, ad_texts)
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     student = Encoder.from_pretrained(
@@ -224,12 +254,8 @@ def main(argv=None):
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle_weights,
     )
-    if student.embedding_dim != ad_store.dim:
-        raise UserError(
-            f"The student outputs {student.embedding_dim}-d vectors but the ad store holds {ad_store.dim}-d; "
-            "align the student to this teacher first (distill_student.py adds the projection head)."
-        )
-    log_truncation(student, [click["query"] for click in clicks], "query", args.train_file)
+    ad_store = store_for_student(ad_store, student)  # truncated for a student aligned with --teacher_dim
+    log_truncation(student, [click["query"] for click in clicks], "query", args.train_file or args.corpus_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -317,6 +343,7 @@ def main(argv=None):
         loop.end_of_batch(loss=loss, accuracy=accuracy, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results.update(loop.speed())
     results |= {"steps": loop.step, "ad_store": ad_store.folder}
     save_final_model(accelerator, args, model, SCRIPT, "student", results, progress.log_history)
     accelerator.end_training()

@@ -246,6 +246,7 @@ def main(argv=None):
         loop.end_of_batch(loss=loss, accuracy=accuracy, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
+    results.update(loop.speed())
     results["steps"] = loop.step
     save_final_model(accelerator, args, model, SCRIPT, "teacher", results, progress.log_history)
     accelerator.end_training()

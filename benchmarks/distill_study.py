@@ -102,13 +102,14 @@ def general_text():
     data = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data")
     texts = []
     wiki = os.path.join(data, "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-    for _, markup, _ in extract_pages(bz2.open(wiki)):
-        if markup.lower().startswith("#redirect"):
-            continue
-        for paragraph in filter_wiki(markup).replace("'''", "").replace("''", "").split("\n"):
-            paragraph = paragraph.strip()
-            if paragraph and not paragraph.startswith(("*", "|", "!", "{", "=", ":", ";")):
-                texts += [s for s in split_sentences(paragraph, 6, 60) if s[-1] in ".?!"]
+    with bz2.open(wiki) as dump:
+        for _, markup, _ in extract_pages(dump):
+            if markup.lower().startswith("#redirect"):
+                continue
+            for paragraph in filter_wiki(markup).replace("'''", "").replace("''", "").split("\n"):
+                paragraph = paragraph.strip()
+                if paragraph and not paragraph.startswith(("*", "|", "!", "{", "=", ":", ";")):
+                    texts += [s for s in split_sentences(paragraph, 6, 60) if s[-1] in ".?!"]
     with open(os.path.join(data, "lee_background.cor"), encoding="utf-8") as handle:
         for line in handle:
             texts += split_sentences(line, 6, 60)
@@ -160,6 +161,46 @@ def latency_p50_ms(encoder, texts, count):
     return evaluate.time_queries(encoder, texts, torch.device("cpu"), count, 64, 64)["latency_p50_ms"]
 
 
+class Scorer:
+    """One collection's evaluation: the teacher's document index, the test queries and the teacher's results."""
+
+    def __init__(self, collection, document_store, paths, teacher, args):
+        self.collection, self.args = collection, args
+        self.index, self.doc_ids = build_index(document_store, use_gpu=False), document_store.ids
+        self.query_ids, self.query_texts = read_queries(paths["queries"])
+        self.qrels = read_qrels(paths["qrels"])
+        self.teacher_rows, self.teacher_metrics = self.search(teacher)
+        self.teacher_latency = latency_p50_ms(teacher, self.query_texts, args.latency_queries)
+        self.judged = sorted(self.teacher_metrics["ndcg@10"])
+
+    def search(self, encoder):
+        with torch.inference_mode():
+            vectors = encoder.encode(self.query_texts, "query", batch_size=64)
+        _, found = search(self.index, vectors, 100)
+        ranked = {qid: [self.doc_ids[r] for r in row if r >= 0] for qid, row in zip(self.query_ids, found)}
+        return found, per_query_metrics(ranked, self.qrels, [10, 100])
+
+    def row(self, name, encoder, train_seconds):
+        """The table row of one encoder: metrics, recovery with its interval, overlap, latency, size."""
+        found, metrics = self.search(encoder)
+        row = {"collection": self.collection, "model": name, "train_s": train_seconds}
+        for key in ("ndcg@10", "recall@100"):
+            student = [metrics[key][q] for q in self.judged]
+            reference = [self.teacher_metrics[key][q] for q in self.judged]
+            row[key] = float(np.mean(student))
+            row[f"recovery {key}"] = row[key] / float(np.mean(reference))
+            row[f"interval {key}"] = bootstrap_ratio_interval(student, reference, self.args.bootstrap_samples)
+        row["overlap@10"] = overlap_at_k(found, self.teacher_rows, 10)
+        row["latency_ms"] = (
+            self.teacher_latency
+            if name == "teacher"
+            else latency_p50_ms(encoder, self.query_texts, self.args.latency_queries)
+        )
+        row["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
+        print(json.dumps(row), flush=True)
+        return row
+
+
 def main(argv=None):
     args = parse_args(argv)
     recipes = args.recipes or list(RECIPES)
@@ -184,7 +225,7 @@ def main(argv=None):
     encode_store(teacher_path, general_file, "query", general_store, "query")
     teacher = Encoder.from_pretrained(teacher_path).eval()
 
-    rows, recovery = [], {}
+    rows = []
     for collection in names:
         collection_work = os.path.join(work, collection)
         paths, document_count = prepare_collection(os.path.join(data_root, collection), collection_work)
@@ -193,49 +234,17 @@ def main(argv=None):
         )
         doc_text_store = os.path.join(collection_work, "stores", "teacher-document-text")
         encode_store(teacher_path, paths["document_text"], "query", doc_text_store, "query")
-        index, doc_ids = build_index(document_store, use_gpu=False), document_store.ids
-        query_ids, query_texts = read_queries(paths["queries"])
-        qrels = read_qrels(paths["qrels"])
-
-        def evaluate_encoder(encoder):
-            with torch.inference_mode():
-                vectors = encoder.encode(query_texts, "query", batch_size=64)
-            _, found = search(index, vectors, 100)
-            ranked = {qid: [doc_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, found)}
-            return found, per_query_metrics(ranked, qrels, [10, 100])
-
-        teacher_rows, teacher_metrics = evaluate_encoder(teacher)
-        teacher_latency = latency_p50_ms(teacher, query_texts, args.latency_queries)
-        judged = sorted(teacher_metrics["ndcg@10"])
+        scorer = Scorer(collection, document_store, paths, teacher, args)
+        rows.append(scorer.row("teacher", teacher, 0.0))
         general_count = len(EmbeddingStore.open(general_store))
-        print(f"{collection}: {len(doc_ids)} documents, {len(judged)} judged queries; label-free text: "
-              f"{general_count} general + {document_count} document-side")  # fmt: skip
-
-        def add_row(name, encoder, train_seconds):
-            found, metrics = evaluate_encoder(encoder)
-            row = {"collection": collection, "model": name, "train_s": train_seconds}
-            for key in ("ndcg@10", "recall@100"):
-                student = [metrics[key][q] for q in judged]
-                reference = [teacher_metrics[key][q] for q in judged]
-                row[key] = float(np.mean(student))
-                row[f"recovery {key}"] = row[key] / float(np.mean(reference))
-                row[f"interval {key}"] = bootstrap_ratio_interval(student, reference, args.bootstrap_samples)
-            row["overlap@10"] = overlap_at_k(found, teacher_rows, 10)
-            row["latency_ms"] = (
-                teacher_latency if name == "teacher" else latency_p50_ms(encoder, query_texts, args.latency_queries)
-            )
-            row["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
-            rows.append(row)
-            recovery.setdefault(name, []).append((row["recovery ndcg@10"], row["recovery recall@100"]))
-            print(json.dumps(row))
-
-        add_row("teacher", teacher, 0.0)
+        print(f"{collection}: {len(scorer.doc_ids)} documents, {len(scorer.judged)} judged queries; label-free "
+              f"text: {general_count} general + {document_count} document-side")  # fmt: skip
         for name in recipes:
             layers, flags = RECIPES[name]
             if flags is None:
                 student = Encoder.from_pretrained(teacher_path)
                 keep_layers(student, evenly_spaced_layers(student.backbone.config.num_hidden_layers, layers))
-                add_row(name, student.eval(), 0.0)
+                rows.append(scorer.row(name, student.eval(), 0.0))
                 continue
             output = os.path.join(collection_work, name)
             started = time.perf_counter()
@@ -247,7 +256,7 @@ def main(argv=None):
                 "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100", *flags,
             ])  # fmt: skip
             train_seconds = time.perf_counter() - started
-            add_row(name, Encoder.from_pretrained(output).eval(), train_seconds)
+            rows.append(scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds))
 
     lines = [
         "| collection | model | nDCG@10 | recovery (95% CI) | R@100 | recovery (95% CI) | overlap@10 | p50 ms "
@@ -263,8 +272,10 @@ def main(argv=None):
                   f"{row['train_s']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| model | mean recovery nDCG@10 | mean recovery R@100 | collections |", "|---|---|---|---|"]
-    for name, values in recovery.items():
-        ndcg, recall = np.mean([v[0] for v in values]), np.mean([v[1] for v in values])
+    for name in dict.fromkeys(row["model"] for row in rows):
+        values = [row for row in rows if row["model"] == name]
+        ndcg = np.mean([row["recovery ndcg@10"] for row in values])
+        recall = np.mean([row["recovery recall@100"] for row in values])
         lines.append(f"| {name} | {ndcg:.1%} | {recall:.1%} | {len(values)} |")
     table = "\n".join(lines)
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:

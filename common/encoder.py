@@ -582,3 +582,24 @@ def freeze_input_embeddings(encoder):
     for parameter in frozen.values():
         parameter.requires_grad_(False)
     return sum(p.numel() for p in frozen.values())
+
+
+def truncate_output(encoder, dim):
+    """Make the encoder output the first `dim` coordinates of what it outputs now (Matryoshka truncation).
+
+    Done with a linear head that keeps those coordinates: the rows of an existing head, or the identity's
+    first rows. With normalisation after the head, the output is exactly the truncated, re-normalised
+    vector, which is where a student aligned to a truncated teacher (--teacher_dim) starts.
+    """
+    if not 0 < dim <= encoder.embedding_dim:
+        raise UserError(f"Cannot cut {encoder.embedding_dim}-d outputs to {dim}; use 1 to {encoder.embedding_dim}.")
+    old = encoder.projection
+    encoder.add_projection(dim)
+    with torch.no_grad():
+        if old is not None:
+            encoder.projection.weight.copy_(old.weight[:dim])
+            encoder.projection.bias.copy_(old.bias[:dim] if old.bias is not None else 0)
+        else:
+            encoder.projection.weight.copy_(torch.eye(dim, encoder.hidden_size))
+            encoder.projection.bias.zero_()
+    return encoder

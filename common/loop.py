@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +191,7 @@ class TrainLoop:
         self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script
         self.progress = progress
         self.bar = None
+        self.started, self.first_step, self.runtime = None, progress.step, 0.0
         self.stop_signal = None  # set by SIGTERM / Ctrl-C; acted on at the end of the optimiser step
 
     def _request_stop(self, signal_number, frame):
@@ -228,9 +230,24 @@ class TrainLoop:
             disable=not self.accelerator.is_local_main_process,
             desc="steps",
         )
+        self.started, self.first_step = time.perf_counter(), progress.step
         with self._stop_handlers():
             yield from self._batches()
+        self.runtime = time.perf_counter() - self.started
         self.bar.close()
+
+    def speed(self):
+        """Like the HF Trainer's metrics: wall time of this run's loop, and samples and steps per second in it."""
+        steps = self.progress.step - self.first_step
+        args = self.args
+        samples = steps * args.per_device_train_batch_size * self.accelerator.num_processes
+        samples *= args.gradient_accumulation_steps
+        runtime = max(self.runtime, 1e-9)
+        return {
+            "train_runtime": round(self.runtime, 3),
+            "train_samples_per_second": round(samples / runtime, 3),
+            "train_steps_per_second": round(steps / runtime, 3),
+        }
 
     def _batches(self):
         progress, args = self.progress, self.args

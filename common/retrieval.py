@@ -15,11 +15,7 @@ def build_index(ad_vectors, use_gpu=True, chunk_rows=65536):
     """
     import faiss
 
-    chunks = (
-        [shard[start : start + chunk_rows] for _, shard in ad_vectors.iter_shards()
-         for start in range(0, len(shard), chunk_rows)]
-        if hasattr(ad_vectors, "iter_shards") else [ad_vectors]
-    )  # fmt: skip
+    chunks = ad_vectors.iter_chunks(chunk_rows) if hasattr(ad_vectors, "iter_chunks") else [ad_vectors]
     dim = ad_vectors.dim if hasattr(ad_vectors, "dim") else np.asarray(ad_vectors).shape[1]
     index = faiss.IndexFlatIP(dim)
     # faiss-cpu has no GPU API at all; faiss-gpu on a machine without GPUs reports zero of them.

@@ -35,6 +35,7 @@ class EmbeddingStore:
     def __init__(self, folder, metadata, id_shards, shards):
         self.folder, self.metadata, self.id_shards, self.shards = folder, metadata, id_shards, shards
         self.offsets = np.cumsum([0] + [len(shard) for shard in shards])
+        self.width = metadata["dim"]  # < dim for a Matryoshka view (see `truncated`)
         self._row_of = None
 
     @property
@@ -44,7 +45,28 @@ class EmbeddingStore:
 
     @property
     def dim(self):
-        return self.metadata["dim"]
+        return self.width
+
+    def truncated(self, dim):
+        """A Matryoshka view of the store: the first `dim` coordinates of every row, re-normalised when the
+        store's vectors are normalised (what a Matryoshka-trained embedder's truncated vector is)."""
+        if not 0 < dim <= self.metadata["dim"]:
+            raise UserError(
+                f"Cannot truncate the {self.metadata['dim']}-d store {self.folder} to {dim} dimensions; "
+                f"use a width from 1 to {self.metadata['dim']}."
+            )
+        view = EmbeddingStore(self.folder, self.metadata, self.id_shards, self.shards)
+        view.width = dim
+        return view
+
+    def _finish(self, vectors):
+        """float32 rows cut to this view's width (re-normalised after a cut when the store is normalised)."""
+        if self.width < self.metadata["dim"]:
+            vectors = vectors[:, : self.width]
+            if self.metadata.get("normalized"):
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = vectors / np.maximum(norms, 1e-12)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -58,7 +80,7 @@ class EmbeddingStore:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"row out of range for a store of {len(self)} rows")
-        output = np.empty((len(rows), self.dim), dtype=np.float32)
+        output = np.empty((len(rows), self.metadata["dim"]), dtype=np.float32)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         bounds = np.searchsorted(sorted_rows, self.offsets)
@@ -71,11 +93,14 @@ class EmbeddingStore:
         if not np.isfinite(output).all():
             bad = int(rows[~np.isfinite(output).all(axis=1)][0])
             raise UserError(f"Row {bad} of the store {self.folder} holds NaN or inf; rebuild the store.")
-        return output
+        return self._finish(output)
 
-    def iter_shards(self):
-        """(global row offset, memory-mapped shard) pairs, for whole passes such as building an index."""
-        return zip(self.offsets[:-1].tolist(), self.shards)
+    def iter_chunks(self, chunk_rows=65536):
+        """float32 blocks of at most `chunk_rows` consecutive rows, in row order, for whole passes such as
+        building an index: only one block is in memory at a time."""
+        for shard in self.shards:
+            for start in range(0, len(shard), chunk_rows):
+                yield self._finish(shard[start : start + chunk_rows])
 
     def rows(self, ids):
         """Row numbers of the given ids; an unknown id is an error naming it."""
@@ -99,7 +124,9 @@ class EmbeddingStore:
             raise UserError(f"Stores of different widths {sorted(dims)} cannot be used together; rebuild them.")
         shards = [shard for store in stores for shard in store.shards]
         id_shards = [ids for store in stores for ids in store.id_shards]
-        return cls(", ".join(store.folder for store in stores), stores[0].metadata, id_shards, shards)
+        stacked = cls(", ".join(store.folder for store in stores), stores[0].metadata, id_shards, shards)
+        stacked.width = stores[0].width
+        return stacked
 
     @classmethod
     def open(cls, folder, model_fingerprint=None, data_fp=None, dim=None):
@@ -306,4 +333,18 @@ def open_or_build_store(
     module.to(accelerator.device)
     store = build_store(accelerator, module, ids, texts, kind, path, batch_size=batch_size, data_fp=data_fp)
     module.to(device)
+    return store
+
+
+def store_for_student(store, student):
+    """The teacher's store as the student is scored against it: truncated for a Matryoshka student (aligned
+    with --teacher_dim), whole otherwise; a student of another width is refused with the fix."""
+    teacher_dim = student.config.extra.get("teacher_dim")
+    if teacher_dim and teacher_dim == student.embedding_dim and teacher_dim < store.dim:
+        store = store.truncated(teacher_dim)
+    if student.embedding_dim != store.dim:
+        raise UserError(
+            f"The student outputs {student.embedding_dim}-d vectors but the teacher's store {store.folder} holds "
+            f"{store.dim}-d; align the student to this teacher first (distill_student.py adds the projection head)."
+        )
     return store

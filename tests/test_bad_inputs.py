@@ -338,6 +338,12 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             "which is a file",
         ),
         (
+            "Matryoshka width wider than the teacher",
+            distill_student.main,
+            [*distill_args, "--query_file", data["queries"], "--teacher_dim", "4096"],
+            "--teacher_dim 4096 is wider than the teacher's 32-d vectors",
+        ),
+        (
             "query file without the column",
             distill_student.main,
             [*distill_args, "--query_file", data["test_queries"]],

@@ -1,0 +1,159 @@
+"""Student options: length-grouped batches, frozen embeddings, Matryoshka students end to end, pseudo-clicks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import distill_student
+import evaluate
+import refine_contrastive
+from common.data import LengthGroupedSampler, read_qrels
+from common.encoder import Encoder, keep_layers, truncate_output
+from common.errors import UserError
+from common.retrieval import retrieval_metrics
+from common.store import EmbeddingStore
+from tests.test_store import write_sharded_store
+
+FAST = ["--per_device_train_batch_size", "8", "--logging_steps", "1"]
+
+
+def test_length_grouped_batches_cover_every_row_once_and_cut_padding():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1000)
+    sampler = LengthGroupedSampler(lengths, 16, seed=3, group_batches=8)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(1000))  # a permutation
+        assert order == list(sampler)  # a function of seed and epoch only
+        epochs.append(order)
+    assert epochs[0] != epochs[1]
+    batches = [np.array(epochs[0][i : i + 16]) for i in range(0, 1000, 16)]
+    assert len(batches[-1]) == 1000 % 16  # the partial batch is last (dropped with drop_last)
+    padded = sum(len(b) * lengths[b].max() for b in batches[:-1])
+    shuffled = np.random.default_rng(1).permutation(1000)
+    random_padded = sum(16 * lengths[shuffled[i : i + 16]].max() for i in range(0, 992, 16))
+    tokens = lengths[np.concatenate(batches[:-1])].sum()  # what a batch without padding would compute
+    assert padded < 1.2 * tokens and random_padded > 1.6 * tokens, (padded, random_padded, tokens)
+
+
+def test_truncated_store_reads_the_first_coordinates_renormalised(tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((2, 7, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
+    store = write_sharded_store(str(tmp_path / "store"), list(vectors), dtype="float32")
+    store.metadata["normalized"] = True
+    view = store.truncated(3)
+    everything = vectors.reshape(14, 8)
+    expected = everything[:, :3] / np.linalg.norm(everything[:, :3], axis=1, keepdims=True)
+    assert view.dim == 3 and store.dim == 8  # the view does not change the store
+    np.testing.assert_allclose(view.read([13, 0, 5]), expected[[13, 0, 5]], rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate(list(view.iter_chunks(4))), expected, rtol=1e-6)
+    np.testing.assert_allclose(store.read([13]), everything[[13]])
+    stacked = EmbeddingStore.stack([view, view])
+    assert stacked.dim == 3 and stacked.read([14]).shape == (1, 3)
+
+
+def test_truncated_output_is_the_matryoshka_cut_of_the_full_output(tiny_bert):
+    encoder = Encoder.from_pretrained(tiny_bert).eval()
+    batch = encoder.tokenize(["rent a boat", "cheap used tractor for sale"], "query")
+    encoder.config.normalize = False
+    with torch.no_grad():
+        full = encoder(**batch)
+        encoder.config.normalize = True
+        truncate_output(encoder, 12)
+        cut = encoder(**batch)
+    assert encoder.embedding_dim == 12
+    torch.testing.assert_close(cut, F.normalize(full[:, :12], dim=-1))
+
+
+def test_matryoshka_student_aligns_refines_and_is_scored_against_the_truncated_index(small_data, tiny_bert, tmp_path):
+    aligned, refined = tmp_path / "aligned", tmp_path / "refined"
+    stores = str(tmp_path / "stores")
+    distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"], "--student_num_layers",
+                          "1", "--teacher_dim", "16", "--output_dir", str(aligned), "--max_train_steps", "3",
+                          "--store_dir", stores, *FAST])  # fmt: skip
+    student = Encoder.from_pretrained(str(aligned))
+    assert student.embedding_dim == 16 and student.config.extra["teacher_dim"] == 16
+    refine_contrastive.main(["--student_model", str(aligned), "--teacher_model", tiny_bert, "--train_file",
+                             small_data["train"], "--corpus_file", small_data["ads"], "--output_dir", str(refined),
+                             "--max_train_steps", "2", "--num_random_negatives", "8", "--store_dir", stores,
+                             *FAST])  # fmt: skip
+    assert Encoder.from_pretrained(str(refined)).config.extra["teacher_dim"] == 16
+    results = evaluate.main(["--teacher_model", tiny_bert, "--students", f"m16={refined}", "--corpus_file",
+                             small_data["ads"], "--queries_file", small_data["test_queries"], "--qrels_file",
+                             small_data["qrels"], "--output_dir", str(tmp_path / "eval"), "--store_dir", stores,
+                             "--latency_queries", "2", "--throughput_queries", "4"])  # fmt: skip
+    # The same metrics by hand: the teacher's ad vectors cut to 16 coordinates and re-normalised, exact search.
+    teacher = Encoder.from_pretrained(tiny_bert)
+    ads = [json.loads(line) for line in Path(small_data["ads"]).read_text().splitlines()]
+    ad_vectors = teacher.encode([ad["text"] for ad in ads], "ad")[:, :16]
+    ad_vectors /= np.linalg.norm(ad_vectors, axis=1, keepdims=True)
+    queries = [json.loads(line) for line in Path(small_data["test_queries"]).read_text().splitlines()]
+    query_vectors = Encoder.from_pretrained(str(refined)).encode([q["text"] for q in queries], "query")
+    top = np.argsort(-(query_vectors @ ad_vectors.T), axis=1, kind="stable")[:, :100]
+    ranked = {str(q["id"]): [str(ads[r]["id"]) for r in row] for q, row in zip(queries, top)}
+    expected = retrieval_metrics(ranked, read_qrels(small_data["qrels"]), [10, 100])
+    for key, value in expected.items():
+        assert results["models"]["m16"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_frozen_embeddings_stay_the_teachers_and_speed_is_reported(small_data, tiny_bert, tmp_path):
+    output = tmp_path / "s"
+    results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"],
+                                    "--student_num_layers", "1", "--freeze_embeddings", "--learning_rate", "1e-2",
+                                    "--output_dir", str(output), "--max_train_steps", "3", *FAST])  # fmt: skip
+    teacher, student = load_file(f"{tiny_bert}/model.safetensors"), load_file(f"{output}/model.safetensors")
+    embeddings = [name for name in student if name.startswith("embeddings.")]
+    assert len(embeddings) >= 3  # word, position and token-type embeddings, and their norm
+    for name in embeddings:
+        torch.testing.assert_close(student[name], teacher[name], rtol=0, atol=0)
+    layer = "encoder.layer.0.attention.self.query.weight"
+    assert (student[layer] - teacher[layer]).abs().max() > 1e-3  # the blocks trained
+    assert results["train_runtime"] > 0 and results["train_samples_per_second"] > 0
+    assert results["train_steps_per_second"] == pytest.approx(3 / results["train_runtime"], rel=1e-2)
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["train_samples_per_second"] == results["train_samples_per_second"]
+
+
+def test_pseudo_clicks_are_first_sentences_of_the_ads():
+    texts = [
+        "Cheap boats for rent. Call today.",
+        "One sentence only.",
+        "Hi. Too short a first sentence.",
+        "A b c? Rest.",
+    ]
+    clicks = refine_contrastive.pseudo_clicks(texts)
+    assert [(click["query"], click["positive"]) for click in clicks] == [("Cheap boats for rent.", 0), ("A b c?", 3)]
+    assert clicks[0]["group"] == refine_contrastive.group_key(None, texts[0])  # masks only ads of the same text
+    with pytest.raises(UserError, match="makes no click"):
+        refine_contrastive.pseudo_clicks(["One sentence only."])
+
+
+def test_refinement_on_pseudo_clicks_without_a_train_file(small_data, tiny_bert, tmp_path):
+    student = tmp_path / "student"
+    keep_layers(Encoder.from_pretrained(tiny_bert), [0]).save_pretrained(str(student))
+    output = tmp_path / "refined"
+    results = refine_contrastive.main(["--student_model", str(student), "--teacher_model", tiny_bert,
+                                       "--corpus_file", small_data["ads"], "--pseudo_queries", "first_sentence",
+                                       "--output_dir", str(output), "--max_train_steps", "2",
+                                       "--num_random_negatives", "8", "--store_dir", str(tmp_path / "stores"),
+                                       *FAST])  # fmt: skip
+    assert results["steps"] == 2 and np.isfinite(results["train_loss"])
+    with pytest.raises(UserError, match="drop --train_file"):  # fmt: skip
+        refine_contrastive.main(
+            [
+                "--student_model",
+                str(student),
+                "--train_file",
+                small_data["train"],
+                "--pseudo_queries",
+                "first_sentence",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ]
+        )
