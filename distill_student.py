@@ -123,9 +123,10 @@ def parse_args(argv=None):
     group.add_argument("--ffn_keep_ratio", type=fraction, default=1.0, help="FFN units kept at each step (<= 1).")
     group.add_argument(
         "--layer_importance",
-        choices=["block_influence", "norm_ratio"],
+        choices=["block_influence", "norm_ratio", "first_last"],
         default="block_influence",
-        help="Block ranking: 1 - cos(in, out) (default), or ||out||/||in|| as in the paper's summaries.",
+        help="Block ranking: 1 - cos(in, out) (default); ||out||/||in|| as in the paper's summaries; or first_last: "
+        "the first and last blocks always, the others by 1 - cos(in, out).",
     )
     group.add_argument(
         "--calibration_queries", type=positive_int, default=512, help="Queries that rank blocks and units."

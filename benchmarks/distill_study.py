@@ -32,6 +32,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,9 +43,10 @@ sys.path.insert(0, ROOT)
 import distill_student  # noqa: E402
 import encode  # noqa: E402
 import evaluate  # noqa: E402  (the repository's evaluate.py)
+import refine_contrastive  # noqa: E402
 from common.data import read_qrels  # noqa: E402
 from common.demo_data import demo_base_model  # noqa: E402
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers  # noqa: E402
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers, truncate_output  # noqa: E402
 from common.retrieval import (  # noqa: E402
     bootstrap_ratio_interval,
     build_index,
@@ -54,20 +56,66 @@ from common.retrieval import (  # noqa: E402
 )
 from common.store import EmbeddingStore  # noqa: E402
 
-# name -> (student layers, distill_student.py flags or None for the untrained cut). One pass over the texts.
+
+@dataclass
+class Recipe:
+    """One row of the study. layers: teacher layers kept (None: the teacher itself); distill: flags of
+    distill_student.py (None: no training); refine: flags of refine_contrastive.py on the collection's
+    pseudo-clicks (None: no phase 3), starting from the student of recipe `base`; dim: Matryoshka width;
+    text: the document-side label-free text (`sentences`, or `sentences+documents`: also whole documents)."""
+
+    layers: int | None = None
+    distill: list | None = None
+    refine: list | None = None
+    base: str | None = None
+    dim: int | None = None
+    text: str = "sentences"
+
+    def describe(self):
+        parts = ["teacher" if self.layers is None else f"{self.layers} layers"]
+        parts += [f"distill_student.py {' '.join(self.distill)}".strip()] if self.distill is not None else []
+        parts += (
+            [f"refine_contrastive.py (from {self.base}) {' '.join(self.refine)}".strip()]
+            if self.refine is not None
+            else []
+        )
+        parts += [f"{self.dim}-d"] if self.dim else []
+        parts += [f"document-side text: {self.text}"] if self.distill is not None else []
+        return ", ".join(parts)
+
+
+# One pass over the label-free texts at batch 64 for every trained student (the reference budget).
 RECIPES = {
-    "cut-2": (2, None),
-    "l2-2": (2, []),
-    "l2-2-ungrouped": (2, ["--group_by_length", "false"]),
-    "l2-2-lr5e-4": (2, ["--learning_rate", "5e-4"]),
-    "l2-2-lr1e-3": (2, ["--learning_rate", "1e-3"]),
-    "l2-2-frozen": (2, ["--freeze_embeddings"]),
-    "cosine-2": (2, ["--alignment_loss", "cosine"]),
-    "kl-2": (2, ["--alignment_loss", "kl"]),
-    "kernel-2": (2, ["--alignment_loss", "kernel"]),
-    "l2+kl-2": (2, ["--alignment_loss", "l2+kl"]),
-    "cut-3": (3, None),
-    "l2-3": (3, []),
+    "cut-2": Recipe(2),
+    "l2-2": Recipe(2, []),
+    "l2-2-ungrouped": Recipe(2, ["--group_by_length", "false"]),
+    "l2-2-lr5e-4": Recipe(2, ["--learning_rate", "5e-4"]),
+    "l2-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3"]),
+    "l2-2-frozen": Recipe(2, ["--freeze_embeddings"]),
+    "cosine-2": Recipe(2, ["--alignment_loss", "cosine"]),
+    "kl-2": Recipe(2, ["--alignment_loss", "kl"]),
+    "kernel-2": Recipe(2, ["--alignment_loss", "kernel"]),
+    "l2+kl-2": Recipe(2, ["--alignment_loss", "l2+kl"]),
+    "l2-2+refine": Recipe(2, [], refine=[], base="l2-2"),
+    "teacher-192": Recipe(None, dim=192),
+    "l2-2-192": Recipe(2, ["--teacher_dim", "192"], dim=192),
+    "teacher-96": Recipe(None, dim=96),
+    "l2-2-96": Recipe(2, ["--teacher_dim", "96"], dim=96),
+    "l2-2-docs": Recipe(2, [], text="sentences+documents"),
+    # Progressive pruning at the compute of one pass of the 2-layer student: a 4-layer stage costs twice a
+    # 2-layer one, so each stage gets 1/3 of a pass (4/3 + 2/3 = 2 units). From the whole teacher (already
+    # aligned: stage 0 is skipped), 6 -> 4 -> 2 also costs 4/3 + 2/3.
+    "prune-4-2": Recipe(4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334"]),
+    "prune-4-2-norm": Recipe(
+        4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "norm_ratio"]
+    ),
+    "prune-4-2-firstlast": Recipe(
+        4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "first_last"]
+    ),
+    "prune-6-4-2": Recipe(6, ["--prune_schedule", "4,2", "--num_train_epochs", "0.3334"]),
+    "prune-3-2-ffn": Recipe(3, ["--prune_schedule", "2", "--num_train_epochs", "0.4", "--ffn_keep_ratio", "0.75"]),
+    "cut-3": Recipe(3),
+    "l2-3": Recipe(3, []),
 }
 
 
@@ -124,24 +172,28 @@ def write_jsonl(path, rows):
 
 
 def prepare_collection(collection_dir, work_dir):
-    """Documents (title. text) for the teacher's index; titles and sentences as label-free text."""
-    documents, label_free = [], []
+    """Documents (title. text) for the teacher's index, and two sets of document-side label-free text:
+    `sentences` (titles and sentences) and `documents` (the same plus every whole document)."""
+    documents, sentences = [], []
     with open(os.path.join(collection_dir, "corpus.jsonl"), encoding="utf-8") as handle:
         for line in handle:
             doc = json.loads(line)
             title = (doc.get("title") or "").strip()
             documents.append({"id": doc["id"], "text": f"{title}. {doc['text']}" if title else doc["text"]})
-            label_free += ([title] if title else []) + split_sentences(doc["text"], 4)
+            sentences += ([title] if title else []) + split_sentences(doc["text"], 4)
     paths = {
         "documents": os.path.join(work_dir, "documents.jsonl"),
-        "document_text": os.path.join(work_dir, "document_text.jsonl"),
+        "sentences": os.path.join(work_dir, "document_text.jsonl"),
+        "sentences+documents": os.path.join(work_dir, "document_text_and_documents.jsonl"),
         "queries": os.path.join(collection_dir, "queries.jsonl"),
         "qrels": os.path.join(collection_dir, "qrels.tsv"),
     }
     write_jsonl(paths["documents"], documents)
-    random.Random(0).shuffle(label_free)
-    write_jsonl(paths["document_text"], ({"query": text} for text in label_free))
-    return paths, len(label_free)
+    with_documents = sentences + [doc["text"] for doc in documents]
+    for key, texts in (("sentences", sentences), ("sentences+documents", with_documents)):
+        random.Random(0).shuffle(texts)
+        write_jsonl(paths[key], ({"query": text} for text in texts))
+    return paths
 
 
 def encode_store(model, input_file, kind, path, text_column):
@@ -165,8 +217,8 @@ class Scorer:
     """One collection's evaluation: the teacher's document index, the test queries and the teacher's results."""
 
     def __init__(self, collection, document_store, paths, teacher, args):
-        self.collection, self.args = collection, args
-        self.index, self.doc_ids = build_index(document_store, use_gpu=False), document_store.ids
+        self.collection, self.args, self.document_store = collection, args, document_store
+        self.indexes, self.doc_ids = {}, document_store.ids
         self.query_ids, self.query_texts = read_queries(paths["queries"])
         self.qrels = read_qrels(paths["qrels"])
         self.teacher_rows, self.teacher_metrics = self.search(teacher)
@@ -176,7 +228,10 @@ class Scorer:
     def search(self, encoder):
         with torch.inference_mode():
             vectors = encoder.encode(self.query_texts, "query", batch_size=64)
-        _, found = search(self.index, vectors, 100)
+        dim = encoder.embedding_dim  # a Matryoshka student is scored against the truncated teacher vectors
+        if dim not in self.indexes:
+            self.indexes[dim] = build_index(self.document_store.truncated(dim), use_gpu=False)
+        _, found = search(self.indexes[dim], vectors, 100)
         ranked = {qid: [self.doc_ids[r] for r in row if r >= 0] for qid, row in zip(self.query_ids, found)}
         return found, per_query_metrics(ranked, self.qrels, [10, 100])
 
@@ -206,8 +261,7 @@ def main(argv=None):
     recipes = args.recipes or list(RECIPES)
     if args.list:
         for name in recipes:
-            layers, flags = RECIPES[name]
-            print(f"{name}: {layers} layers, " + ("no training" if flags is None else " ".join(flags) or "defaults"))
+            print(f"{name}: {RECIPES[name].describe()}")
         return
     data_root = os.path.abspath(args.data_root)
     names = args.collections or sorted(
@@ -222,40 +276,59 @@ def main(argv=None):
         random.Random(0).shuffle(texts)
         write_jsonl(general_file, ({"query": text} for text in texts))
     general_store = os.path.join(work, "stores", "teacher-general")
-    encode_store(teacher_path, general_file, "query", general_store, "query")
+    general_count = len(encode_store(teacher_path, general_file, "query", general_store, "query"))
     teacher = Encoder.from_pretrained(teacher_path).eval()
 
     rows = []
     for collection in names:
         collection_work = os.path.join(work, collection)
-        paths, document_count = prepare_collection(os.path.join(data_root, collection), collection_work)
+        paths = prepare_collection(os.path.join(data_root, collection), collection_work)
         document_store = encode_store(
             teacher_path, paths["documents"], "ad", os.path.join(collection_work, "stores", "teacher-documents"), "text"
         )
-        doc_text_store = os.path.join(collection_work, "stores", "teacher-document-text")
-        encode_store(teacher_path, paths["document_text"], "query", doc_text_store, "query")
+        text_stores = {}
+        for key in sorted({RECIPES[name].text for name in recipes}):
+            text_stores[key] = os.path.join(collection_work, "stores", f"teacher-{key}")
+            count = len(encode_store(teacher_path, paths[key], "query", text_stores[key], "query"))
+            print(f"{collection}: label-free text '{key}': {general_count} general + {count} document-side")
         scorer = Scorer(collection, document_store, paths, teacher, args)
         rows.append(scorer.row("teacher", teacher, 0.0))
-        general_count = len(EmbeddingStore.open(general_store))
-        print(f"{collection}: {len(scorer.doc_ids)} documents, {len(scorer.judged)} judged queries; label-free "
-              f"text: {general_count} general + {document_count} document-side")  # fmt: skip
+        print(f"{collection}: {len(scorer.doc_ids)} documents, {len(scorer.judged)} judged queries")
+        trained = {}  # recipe name -> (output folder, training seconds)
         for name in recipes:
-            layers, flags = RECIPES[name]
-            if flags is None:
-                student = Encoder.from_pretrained(teacher_path)
-                keep_layers(student, evenly_spaced_layers(student.backbone.config.num_hidden_layers, layers))
-                rows.append(scorer.row(name, student.eval(), 0.0))
+            recipe = RECIPES[name]
+            if recipe.distill is None:  # the teacher or a cut of it, untrained (truncated for a width)
+                model = Encoder.from_pretrained(teacher_path)
+                if recipe.layers:
+                    keep_layers(model, evenly_spaced_layers(model.backbone.config.num_hidden_layers, recipe.layers))
+                if recipe.dim:
+                    truncate_output(model, recipe.dim)
+                rows.append(scorer.row(name, model.eval(), 0.0))
                 continue
-            output = os.path.join(collection_work, name)
-            started = time.perf_counter()
-            distill_student.main([
-                "--teacher_model", teacher_path, "--student_num_layers", str(layers),
-                "--query_file", paths["document_text"], "--teacher_query_store", doc_text_store,
-                "--general_text_file", general_file, "--teacher_general_store", general_store,
-                "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
-                "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100", *flags,
-            ])  # fmt: skip
-            train_seconds = time.perf_counter() - started
+            if recipe.base in trained:
+                output, train_seconds = trained[recipe.base]
+            else:
+                output = os.path.join(collection_work, recipe.base or name)
+                started = time.perf_counter()
+                distill_student.main([
+                    "--teacher_model", teacher_path, "--student_num_layers", str(recipe.layers),
+                    "--query_file", paths[recipe.text], "--teacher_query_store", text_stores[recipe.text],
+                    "--general_text_file", general_file, "--teacher_general_store", general_store,
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
+                    "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100", *recipe.distill,
+                ])  # fmt: skip
+                train_seconds = time.perf_counter() - started
+                trained[recipe.base or name] = (output, train_seconds)
+            if recipe.refine is not None:
+                refined = os.path.join(collection_work, name)
+                started = time.perf_counter()
+                refine_contrastive.main([
+                    "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries", "first_sentence",
+                    "--corpus_file", paths["documents"], "--ad_store", document_store.folder,
+                    "--output_dir", refined, "--overwrite_output_dir", "--logging_steps", "100", *recipe.refine,
+                ])  # fmt: skip
+                output, train_seconds = refined, train_seconds + time.perf_counter() - started
+            trained[name] = (output, train_seconds)
             rows.append(scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds))
 
     lines = [

@@ -5,6 +5,8 @@
   block turns the hidden state (ShortGPT). `norm_ratio`: ||block output|| / ||block input||, the
   criterion in the HARNESS-LM summaries; on the real collections in benchmarks/ it dropped the last
   block of all-MiniLM-L6-v2 (whose output norm is smallest) and lost badly to an evenly spaced cut.
+  `first_last`: the first and the last block always, the others by block influence (the last block
+  writes the output space the student must match; the first reads the token embeddings).
 - FFN importance: mean |activation| per hidden unit at the input of the down projection
   (act(gate(x)) * up(x) for gated MLPs such as Qwen3/LLaMA, act(W1 x) for BERT); the same number of
   units is kept in every layer (the config holds one intermediate_size), with the matching rows of
@@ -35,7 +37,7 @@ def _hidden(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-LAYER_CRITERIA = ("block_influence", "norm_ratio")
+LAYER_CRITERIA = ("block_influence", "norm_ratio", "first_last")
 
 
 @torch.inference_mode()
@@ -53,7 +55,7 @@ def importance(encoder, texts, batch_size=32, criterion="block_influence"):
         def hook(module, args, kwargs, output):
             inputs = kwargs.get("hidden_states", args[0] if args else None).float()
             outputs = _hidden(output).float()
-            if criterion == "norm_ratio":
+            if criterion == "norm_ratio":  # block_influence otherwise (also for first_last's other blocks)
                 score = outputs.norm(dim=-1) / inputs.norm(dim=-1).clamp(min=1e-6)
             else:
                 score = 1 - torch.nn.functional.cosine_similarity(inputs, outputs, dim=-1)
@@ -87,7 +89,10 @@ def importance(encoder, texts, batch_size=32, criterion="block_influence"):
             hook.remove()
         encoder.train(was_training)
     tokens = max(state["tokens"], 1)
-    return (layer_scores / tokens).tolist(), [None if s is None else s / tokens for s in unit_scores]
+    layer_scores = (layer_scores / tokens).tolist()
+    if criterion == "first_last":  # kept before any other block
+        layer_scores[0] = layer_scores[-1] = float("inf")
+    return layer_scores, [None if s is None else s / tokens for s in unit_scores]
 
 
 def prune_layers(encoder, layer_scores, keep):

@@ -93,3 +93,14 @@ def test_pruning_a_whole_teacher_copy_skips_the_useless_first_alignment(small_da
     student = Encoder.from_pretrained(str(output))
     assert student.backbone.config.num_hidden_layers == 1 and "kept blocks" in student.config.extra["pruning"][0]
     assert len(student.config.extra["teacher_layers"]) == 1
+
+
+def test_first_last_keeps_the_ends_then_ranks_by_block_influence(tmp_path):
+    from tests.conftest import make_tiny_bert
+
+    encoder = Encoder.from_pretrained(make_tiny_bert(tmp_path / "bert4", layers=4, dropout=0.0))
+    influence, _ = importance(encoder, QUERIES)
+    scores, _ = importance(encoder, QUERIES, criterion="first_last")
+    assert scores[0] == scores[3] == float("inf") and scores[1:3] == influence[1:3]
+    middle = 1 if influence[1] >= influence[2] else 2
+    assert prune_layers(encoder, scores, 3) == sorted([0, middle, 3])
