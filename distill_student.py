@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from common.alignment import alignment_loss, parse_objectives
+from common.alignment import alignment_loss, parse_objectives, token_state_loss
 from common.cli import (
     add_common_training_args,
     boolean,
@@ -46,6 +46,7 @@ from common.cli import (
     log_truncation,
     logger,
     make_accelerator,
+    non_negative_float,
     parse_with_config,
     positive_float,
     positive_int,
@@ -111,6 +112,13 @@ def parse_args(argv=None):
         type=parse_objectives,
         default="l2",
         help="l2 (default), cosine, kl, kernel, or a weighted sum such as 'l2+0.5*kl' (see common/alignment.py).",
+    )
+    group.add_argument(
+        "--token_loss_weight",
+        type=non_negative_float,
+        default=0.0,
+        help="Add this weight x the mean squared difference of the student's and the teacher's last hidden "
+        "states at every token (students cut from the teacher; the teacher then runs in the loop, no store).",
     )
     group.add_argument(
         "--alignment_temperature", type=positive_float, default=0.05, help="Softmax temperature of the kl objective."
@@ -205,6 +213,16 @@ def check_depths(args):
         )
 
 
+def check_token_targets(student, teacher):
+    """Token states can be matched only between models that split text the same way and are as wide."""
+    if student.hidden_size != teacher.hidden_size or student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise UserError(
+            "--token_loss_weight matches hidden states token by token, so the student needs the teacher's tokenizer "
+            f"and width ({teacher.hidden_size}); cut the student from the teacher (--student_num_layers), or drop "
+            "--token_loss_weight."
+        )
+
+
 def read_label_free_texts(args):
     """[(ids, texts, store flag value)] for the query file, then the general text file if any."""
     sources = [(args.query_file, args.teacher_query_store), (args.general_text_file, args.teacher_general_store)]
@@ -261,8 +279,9 @@ def make_student(args, teacher):
     return student
 
 
-def align(accelerator, args, student, texts, teacher_store):
-    """One L2 alignment run: the training loop, then the student saved to args.output_dir."""
+def align(accelerator, args, student, texts, teacher_store, teacher=None):
+    """One alignment run: the training loop, then the student saved to args.output_dir. `teacher` (frozen)
+    is given with --token_loss_weight: its hidden states are the targets of every token."""
     tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
 
     def collate(rows):
@@ -323,10 +342,17 @@ def align(accelerator, args, student, texts, teacher_store):
     for batch in loop:
         with accelerator.accumulate(model):
             teacher_targets = batch.pop("teacher_vectors")
-            student_vectors = model(**batch)
+            student_vectors, student_states = model(**batch, return_token_states=True)
             # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
             # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
             loss = alignment_loss(student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature)
+            logs = {"alignment_loss": loss.detach()}
+            if teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    _, teacher_states = teacher(**batch, return_token_states=True)
+                token_loss = token_state_loss(student_states, teacher_states, batch["attention_mask"])
+                loss = loss + args.token_loss_weight * token_loss
+                logs["token_loss"] = token_loss.detach()
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -334,7 +360,7 @@ def align(accelerator, args, student, texts, teacher_store):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(alignment_loss=loss, lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(**logs, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results.update(loop.speed())
@@ -394,6 +420,9 @@ def main(argv=None):
             f"--teacher_dim {args.teacher_dim} is wider than the teacher's {teacher.embedding_dim}-d vectors; "
             f"use at most {teacher.embedding_dim}."
         )
+    student = make_student(args, teacher)
+    if args.token_loss_weight > 0:
+        check_token_targets(student, teacher)
     stores = [
         open_or_build_store(
             accelerator,
@@ -412,9 +441,11 @@ def main(argv=None):
     if args.teacher_dim:
         teacher_store = teacher_store.truncated(args.teacher_dim)
     teacher_depth = teacher.backbone.config.num_hidden_layers
-    student = make_student(args, teacher)
-    del teacher
-    gc.collect()
+    if args.token_loss_weight > 0:  # the teacher stays, frozen, to give every token's hidden state
+        teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
+    else:
+        teacher = None
+        gc.collect()
     log_truncation(student, texts, "query", args.query_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -439,7 +470,7 @@ def main(argv=None):
         if keep is not None:
             student = student.to(accelerator.device)
             logger.info(f"Stage {stage}: " + prune(student, keep, args, texts[: args.calibration_queries]))
-        student, results = align(accelerator, stage_args, student, texts, teacher_store)
+        student, results = align(accelerator, stage_args, student, texts, teacher_store, teacher)
     results["teacher_query_store"] = stores[0].folder
     accelerator.end_training()
     return results

@@ -10,6 +10,10 @@
           (match the similarity matrices: relative structure only).
 Every term is a mean over the local rows of a quantity per row against the global batch, so with DDP's
 gradient averaging N processes with B/N rows each give exactly the gradient of one process with B.
+
+`token_state_loss` matches the student's last hidden state to the teacher's at every token (students
+cut from the teacher, same tokenizer and width; the teacher runs in the loop): far more signal per text
+than one pooled vector, which matters when the label-free budget is small.
 """
 
 import argparse
@@ -58,3 +62,12 @@ def alignment_loss(student, teacher, objectives, temperature=0.05):
             value = (student @ gather_with_grad(student).T - teacher @ gather_no_grad(teacher).T).pow(2).mean()
         total = total + weight * value
     return total
+
+
+def token_state_loss(student_states, teacher_states, attention_mask):
+    """mean_i [ mean over the real tokens t of text i of mean_d (S_itd - T_itd)^2 ]: every text weighs the same
+    whatever its length (so N processes give the gradient of one), padding is ignored."""
+    mask = attention_mask.float()
+    squared = (student_states.float() - teacher_states.float()).pow(2).mean(dim=-1)  # (B, L)
+    per_text = (squared * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_text.mean()

@@ -420,14 +420,15 @@ class Encoder(nn.Module):
             texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
         )
 
-    def forward(self, input_ids, attention_mask, **model_inputs):
+    def forward(self, input_ids, attention_mask, return_token_states=False, **model_inputs):
+        """Pooled (projected, normalised) vectors; with return_token_states, also the last hidden states."""
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)
         embeddings = pool(outputs.last_hidden_state, attention_mask, self.config.pooling)
         if self.projection is not None:
             embeddings = self.projection(embeddings)
         if self.config.normalize:
             embeddings = F.normalize(embeddings.float(), dim=-1)
-        return embeddings
+        return (embeddings, outputs.last_hidden_state) if return_token_states else embeddings
 
     @torch.inference_mode()
     def encode(self, texts, kind, batch_size=64, device=None, progress=False):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_on_two_gloo_ranks
 
-from common.alignment import alignment_loss, parse_objectives
+from common.alignment import alignment_loss, parse_objectives, token_state_loss
 
 STUDENT = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
 TEACHER = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
@@ -92,3 +92,11 @@ def test_two_processes_give_the_gradient_of_one(tmp_path):
         # The kernel term's gather sends each rank's row gradients back to their owner (all-reduced), so the
         # local gradient, halved as DDP averages, is the one-process gradient of those rows.
         torch.testing.assert_close(result["grad"] / 2, full.grad[rank * 4 : rank * 4 + 4], atol=1e-6, rtol=1e-5)
+
+
+def test_token_state_loss_by_hand():
+    student = torch.tensor([[[1.0, 0.0], [2.0, 2.0], [9.0, 9.0]], [[0.0, 1.0], [5.0, 5.0], [7.0, 7.0]]])
+    teacher = torch.zeros(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # text 0: two real tokens; text 1: one
+    # text 0: tokens (1 + 0)/2 = 0.5 and (4 + 4)/2 = 4 -> 2.25; text 1: (0 + 1)/2 = 0.5; mean 1.375
+    assert token_state_loss(student, teacher, mask).item() == pytest.approx(1.375)

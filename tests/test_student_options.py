@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import distill_student
 import evaluate
 import refine_contrastive
+from common.alignment import token_state_loss
 from common.data import LengthGroupedSampler, read_qrels
 from common.encoder import Encoder, keep_layers, truncate_output
 from common.errors import UserError
@@ -157,3 +158,34 @@ def test_refinement_on_pseudo_clicks_without_a_train_file(small_data, tiny_bert,
                 str(tmp_path / "x"),
             ]
         )
+
+
+def test_token_states_of_the_teacher_are_matched_in_the_loop(small_data, tiny_bert, tiny_bert_narrow, tmp_path):
+    """With --token_loss_weight the student's hidden states move onto the teacher's, token by token."""
+    held_out = [json.loads(line)["text"] for line in Path(small_data["test_queries"]).read_text().splitlines()][:32]
+    teacher = Encoder.from_pretrained(tiny_bert).eval()
+    batch = teacher.tokenize(held_out, "query")
+    with torch.no_grad():
+        _, teacher_states = teacher(**batch, return_token_states=True)
+
+    def token_distance(folder):
+        with torch.no_grad():
+            _, states = Encoder.from_pretrained(str(folder)).eval()(**batch, return_token_states=True)
+        return token_state_loss(states, teacher_states, batch["attention_mask"]).item()
+
+    distances = {}
+    for weight in ("0", "1"):
+        output = tmp_path / f"w{weight}"
+        results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"],
+                                        "--student_num_layers", "1", "--token_loss_weight", weight,
+                                        "--learning_rate", "2e-3", "--output_dir", str(output),
+                                        "--max_train_steps", "20", *FAST])  # fmt: skip
+        distances[weight] = token_distance(output)
+    log = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["token_loss"] > 0 and np.isfinite(entry["token_loss"]) for entry in log)
+    assert results["train_token_loss"] == log[-1]["token_loss"] and log[-1]["token_loss"] < log[0]["token_loss"]
+    assert distances["1"] < 0.5 * distances["0"], distances
+    with pytest.raises(UserError, match="needs the teacher's tokenizer and width"):
+        distill_student.main(["--teacher_model", tiny_bert, "--student_model", tiny_bert_narrow, "--query_file",
+                              small_data["queries"], "--token_loss_weight", "1", "--output_dir",
+                              str(tmp_path / "x"), "--max_train_steps", "1"])  # fmt: skip
