@@ -30,6 +30,7 @@ import gc
 import math
 import os
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -73,7 +74,7 @@ from common.loop import (
     save_final_model,
 )
 from common.pruning import importance, prune_ffn, prune_layers
-from common.store import EmbeddingStore, default_store_dir, open_or_build_store
+from common.store import EmbeddingStore, check_store_matches, default_store_dir, open_or_build_store
 
 SCRIPT = "distill_student.py"
 
@@ -120,6 +121,13 @@ def parse_args(argv=None):
         help="Add this weight x the mean squared difference of the student's and the teacher's last hidden "
         "states at every token (students cut from the teacher; the teacher then runs in the loop, no store).",
     )
+    group.add_argument(
+        "--alignment_ad_store",
+        default=None,
+        help="The teacher's ad store (encode.py --kind ad): `kl` then ranks --alignment_ads_per_step random ads "
+        "of it (the same for every process) instead of the batch's teacher vectors.",
+    )
+    group.add_argument("--alignment_ads_per_step", type=positive_int, default=1024)
     group.add_argument(
         "--alignment_temperature", type=positive_float, default=0.05, help="Softmax temperature of the kl objective."
     )
@@ -279,7 +287,7 @@ def make_student(args, teacher):
     return student
 
 
-def align(accelerator, args, student, texts, teacher_store, teacher=None):
+def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_store=None):
     """One alignment run: the training loop, then the student saved to args.output_dir. `teacher` (frozen)
     is given with --token_loss_weight: its hidden states are the targets of every token."""
     tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
@@ -345,7 +353,14 @@ def align(accelerator, args, student, texts, teacher_store, teacher=None):
             student_vectors, student_states = model(**batch, return_token_states=True)
             # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
             # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
-            loss = alignment_loss(student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature)
+            items = None
+            if ad_store is not None:  # one draw per batch, a function of (seed, epoch, batch): resumable, any N
+                rng = np.random.default_rng([args.seed, loop.progress.epoch, loop.progress.batch_in_epoch])
+                rows = rng.integers(len(ad_store), size=min(args.alignment_ads_per_step, len(ad_store)))
+                items = torch.from_numpy(ad_store.read(rows)).to(student_vectors.device)
+            loss = alignment_loss(
+                student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items
+            )
             logs = {"alignment_loss": loss.detach()}
             if teacher is not None:
                 with torch.no_grad(), accelerator.autocast():
@@ -390,6 +405,11 @@ def prune(student, keep_layers_count, args, calibration):
 def main(argv=None):
     args = parse_args(argv)
     check_depths(args)  # the models' depths, read from their configs
+    if args.alignment_ad_store and "kl" not in [name for _, name in args.alignment_loss]:
+        raise UserError(
+            "--alignment_ad_store gives the ads that the kl objective ranks; add kl to --alignment_loss "
+            "(e.g. 'l2+kl') or drop --alignment_ad_store."
+        )
     check_run_args(
         args,
         SCRIPT,
@@ -400,6 +420,7 @@ def main(argv=None):
             args.general_text_file,
             args.teacher_query_store,
             args.teacher_general_store,
+            args.alignment_ad_store,
         ],
     )
     accelerator = make_accelerator(args)
@@ -420,6 +441,10 @@ def main(argv=None):
             f"--teacher_dim {args.teacher_dim} is wider than the teacher's {teacher.embedding_dim}-d vectors; "
             f"use at most {teacher.embedding_dim}."
         )
+    ad_store = None
+    if args.alignment_ad_store:  # the teacher's own ad vectors, or refused
+        ad_store = EmbeddingStore.open(args.alignment_ad_store, model_fingerprint=teacher.fingerprint)
+        check_store_matches(ad_store, teacher, "ad")
     student = make_student(args, teacher)
     if args.token_loss_weight > 0:
         check_token_targets(student, teacher)
@@ -440,6 +465,7 @@ def main(argv=None):
     teacher_store = EmbeddingStore.stack(stores)
     if args.teacher_dim:
         teacher_store = teacher_store.truncated(args.teacher_dim)
+        ad_store = ad_store.truncated(args.teacher_dim) if ad_store is not None else None
     teacher_depth = teacher.backbone.config.num_hidden_layers
     if args.token_loss_weight > 0:  # the teacher stays, frozen, to give every token's hidden state
         teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
@@ -470,7 +496,7 @@ def main(argv=None):
         if keep is not None:
             student = student.to(accelerator.device)
             logger.info(f"Stage {stage}: " + prune(student, keep, args, texts[: args.calibration_queries]))
-        student, results = align(accelerator, stage_args, student, texts, teacher_store, teacher)
+        student, results = align(accelerator, stage_args, student, texts, teacher_store, teacher, ad_store)
     results["teacher_query_store"] = stores[0].folder
     accelerator.end_training()
     return results

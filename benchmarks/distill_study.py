@@ -102,6 +102,13 @@ RECIPES = {
     "teacher-96": Recipe(None, dim=96),
     "l2-2-96": Recipe(2, ["--teacher_dim", "96"], dim=96),
     "l2-2-docs": Recipe(2, [], text="sentences+documents"),
+    "l2-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3"], text="sentences+documents"),
+    "l2+kl-ads-2-lr1e-3": Recipe(
+        2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--alignment_ad_store", "{document_store}"]
+    ),
+    "l2-2-lr2e-3": Recipe(2, ["--learning_rate", "2e-3"]),
+    "tok-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"]),
+    "tok-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"], text="sentences+documents"),
     # Progressive pruning at the compute of one pass of the 2-layer student: a 4-layer stage costs twice a
     # 2-layer one, so each stage gets 1/3 of a pass (4/3 + 2/3 = 2 units). From the whole teacher (already
     # aligned: stage 0 is skipped), 6 -> 4 -> 2 also costs 4/3 + 2/3.
@@ -315,7 +322,8 @@ def main(argv=None):
                     "--query_file", paths[recipe.text], "--teacher_query_store", text_stores[recipe.text],
                     "--general_text_file", general_file, "--teacher_general_store", general_store,
                     "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
-                    "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100", *recipe.distill,
+                    "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100",
+                    *[flag.replace("{document_store}", document_store.folder) for flag in recipe.distill],
                 ])  # fmt: skip
                 train_seconds = time.perf_counter() - started
                 trained[recipe.base or name] = (output, train_seconds)

@@ -5,7 +5,8 @@
 - l2:     mean_i ||S_i - T_i||^2 (the paper's choice: it keeps the teacher's absolute coordinates);
 - cosine: mean_i (1 - cos(S_i, T_i)) (direction only);
 - kl:     mean_i KL(p_T(i) || p_S(i)), p(i) = softmax_j(<x_i, T_j> / tau) over the batch's teacher vectors
-          T_j, gathered across processes (the teacher's ranking of in-batch items);
+          T_j, gathered across processes (the teacher's ranking of in-batch items), or over the teacher's
+          ad vectors drawn for the step (distill_student.py --alignment_ad_store);
 - kernel: mean_ij (<S_i, S_j> - <T_i, T_j>)^2 over the batch, gathered across processes with gradient
           (match the similarity matrices: relative structure only).
 Every term is a mean over the local rows of a quantity per row against the global batch, so with DDP's
@@ -44,8 +45,11 @@ def parse_objectives(text):
     return terms
 
 
-def alignment_loss(student, teacher, objectives, temperature=0.05):
-    """The weighted sum of the objectives on one batch; student (B, D) with gradient, teacher (B, D) fixed."""
+def alignment_loss(student, teacher, objectives, temperature=0.05, items=None):
+    """The weighted sum of the objectives on one batch; student (B, D) with gradient, teacher (B, D) fixed.
+
+    `items` (M, D), when given, are what `kl` ranks instead of the batch's teacher vectors: the teacher's ad
+    vectors (the same rows on every process), so the student learns the teacher's ranking of real ads."""
     student, teacher = student.float(), teacher.float()
     total = student.new_zeros(())
     for weight, name in objectives:
@@ -54,9 +58,9 @@ def alignment_loss(student, teacher, objectives, temperature=0.05):
         elif name == "cosine":
             value = (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
         elif name == "kl":
-            items = gather_no_grad(teacher)
-            target = F.log_softmax(teacher @ items.T / temperature, dim=1)
-            predicted = F.log_softmax(student @ items.T / temperature, dim=1)
+            ranked = gather_no_grad(teacher) if items is None else items.float()
+            target = F.log_softmax(teacher @ ranked.T / temperature, dim=1)
+            predicted = F.log_softmax(student @ ranked.T / temperature, dim=1)
             value = F.kl_div(predicted, target, log_target=True, reduction="none").sum(dim=1).mean()
         else:  # kernel
             value = (student @ gather_with_grad(student).T - teacher @ gather_no_grad(teacher).T).pow(2).mean()

@@ -100,3 +100,22 @@ def test_token_state_loss_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # text 0: two real tokens; text 1: one
     # text 0: tokens (1 + 0)/2 = 0.5 and (4 + 4)/2 = 4 -> 2.25; text 1: (0 + 1)/2 = 0.5; mean 1.375
     assert token_state_loss(student, teacher, mask).item() == pytest.approx(1.375)
+
+
+def test_kl_over_given_ad_vectors_by_hand():
+    tau = 0.5
+    ads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, -0.8]])
+
+    def softmax(row):
+        exps = [math.exp(value / tau) for value in row]
+        return [value / sum(exps) for value in exps]
+
+    expected = 0.0
+    for s, t in zip(STUDENT.tolist(), TEACHER.tolist()):
+        p = softmax([t[0] * a[0] + t[1] * a[1] for a in ads.tolist()])
+        q = softmax([s[0] * a[0] + s[1] * a[1] for a in ads.tolist()])
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    loss = alignment_loss(STUDENT, TEACHER, parse_objectives("kl"), temperature=tau, items=ads)
+    assert loss.item() == pytest.approx(expected / 2, abs=1e-6)
+    in_batch = alignment_loss(STUDENT, TEACHER, parse_objectives("kl"), temperature=tau)
+    assert in_batch.item() != pytest.approx(loss.item())  # the ads, not the batch, are ranked

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import distill_student
+import encode
 import evaluate
 import refine_contrastive
 from common.alignment import token_state_loss
@@ -189,3 +190,22 @@ def test_token_states_of_the_teacher_are_matched_in_the_loop(small_data, tiny_be
         distill_student.main(["--teacher_model", tiny_bert, "--student_model", tiny_bert_narrow, "--query_file",
                               small_data["queries"], "--token_loss_weight", "1", "--output_dir",
                               str(tmp_path / "x"), "--max_train_steps", "1"])  # fmt: skip
+
+
+def test_kl_ranks_ads_of_the_teachers_ad_store(small_data, tiny_bert, tiny_bert_narrow, tmp_path):
+    ad_store = str(tmp_path / "ad-store")
+    encode.main(["--model_name_or_path", tiny_bert, "--input_file", small_data["ads"], "--kind", "ad",
+                 "--output_dir", ad_store])  # fmt: skip
+    common = ["--teacher_model", tiny_bert, "--query_file", small_data["queries"], "--student_num_layers", "1",
+              "--max_train_steps", "2", *FAST]  # fmt: skip
+    results = distill_student.main([*common, "--alignment_loss", "l2+kl", "--alignment_ad_store", ad_store,
+                                    "--alignment_ads_per_step", "64", "--output_dir", str(tmp_path / "s")])  # fmt: skip
+    assert np.isfinite(results["train_alignment_loss"]) and results["train_alignment_loss"] > 0
+    with pytest.raises(UserError, match="add kl to --alignment_loss"):
+        distill_student.main([*common, "--alignment_ad_store", ad_store, "--output_dir", str(tmp_path / "x")])
+    other = str(tmp_path / "other-store")
+    encode.main(["--model_name_or_path", tiny_bert_narrow, "--input_file", small_data["ads"], "--kind", "ad",
+                 "--output_dir", other])  # fmt: skip
+    with pytest.raises(UserError, match="built by another model"):
+        distill_student.main([*common, "--alignment_loss", "kl", "--alignment_ad_store", other,
+                              "--output_dir", str(tmp_path / "y")])  # fmt: skip
