@@ -111,8 +111,9 @@ def parse_args(argv=None):
     group.add_argument(
         "--alignment_loss",
         type=parse_objectives,
-        default="l2",
-        help="l2 (default), cosine, kl, kernel, or a weighted sum such as 'l2+0.5*kl' (see common/alignment.py).",
+        default=None,
+        help="l2, cosine, kl, kernel, or a weighted sum such as 'l2+0.5*kl' (see common/alignment.py). Default: "
+        "'l2+kl' with ads (--corpus_file or --ad_store; kl then ranks the teacher's ad vectors), else 'l2'.",
     )
     group.add_argument(
         "--token_loss_weight",
@@ -122,12 +123,12 @@ def parse_args(argv=None):
         "states at every token (students cut from the teacher; the teacher then runs in the loop, no store).",
     )
     group.add_argument(
-        "--alignment_ad_store",
-        default=None,
-        help="The teacher's ad store (encode.py --kind ad): `kl` then ranks --alignment_ads_per_step random ads "
-        "of it (the same for every process) instead of the batch's teacher vectors.",
+        "--num_ranked_ads",
+        type=positive_int,
+        default=1024,
+        help="With ads (--corpus_file / --ad_store): the teacher's ad vectors drawn per batch (the same for every "
+        "process) whose ranking the kl objective teaches.",
     )
-    group.add_argument("--alignment_ads_per_step", type=positive_int, default=1024)
     group.add_argument(
         "--alignment_temperature", type=positive_float, default=0.05, help="Softmax temperature of the kl objective."
     )
@@ -168,6 +169,17 @@ def parse_args(argv=None):
         help="Store of the teacher's vectors of --query_file (e.g. from encode.py --kind query); built when missing.",
     )
     group.add_argument("--teacher_general_store", default=None, help="Same, for --general_text_file.")
+    group.add_argument(
+        "--corpus_file",
+        default=None,
+        help="The ads (id, text) the student will be scored against; their teacher vectors are built into a store "
+        "once when missing. Default: the built-in ads when the queries are the built-in ones.",
+    )
+    group.add_argument("--ad_id_column", default="id")
+    group.add_argument("--ad_text_column", default="text")
+    group.add_argument(
+        "--ad_store", default=None, help="The teacher's ad store (e.g. from encode.py --kind ad); built when missing."
+    )
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
     group.add_argument("--encode_batch_size", type=positive_int, default=128)
     group.add_argument(
@@ -354,9 +366,12 @@ def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_sto
             # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
             # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
             items = None
-            if ad_store is not None:  # one draw per batch, a function of (seed, epoch, batch): resumable, any N
-                rng = np.random.default_rng([args.seed, loop.progress.epoch, loop.progress.batch_in_epoch])
-                rows = rng.integers(len(ad_store), size=min(args.alignment_ads_per_step, len(ad_store)))
+            if ad_store is not None:
+                # One draw per optimiser step, a function of (seed, epoch, step in epoch) only: every process and
+                # micro-batch of the step ranks the same ads, and a resumed run draws them again.
+                step_in_epoch = (loop.progress.batch_in_epoch - 1) // args.gradient_accumulation_steps
+                rng = np.random.default_rng([args.seed, loop.progress.epoch, step_in_epoch])
+                rows = rng.integers(len(ad_store), size=min(args.num_ranked_ads, len(ad_store)))
                 items = torch.from_numpy(ad_store.read(rows)).to(student_vectors.device)
             loss = alignment_loss(
                 student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items
@@ -405,10 +420,13 @@ def prune(student, keep_layers_count, args, calibration):
 def main(argv=None):
     args = parse_args(argv)
     check_depths(args)  # the models' depths, read from their configs
-    if args.alignment_ad_store and "kl" not in [name for _, name in args.alignment_loss]:
+    with_ads = bool(args.corpus_file or args.ad_store or args.query_file is None)  # None: the built-in data
+    if args.alignment_loss is None:  # the study in benchmarks/distill_study.py: ranking real ads adds most
+        args.alignment_loss = parse_objectives("l2+kl" if with_ads else "l2")
+    if (args.corpus_file or args.ad_store) and "kl" not in [name for _, name in args.alignment_loss]:
         raise UserError(
-            "--alignment_ad_store gives the ads that the kl objective ranks; add kl to --alignment_loss "
-            "(e.g. 'l2+kl') or drop --alignment_ad_store."
+            "--corpus_file/--ad_store give the ads that the kl objective ranks; add kl to --alignment_loss "
+            "(e.g. 'l2+kl') or drop them."
         )
     check_run_args(
         args,
@@ -420,13 +438,15 @@ def main(argv=None):
             args.general_text_file,
             args.teacher_query_store,
             args.teacher_general_store,
-            args.alignment_ad_store,
+            args.corpus_file,
+            args.ad_store,
         ],
     )
     accelerator = make_accelerator(args)
     if args.query_file is None:
         with accelerator.main_process_first():
             args.query_file = demo_paths()["queries"]
+            args.corpus_file = args.corpus_file or (None if args.ad_store else demo_paths()["ads"])
     set_seed(args.seed)
     sources = read_label_free_texts(args)
     texts = [text for _, source_texts, _ in sources for text in source_texts]
@@ -442,8 +462,8 @@ def main(argv=None):
             f"use at most {teacher.embedding_dim}."
         )
     ad_store = None
-    if args.alignment_ad_store:  # the teacher's own ad vectors, or refused
-        ad_store = EmbeddingStore.open(args.alignment_ad_store, model_fingerprint=teacher.fingerprint)
+    if args.ad_store and not args.corpus_file:  # the teacher's own ad vectors, or refused
+        ad_store = EmbeddingStore.open(args.ad_store, model_fingerprint=teacher.fingerprint)
         check_store_matches(ad_store, teacher, "ad")
     student = make_student(args, teacher)
     if args.token_loss_weight > 0:
@@ -463,6 +483,20 @@ def main(argv=None):
         for ids, source_texts, store_path in sources
     ]
     teacher_store = EmbeddingStore.stack(stores)
+    if args.corpus_file:  # the teacher's ad vectors: opened (checked against model and ads) or built once
+        ad_ids, ad_texts = read_texts(args.corpus_file, args.ad_id_column, args.ad_text_column)
+        ad_store = open_or_build_store(
+            accelerator,
+            teacher,
+            ad_ids,
+            ad_texts,
+            "ad",
+            path=args.ad_store,
+            store_dir=default_store_dir(args),
+            model_path=args.teacher_model,
+            batch_size=args.encode_batch_size,
+        )
+        del ad_ids, ad_texts
     if args.teacher_dim:
         teacher_store = teacher_store.truncated(args.teacher_dim)
         ad_store = ad_store.truncated(args.teacher_dim) if ad_store is not None else None

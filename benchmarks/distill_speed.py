@@ -9,7 +9,7 @@ samples per second as each trainer reports it (HF Trainer's `train_samples_per_s
 it the same way: samples of the loop over the loop's wall time).
 
     pip install gensim
-    python benchmarks/distill_speed.py                 # 3 repeats x 60 steps of batch 64
+    python benchmarks/distill_speed.py                 # 3 repeats x 100 steps of batch 64
     python benchmarks/distill_speed.py --repeats 5 --steps 100
 """
 
@@ -35,7 +35,7 @@ CONTENDERS = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "distill_speed"))

@@ -104,9 +104,25 @@ RECIPES = {
     "l2-2-docs": Recipe(2, [], text="sentences+documents"),
     "l2-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3"], text="sentences+documents"),
     "l2+kl-ads-2-lr1e-3": Recipe(
-        2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--alignment_ad_store", "{document_store}"]
+        2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"]
     ),
     "l2-2-lr2e-3": Recipe(2, ["--learning_rate", "2e-3"]),
+    "l2-2-lr2e-3-docs": Recipe(2, ["--learning_rate", "2e-3"], text="sentences+documents"),
+    "l2+4kl-ads-2-lr1e-3-docs": Recipe(
+        2,
+        ["--learning_rate", "1e-3", "--alignment_loss", "l2+4*kl", "--ad_store", "{document_store}"],
+        text="sentences+documents",
+    ),
+    "kl-ads-2-lr1e-3-docs": Recipe(
+        2,
+        ["--learning_rate", "1e-3", "--alignment_loss", "kl", "--ad_store", "{document_store}"],
+        text="sentences+documents",
+    ),
+    "l2+kl-ads-2-lr1e-3-docs": Recipe(
+        2,
+        ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"],
+        text="sentences+documents",
+    ),
     "tok-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"]),
     "tok-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"], text="sentences+documents"),
     # Progressive pruning at the compute of one pass of the 2-layer student: a 4-layer stage costs twice a

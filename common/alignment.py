@@ -6,7 +6,7 @@
 - cosine: mean_i (1 - cos(S_i, T_i)) (direction only);
 - kl:     mean_i KL(p_T(i) || p_S(i)), p(i) = softmax_j(<x_i, T_j> / tau) over the batch's teacher vectors
           T_j, gathered across processes (the teacher's ranking of in-batch items), or over the teacher's
-          ad vectors drawn for the step (distill_student.py --alignment_ad_store);
+          ad vectors drawn for the step (distill_student.py --corpus_file or --ad_store);
 - kernel: mean_ij (<S_i, S_j> - <T_i, T_j>)^2 over the batch, gathered across processes with gradient
           (match the similarity matrices: relative structure only).
 Every term is a mean over the local rows of a quantity per row against the global batch, so with DDP's

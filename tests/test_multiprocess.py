@@ -7,7 +7,8 @@ For each script, with dropout off and the same seed and steps:
   faster (accelerate steps a prepared scheduler once per process);
 - a 2-process run SIGKILLed after a checkpoint and resumed with `--resume_from_checkpoint latest` ends
   with the weights of the uninterrupted 2-process run;
-- distill_student.py: accumulating 2 x B/2 on one process equals one batch of B (an L2 loss per query).
+- distill_student.py (its default objective: L2 plus the KL of the teacher's ranking of ads drawn once per
+  optimiser step): accumulating 2 x B/2 on one process equals one batch of B (a loss per query).
   The contrastive scripts differ there by design (a micro-batch's queries only see its own candidates):
   the README says so.
 """
@@ -52,7 +53,19 @@ def script_args(name, data, model, stores):
         return ["--model_name_or_path", model, "--train_file", data["train"], *common]
     common += ["--store_dir", stores]
     if name == "distill_student":
-        return ["--teacher_model", model, "--query_file", data["queries"], "--student_num_layers", "1", *common]
+        return [
+            "--teacher_model",
+            model,
+            "--query_file",
+            data["queries"],
+            "--corpus_file",
+            data["ads"],
+            "--num_ranked_ads",
+            "64",
+            "--student_num_layers",
+            "1",
+            *common,
+        ]  # fmt: skip (l2 + kl over the ads)
     return ["--student_model", model, "--teacher_model", model, "--train_file", data["train"],
             "--corpus_file", data["ads"], "--num_random_negatives", "16", *common]  # fmt: skip
 

@@ -198,14 +198,16 @@ def test_kl_ranks_ads_of_the_teachers_ad_store(small_data, tiny_bert, tiny_bert_
                  "--output_dir", ad_store])  # fmt: skip
     common = ["--teacher_model", tiny_bert, "--query_file", small_data["queries"], "--student_num_layers", "1",
               "--max_train_steps", "2", *FAST]  # fmt: skip
-    results = distill_student.main([*common, "--alignment_loss", "l2+kl", "--alignment_ad_store", ad_store,
-                                    "--alignment_ads_per_step", "64", "--output_dir", str(tmp_path / "s")])  # fmt: skip
+    results = distill_student.main([*common, "--alignment_loss", "l2+kl", "--ad_store", ad_store,
+                                    "--num_ranked_ads", "64", "--output_dir", str(tmp_path / "s")])  # fmt: skip
     assert np.isfinite(results["train_alignment_loss"]) and results["train_alignment_loss"] > 0
     with pytest.raises(UserError, match="add kl to --alignment_loss"):
-        distill_student.main([*common, "--alignment_ad_store", ad_store, "--output_dir", str(tmp_path / "x")])
+        distill_student.main(
+            [*common, "--alignment_loss", "l2", "--ad_store", ad_store, "--output_dir", str(tmp_path / "x")]
+        )
     other = str(tmp_path / "other-store")
     encode.main(["--model_name_or_path", tiny_bert_narrow, "--input_file", small_data["ads"], "--kind", "ad",
                  "--output_dir", other])  # fmt: skip
     with pytest.raises(UserError, match="built by another model"):
-        distill_student.main([*common, "--alignment_loss", "kl", "--alignment_ad_store", other,
+        distill_student.main([*common, "--alignment_loss", "kl", "--ad_store", other,
                               "--output_dir", str(tmp_path / "y")])  # fmt: skip
