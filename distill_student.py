@@ -1,27 +1,34 @@
-"""Phase 2: L2 alignment of a small student query encoder to the frozen teacher (label-free).
+"""Phase 2: label-free alignment of a small student query encoder to the frozen teacher.
 
-L = mean_i ||f_S(q_i) - f_T(q_i)||^2 over query text only, so logged queries need no labels (other
-objectives and weighted sums with --alignment_loss: cosine, kl, kernel; see common/alignment.py). The
-teacher's query vectors are computed once into an embedding store (or read from one) and the teacher
-is then freed; only the student trains. When the student's width differs from the teacher's, a linear
-head is added and saved with the student (sentence-transformers `2_Dense`), so the student's vectors
-live in the teacher's coordinates and are scored against the teacher's ad index as they are.
+L = mean_i ||f_S(q_i) - f_T(q_i)||^2 over query text only, so logged queries need no labels. Given the
+teacher's ads (--corpus_file or --ad_store) the default objective adds the KL divergence between the
+teacher's and the student's softmax scores over 1024 of the teacher's ad vectors drawn per step: the
+student then learns where it puts a query in the teacher's space and how the teacher ranks real ads
+(benchmarks/distill_study.py: the largest gain on the real collections). Other objectives and weighted
+sums with --alignment_loss (cosine, kernel; common/alignment.py); --token_loss_weight adds token-level
+hidden-state matching for students cut from the teacher. The teacher's query vectors are computed once
+into an embedding store (or read from one) and the teacher is then freed; only the student trains.
+When the student's width differs from the teacher's, a linear head is added and saved with the student
+(sentence-transformers `2_Dense`), so the student's vectors live in the teacher's coordinates and are
+scored against the teacher's ad index as they are (--teacher_dim: against its first N coordinates).
 
 The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers).
 With --prune_schedule 14,7,4 the aligned student is then pruned progressively: at each step the
 blocks that turn the hidden state most (1 - cos(input, output); --layer_importance norm_ratio for the
-paper's ||output||/||input||) on calibration queries are kept (and, with
+paper's ||output||/||input||, first_last to keep the ends) on calibration queries are kept (and, with
 --ffn_keep_ratio, the FFN units with the largest activations), and the student is re-aligned.
 
 Single machine (the embedded default: a 2-layer student cut from the demo teacher, CPU):
     python distill_student.py
 Multi-GPU (plain DDP: students are < 600M parameters):
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml distill_student.py \
-        --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet --output_dir student
+        --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet \
+        --corpus_file ads.parquet --learning_rate 1e-4 --output_dir student
 Progressive pruning of the 28-layer Qwen3-0.6B student to 4 blocks, re-aligning after each step:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml distill_student.py \
         --teacher_model teacher --student_model Qwen/Qwen3-0.6B --query_file queries.parquet \
-        --prune_schedule 14,7,4 --ffn_keep_ratio 0.75 --output_dir student-4l
+        --corpus_file ads.parquet --learning_rate 1e-4 --prune_schedule 14,7,4 --ffn_keep_ratio 0.75 \
+        --output_dir student-4l
 """
 
 import argparse
@@ -196,7 +203,9 @@ def parse_args(argv=None):
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-aligned"))
     group.add_argument("--overwrite_output_dir", action="store_true")
     add_common_training_args(parser)
-    parser.set_defaults(learning_rate=2e-4, per_device_train_batch_size=64, num_train_epochs=4.0)
+    # lr 1e-3: best of 2e-4, 5e-4, 1e-3, 2e-3 for the 2-layer MiniLM cut in benchmarks/distill_study.py; a
+    # student of hundreds of millions of parameters (Qwen3-0.6B) wants a smaller one (e.g. 1e-4).
+    parser.set_defaults(learning_rate=1e-3, per_device_train_batch_size=64, num_train_epochs=4.0)
     return parse_with_config(parser, argv)
 
 

@@ -84,6 +84,8 @@ class Recipe:
         return ", ".join(parts)
 
 
+BEST = ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"]
+
 # One pass over the label-free texts at batch 64 for every trained student (the reference budget).
 RECIPES = {
     "cut-2": Recipe(2),
@@ -139,6 +141,18 @@ RECIPES = {
     "prune-3-2-ffn": Recipe(3, ["--prune_schedule", "2", "--num_train_epochs", "0.4", "--ffn_keep_ratio", "0.75"]),
     "cut-3": Recipe(3),
     "l2-3": Recipe(3, []),
+    # distill_student.py's defaults given the ads (l2+kl over them, lr 1e-3, length-grouped batches), with the
+    # whole documents among the label-free text, for 3 layers, a Matryoshka width, pruning and refinement.
+    "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text="sentences+documents"),
+    "l2+kl-ads-2-lr1e-3-docs-192": Recipe(2, [*BEST, "--teacher_dim", "192"], dim=192, text="sentences+documents"),
+    "prune-4-2-firstlast-best": Recipe(
+        4,
+        [*BEST, "--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "first_last"],
+        text="sentences+documents",
+    ),
+    "l2+kl-ads-2-lr1e-3-docs+refine": Recipe(
+        2, BEST, refine=[], base="l2+kl-ads-2-lr1e-3-docs", text="sentences+documents"
+    ),
 }
 
 
@@ -328,8 +342,12 @@ def main(argv=None):
                     truncate_output(model, recipe.dim)
                 rows.append(scorer.row(name, model.eval(), 0.0))
                 continue
+            base_results = os.path.join(collection_work, str(recipe.base), "all_results.json")
             if recipe.base in trained:
                 output, train_seconds = trained[recipe.base]
+            elif recipe.base and os.path.exists(base_results):  # the base student of an earlier study run
+                with open(base_results, encoding="utf-8") as handle:
+                    output, train_seconds = os.path.dirname(base_results), json.load(handle)["train_runtime"]
             else:
                 output = os.path.join(collection_work, recipe.base or name)
                 started = time.perf_counter()
@@ -355,6 +373,27 @@ def main(argv=None):
             trained[name] = (output, train_seconds)
             rows.append(scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds))
 
+    # Rows of earlier runs in the same --output_dir are kept (a recipe run again replaces its row), so a
+    # study can be run recipe by recipe; the table shows them all.
+    results_file = os.path.join(work, "rows.jsonl")
+    previous = []
+    if os.path.exists(results_file):
+        with open(results_file, encoding="utf-8") as handle:
+            previous = [json.loads(line) for line in handle]
+    fresh = {(row["collection"], row["model"]) for row in rows}
+    rows = [row for row in previous if (row["collection"], row["model"]) not in fresh] + rows
+    write_jsonl(results_file, rows)
+    table = render_table(rows)
+    with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    print(table)
+    return rows
+
+
+def render_table(rows):
+    """One row per (collection, model), then each model's mean recovery over the collections it ran on."""
+    order = {name: index for index, name in enumerate(["teacher", *RECIPES])}
+    rows = sorted(rows, key=lambda row: (row["collection"], order.get(row["model"], len(order))))
     lines = [
         "| collection | model | nDCG@10 | recovery (95% CI) | R@100 | recovery (95% CI) | overlap@10 | p50 ms "
         "| params (M) | train s |",
@@ -369,16 +408,12 @@ def main(argv=None):
                   f"{row['train_s']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| model | mean recovery nDCG@10 | mean recovery R@100 | collections |", "|---|---|---|---|"]
-    for name in dict.fromkeys(row["model"] for row in rows):
+    for name in sorted({row["model"] for row in rows}, key=lambda name: order.get(name, len(order))):
         values = [row for row in rows if row["model"] == name]
         ndcg = np.mean([row["recovery ndcg@10"] for row in values])
         recall = np.mean([row["recovery recall@100"] for row in values])
         lines.append(f"| {name} | {ndcg:.1%} | {recall:.1%} | {len(values)} |")
-    table = "\n".join(lines)
-    with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    print(table)
-    return rows
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
