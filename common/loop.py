@@ -244,7 +244,7 @@ class TrainLoop:
         samples *= args.gradient_accumulation_steps
         runtime = max(self.runtime, 1e-9)
         return {
-            "train_runtime": round(self.runtime, 3),
+            "train_runtime": round(self.runtime, 4),
             "train_samples_per_second": round(samples / runtime, 3),
             "train_steps_per_second": round(steps / runtime, 3),
         }

@@ -117,7 +117,7 @@ def test_frozen_embeddings_stay_the_teachers_and_speed_is_reported(small_data, t
     layer = "encoder.layer.0.attention.self.query.weight"
     assert (student[layer] - teacher[layer]).abs().max() > 1e-3  # the blocks trained
     assert results["train_runtime"] > 0 and results["train_samples_per_second"] > 0
-    assert results["train_steps_per_second"] == pytest.approx(3 / results["train_runtime"], rel=1e-2)
+    assert results["train_steps_per_second"] * results["train_runtime"] == pytest.approx(3, rel=0.05)
     saved = json.loads((output / "all_results.json").read_text())
     assert saved["train_samples_per_second"] == results["train_samples_per_second"]
 
