@@ -8,15 +8,20 @@ in serving. The evaluation queries and judgments are never used for training.
 Label-free text (written under --output_dir, never into the repository):
 - general text, shared by all collections: the English Wikipedia articles and the Lee news corpus that
   ship in the `gensim` wheel (gensim/test/test_data), split into sentences of 6 to 60 words (~20k);
-- document-side text, per collection: each document's title and its sentences of 4 words or more.
-Texts are shuffled together; the teacher's vectors of each file are encoded once into a store.
+- document-side text, per collection: each document's title and its sentences of 4 words or more
+  (`sentences`), and for the recipes marked `docs` also every whole document (`sentences+documents`).
+Texts are shuffled together; the teacher's vectors of each file are encoded once into a store. Recipes
+with `kl-ads` also rank the teacher's document vectors (the index the student is served against; the
+`--ad_store` of distill_student.py); `+refine` adds refine_contrastive.py on pseudo-clicks (each
+document's first sentence or title -> that document).
 
 For every collection in --data_root (folders with corpus.jsonl, queries.jsonl, qrels.tsv; by default
 ../shared/data) and every recipe in --recipes, this trains the student with `distill_student.py` (and
 `refine_contrastive.py` for refined recipes), then prints one table: nDCG@10 and R@100, recovery of the
 teacher's value with a 95% bootstrap interval over queries, overlap@10 with the teacher's top 10,
 p50 latency at batch 1, parameters and training time; then the mean recovery of each recipe over the
-collections.
+collections. Rows accumulate in <output_dir>/rows.jsonl across runs (a recipe run again replaces its
+row), so the study can be run a few recipes at a time.
 
     pip install gensim                                        # the general text
     python benchmarks/distill_study.py                        # every recipe, every collection
@@ -84,75 +89,50 @@ class Recipe:
         return ", ".join(parts)
 
 
+# What distill_student.py does by default when it is given the teacher's ads (see its --help).
 BEST = ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"]
+DOCS = "sentences+documents"
+OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before this study
 
 # One pass over the label-free texts at batch 64 for every trained student (the reference budget).
 RECIPES = {
     "cut-2": Recipe(2),
-    "l2-2": Recipe(2, []),
-    "l2-2-ungrouped": Recipe(2, ["--group_by_length", "false"]),
+    # the learning rate and the batches (l2 on titles and sentences)
+    "l2-2-lr2e-4-ungrouped": Recipe(2, [*OLD, "--group_by_length", "false"]),
+    "l2-2-lr2e-4": Recipe(2, OLD),
+    "l2-2-lr2e-4-frozen": Recipe(2, [*OLD, "--freeze_embeddings"]),
     "l2-2-lr5e-4": Recipe(2, ["--learning_rate", "5e-4"]),
     "l2-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3"]),
-    "l2-2-frozen": Recipe(2, ["--freeze_embeddings"]),
-    "cosine-2": Recipe(2, ["--alignment_loss", "cosine"]),
-    "kl-2": Recipe(2, ["--alignment_loss", "kl"]),
-    "kernel-2": Recipe(2, ["--alignment_loss", "kernel"]),
-    "l2+kl-2": Recipe(2, ["--alignment_loss", "l2+kl"]),
-    "l2-2+refine": Recipe(2, [], refine=[], base="l2-2"),
-    "teacher-192": Recipe(None, dim=192),
-    "l2-2-192": Recipe(2, ["--teacher_dim", "192"], dim=192),
-    "teacher-96": Recipe(None, dim=96),
-    "l2-2-96": Recipe(2, ["--teacher_dim", "96"], dim=96),
-    "l2-2-docs": Recipe(2, [], text="sentences+documents"),
-    "l2-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3"], text="sentences+documents"),
-    "l2+kl-ads-2-lr1e-3": Recipe(
-        2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"]
-    ),
-    "l2-2-lr2e-3": Recipe(2, ["--learning_rate", "2e-3"]),
-    "l2-2-lr2e-3-docs": Recipe(2, ["--learning_rate", "2e-3"], text="sentences+documents"),
+    "tok-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"]),
+    # + whole documents among the label-free text
+    "l2-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3"], text=DOCS),
+    "l2-2-lr2e-3-docs": Recipe(2, ["--learning_rate", "2e-3"], text=DOCS),
+    # + the teacher's ranking of its document vectors (kl over 1024 of them per step)
+    "l2+kl-ads-2-lr1e-3-docs": Recipe(2, BEST, text=DOCS),
     "l2+4kl-ads-2-lr1e-3-docs": Recipe(
-        2,
-        ["--learning_rate", "1e-3", "--alignment_loss", "l2+4*kl", "--ad_store", "{document_store}"],
-        text="sentences+documents",
+        2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+4*kl", "--ad_store", "{document_store}"], text=DOCS
     ),
     "kl-ads-2-lr1e-3-docs": Recipe(
-        2,
-        ["--learning_rate", "1e-3", "--alignment_loss", "kl", "--ad_store", "{document_store}"],
-        text="sentences+documents",
+        2, ["--learning_rate", "1e-3", "--alignment_loss", "kl", "--ad_store", "{document_store}"], text=DOCS
     ),
-    "l2+kl-ads-2-lr1e-3-docs": Recipe(
-        2,
-        ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{document_store}"],
-        text="sentences+documents",
-    ),
-    "tok-2-lr1e-3": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"]),
-    "tok-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3", "--token_loss_weight", "1"], text="sentences+documents"),
+    "kernel-2-lr1e-3-docs": Recipe(2, ["--learning_rate", "1e-3", "--alignment_loss", "l2+kernel"], text=DOCS),
+    # + refinement on pseudo-clicks (each document's first sentence or title -> the document)
+    "l2+kl-ads-2-lr1e-3-docs+refine": Recipe(2, BEST, refine=[], base="l2+kl-ads-2-lr1e-3-docs", text=DOCS),
+    # a Matryoshka width: the teacher's first 192 of 384 coordinates
+    "teacher-192": Recipe(None, dim=192),
+    "l2+kl-ads-2-lr1e-3-docs-192": Recipe(2, [*BEST, "--teacher_dim", "192"], dim=192, text=DOCS),
     # Progressive pruning at the compute of one pass of the 2-layer student: a 4-layer stage costs twice a
-    # 2-layer one, so each stage gets 1/3 of a pass (4/3 + 2/3 = 2 units). From the whole teacher (already
-    # aligned: stage 0 is skipped), 6 -> 4 -> 2 also costs 4/3 + 2/3.
-    "prune-4-2": Recipe(4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334"]),
-    "prune-4-2-norm": Recipe(
-        4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "norm_ratio"]
-    ),
-    "prune-4-2-firstlast": Recipe(
-        4, ["--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "first_last"]
-    ),
-    "prune-6-4-2": Recipe(6, ["--prune_schedule", "4,2", "--num_train_epochs", "0.3334"]),
-    "prune-3-2-ffn": Recipe(3, ["--prune_schedule", "2", "--num_train_epochs", "0.4", "--ffn_keep_ratio", "0.75"]),
-    "cut-3": Recipe(3),
-    "l2-3": Recipe(3, []),
-    # distill_student.py's defaults given the ads (l2+kl over them, lr 1e-3, length-grouped batches), with the
-    # whole documents among the label-free text, for 3 layers, a Matryoshka width, pruning and refinement.
-    "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text="sentences+documents"),
-    "l2+kl-ads-2-lr1e-3-docs-192": Recipe(2, [*BEST, "--teacher_dim", "192"], dim=192, text="sentences+documents"),
+    # 2-layer one, so each stage gets 1/3 of a pass (4/3 + 2/3 = 2 units).
     "prune-4-2-firstlast-best": Recipe(
         4,
         [*BEST, "--prune_schedule", "2", "--num_train_epochs", "0.3334", "--layer_importance", "first_last"],
-        text="sentences+documents",
+        text=DOCS,
     ),
-    "l2+kl-ads-2-lr1e-3-docs+refine": Recipe(
-        2, BEST, refine=[], base="l2+kl-ads-2-lr1e-3-docs", text="sentences+documents"
-    ),
+    "prune-4-2-best": Recipe(4, [*BEST, "--prune_schedule", "2", "--num_train_epochs", "0.3334"], text=DOCS),
+    # 3 layers
+    "cut-3": Recipe(3),
+    "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text=DOCS),
+    "l2+kl-ads-3-lr1e-3-docs+refine": Recipe(3, BEST, refine=[], base="l2+kl-ads-3-lr1e-3-docs", text=DOCS),
 }
 
 
