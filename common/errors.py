@@ -25,3 +25,13 @@ def run_cli(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    _destroy_process_group()
+
+
+def _destroy_process_group():
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's threads
+    can be destroyed while running (a DeepSpeed CPU run once aborted that way after saving its model)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
