@@ -1,18 +1,26 @@
 """Evaluation: retrieval quality over the teacher's ad index, the student's recovery, query latency.
 
-FAISS indexes the teacher's ad vectors (from the store; built once when missing). Each query encoder
-is scored against it: the teacher itself, and every student (--students). Symmetric baselines
-(--baselines, e.g. the untuned embedder) are scored against an index of their own ad vectors.
-Metrics at each k: precision, recall, nDCG (graded judgments, linear gains) and MRR. A student's
-recovery is its metric over the teacher's, in %. Latency is per query at batch size 1 (tokenisation
-included, as in serving), p50 and p99; throughput is queries per second at --throughput_batch_size.
-Writes results.json and report.md to --output_dir and prints the report.
+FAISS indexes the teacher's ad vectors (from the store; built once when missing): exact by default (flat
+inner product, or, for stores larger than --index_memory_gb, the memory-mapped store searched chunk by chunk
+with the top-k merged), IVF or HNSW with --index. Each query encoder is scored against it: the teacher
+itself, and every student (--students). Symmetric baselines (--baselines, e.g. the untuned embedder) are
+scored against an index of their own ad vectors.
+Metrics at each k: precision, recall, nDCG (graded judgments, linear gains) and MRR. A student's recovery
+is its metric over the teacher's, in %, with a paired bootstrap confidence interval over queries.
+overlap@k is the share of the teacher's top-k that a model also returns: it needs no judgments, so
+--queries_file without --qrels_file (logged traffic) reports overlap only. Latency is per query at batch 1
+(tokenisation included, as in serving; warm-up first, device synchronised), p50/p95/p99; throughput is
+queries per second at --throughput_batch_size; forward FLOPs per query are counted on the test queries.
+Writes results.json, report.md and the plots recall_at_k.png and quality_vs_latency.png to --output_dir.
 
 Single machine (the embedded default: untuned teacher, teacher, aligned and refined students):
     python evaluate.py
 Your data, on a GPU:
     python evaluate.py --teacher_model teacher --students student=student --corpus_file ads.parquet \
         --queries_file test_queries.jsonl --qrels_file qrels.tsv --output_dir eval
+Logged queries without judgments, 50M ads searched exactly from the memory-mapped store:
+    python evaluate.py --teacher_model teacher --ad_store stores/teacher-ads --students student=student \
+        --corpus_file ads.parquet --queries_file logged.parquet --index sharded --output_dir eval-traffic
 """
 
 import argparse
@@ -25,17 +33,28 @@ import torch
 
 from common.cli import (
     add_model_safety_args,
+    boolean,
+    fraction,
     logger,
     make_accelerator,
     non_negative_int,
     parse_with_config,
+    positive_float,
     positive_int,
 )
 from common.data import data_fingerprint, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.retrieval import build_index, retrieval_metrics, search
+from common.retrieval import (
+    INDEX_TYPES,
+    IndexSpec,
+    bootstrap_ratio_interval,
+    build_index,
+    overlap_at_k,
+    per_query_metrics,
+    search,
+)
 from common.store import default_store_dir, open_or_build_store, store_for_student
 
 
@@ -69,24 +88,47 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Data")
     group.add_argument("--corpus_file", default=None, help="Ads (id, text); default: the built-in ads.")
     group.add_argument("--queries_file", default=None, help="Test queries (id, text).")
-    group.add_argument("--qrels_file", default=None, help="Judgments (query_id, doc_id, relevance).")
+    group.add_argument(
+        "--qrels_file", default=None, help="Judgments (query_id, doc_id, relevance); without: overlap only."
+    )
     group.add_argument("--id_column", default="id")
     group.add_argument("--text_column", default="text")
     group.add_argument("--ad_store", default=None, help="The teacher's ad store; built when missing.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
     group.add_argument("--encode_batch_size", type=positive_int, default=128)
+    # Index
+    group = parser.add_argument_group("Index")
+    group.add_argument(
+        "--index",
+        choices=INDEX_TYPES,
+        default="auto",
+        help="flat: exact in memory; sharded: exact over the memory-mapped store, chunk by chunk; ivf, hnsw: "
+        "approximate; auto: flat when the vectors fit --index_memory_gb, else sharded.",
+    )
+    group.add_argument("--index_memory_gb", type=positive_float, default=8.0)
+    group.add_argument("--nlist", type=positive_int, default=None, help="IVF cells; default 4 sqrt(ads).")
+    group.add_argument("--nprobe", type=positive_int, default=32, help="IVF cells searched per query.")
+    group.add_argument("--hnsw_m", type=positive_int, default=32, help="HNSW links per vector.")
+    group.add_argument("--ef_construction", type=positive_int, default=200)
+    group.add_argument("--ef_search", type=positive_int, default=256, help="HNSW candidates per query.")
+    group.add_argument("--no_gpu_index", action="store_true", help="Keep the FAISS index on the CPU.")
     # Metrics
     group = parser.add_argument_group("Metrics")
     group.add_argument("--k", type=positive_int, nargs="+", default=[10, 100])
+    group.add_argument("--bootstrap_samples", type=positive_int, default=1000)
+    group.add_argument("--confidence_level", type=fraction, default=0.95)
     group.add_argument(
         "--latency_queries", type=non_negative_int, default=200, help="Queries timed one by one; 0: skip."
     )
     group.add_argument("--throughput_batch_size", type=positive_int, default=128)
     group.add_argument("--throughput_queries", type=positive_int, default=1024)
-    group.add_argument("--no_gpu_index", action="store_true", help="Keep the FAISS index on the CPU.")
+    group.add_argument(
+        "--flops_queries", type=non_negative_int, default=32, help="Queries whose forward FLOPs are counted; 0: skip."
+    )
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "eval"))
+    group.add_argument("--plots", type=boolean, nargs="?", const=True, default=True, help="Write the PNG plots.")
     group.add_argument("--report_to", default="none")
     group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     return parse_with_config(parser, argv)
@@ -132,61 +174,176 @@ def time_queries(encoder, texts, device, latency_queries, batch_size, throughput
         sync()
         timings.append((time.perf_counter() - start) * 1000)
     batch_texts = [texts[i % len(texts)] for i in range(throughput_queries)]
+    encoder.encode(batch_texts[:batch_size], "query", batch_size=batch_size, device=device)  # warm-up
     sync()
     start = time.perf_counter()
     encoder.encode(batch_texts, "query", batch_size=batch_size, device=device)
     sync()
     return {
         "latency_p50_ms": float(np.percentile(timings, 50)),
+        "latency_p95_ms": float(np.percentile(timings, 95)),
         "latency_p99_ms": float(np.percentile(timings, 99)),
         "throughput_qps": throughput_queries / (time.perf_counter() - start),
+        "throughput_batch_size": batch_size,
     }
 
 
-def score(encoder, index, ad_ids, query_ids, query_texts, qrels, args, device):
-    query_vectors = encoder.encode(query_texts, "query", batch_size=args.encode_batch_size, device=device)
-    _, rows = search(index, query_vectors, max(args.k))
-    ranked = {qid: [ad_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, rows)}
-    return retrieval_metrics(ranked, qrels, args.k)
+@torch.inference_mode()
+def forward_flops_per_query(encoder, texts, device, count):
+    """Mean forward FLOPs of one query at batch 1 (matrix products and attention, as torch counts them)
+    over the first `count` texts: the work a speed-up can at most remove."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    texts = texts[:count]
+    if not texts:
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for text in texts:
+            encoder(**encoder.tokenize([text], "query").to(device))
+    return counter.get_total_flops() / len(texts)
 
 
-def render_report(results, ks):
-    k_small, k_large = min(ks), max(ks)
+def recall_curve(ranked, qrels, ks):
+    """Mean recall at every k of `ks` over the queries with a relevant judgment (for the plot)."""
+    curves = []
+    for qid, grades in qrels.items():
+        relevant = {doc for doc, grade in grades.items() if grade > 0}
+        if relevant:
+            hits = np.cumsum([doc in relevant for doc in ranked.get(qid, [])[: ks[-1]]] or [0])
+            curves.append([hits[min(k, len(hits)) - 1] / len(relevant) for k in ks])
+    return np.mean(curves, axis=0).tolist()
+
+
+def write_plots(results, curves, output_dir):
+    """recall_at_k.png (or overlap_at_k.png without judgments) and quality_vs_latency.png; names returned."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    judged = results["judged"]
+    written = []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, (ks, values) in curves.items():
+        axes.plot(ks, values, marker=".", label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("k")
+    axes.set_ylabel("recall@k" if judged else "overlap@k with the teacher")
+    axes.set_title("Recall at k" if judged else "Agreement with the teacher at k")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    written.append(("recall_at_k.png" if judged else "overlap_at_k.png", figure))
+    quality_key = f"ndcg@{results['k'][0]}" if judged else f"overlap@{results['k'][0]}"
+    points = [
+        (name, entry["speed"]["latency_p50_ms"], entry["metrics" if judged else "overlap"].get(quality_key))
+        for name, entry in results["models"].items()
+        if entry.get("speed") and entry["metrics" if judged else "overlap"].get(quality_key) is not None
+    ]
+    if points:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for name, latency, quality in points:
+            axes.scatter(latency, quality)
+            axes.annotate(name, (latency, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.set_xscale("log")
+        axes.set_xlabel("latency p50 at batch 1 (ms, log scale)")
+        axes.set_ylabel(quality_key)
+        axes.set_title(f"Quality against latency ({results['device']})")
+        axes.grid(alpha=0.3)
+        written.append(("quality_vs_latency.png", figure))
+    names = []
+    for name, figure in written:
+        figure.tight_layout()
+        path = os.path.join(output_dir, name)
+        figure.savefig(path + ".partial.png", dpi=120)
+        os.replace(path + ".partial.png", path)
+        plt.close(figure)
+        names.append(name)
+    return names
+
+
+def _number(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_report(results):
+    ks, judged = results["k"], results["judged"]
+    k_small, k_large = ks[0], ks[-1]
+    index = results["index"]
     lines = [
         "# Retrieval report",
         "",
-        f"{results['num_queries']} queries ({results['num_queries_scored']} scored, "
-        f"{results['num_queries_skipped']} skipped for having no relevant judgment), {results['num_ads']} ads; "
-        f"teacher ad index: `{results['teacher']}`",
+        f"{results['num_queries']} queries"
+        + (
+            f" ({results['num_queries_scored']} scored, {results['num_queries_skipped']} skipped for having no "
+            "relevant judgment)"
+            if judged
+            else " (no judgments: overlap with the teacher only)"
+        )
+        + f", {results['num_ads']} ads; teacher ad index: `{results['teacher']}`, {index}",
         "",
-        f"| model | role | P@{k_small} | R@{k_small} | nDCG@{k_small} | MRR@{k_small} | R@{k_large} | "
-        f"recovery nDCG@{k_small} | recovery R@{k_large} | p50 ms | p99 ms | q/s | params (M) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    level = round(100 * results["confidence_level"])
+    if judged:
+        header = ["model", "role", f"P@{k_small}", f"MRR@{k_small}"]
+        header += [f"{name}@{k}" for k in ks for name in ("nDCG", "R")]
+        header += [f"recovery nDCG@{k_small} [{level}% CI]", f"recovery R@{k_large} [{level}% CI]"]
+    else:
+        header = ["model", "role"]
+    header += [f"overlap@{k}" for k in ks]
+    lines += ["## Quality", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in results["models"].items():
+        cells = [name, entry["role"]]
+        if judged:
+            m = entry["metrics"]
+            cells += [_number(m[f"precision@{k_small}"]), _number(m[f"mrr@{k_small}"])]
+            cells += [_number(m[f"{key}@{k}"]) for k in ks for key in ("ndcg", "recall")]
+            for key in (f"ndcg@{k_small}", f"recall@{k_large}"):
+                value, interval = entry["recovery"].get(key), entry["recovery_interval"].get(key)
+                cells.append(
+                    "-"
+                    if value is None
+                    else f"{value:.1f}%" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+                )
+        cells += [
+            "-" if entry["overlap"].get(f"overlap@{k}") is None else f"{100 * entry['overlap'][f'overlap@{k}']:.1f}%"
+            for k in ks
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Speed",
+        "",
+        "| model | params (M) | GFLOPs/query | p50 ms | p95 ms | p99 ms | "
+        f"q/s (batch {results['throughput_batch_size']}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["models"].items():
-        m, rec = entry["metrics"], entry.get("recovery", {})
-
-        def pct(key, rec=rec):
-            return f"{rec[key]:.1f}%" if key in rec else "-"
-
-        speed = entry.get("speed", {})
+        speed, flops = entry.get("speed", {}), entry.get("flops_per_query")
         lines.append(
-            f"| {name} | {entry['role']} | {m[f'precision@{k_small}']:.4f} | {m[f'recall@{k_small}']:.4f} | "
-            f"{m[f'ndcg@{k_small}']:.4f} | {m[f'mrr@{k_small}']:.4f} | {m[f'recall@{k_large}']:.4f} | "
-            f"{pct(f'ndcg@{k_small}')} | {pct(f'recall@{k_large}')} | "
-            f"{speed.get('latency_p50_ms', float('nan')):.2f} | {speed.get('latency_p99_ms', float('nan')):.2f} | "
-            f"{speed.get('throughput_qps', float('nan')):.0f} | {entry['parameters'] / 1e6:.1f} |"
+            f"| {name} | {entry['parameters'] / 1e6:.1f} | {_number(flops and flops / 1e9, 3)} | "
+            f"{_number(speed.get('latency_p50_ms'), 2)} | {_number(speed.get('latency_p95_ms'), 2)} | "
+            f"{_number(speed.get('latency_p99_ms'), 2)} | {_number(speed.get('throughput_qps'), 0)} |"
         )
     lines += [
         "",
-        f"Device: {results['device']}, {results['threads']} CPU threads. Latency: batch 1, tokenisation "
-        "included. Recovery: the model's metric over the teacher's.",
+        f"Device: {results['device']}, {results['threads']} CPU threads. Latency: batch 1, tokenisation included. "
+        f"Recovery: the model's metric over the teacher's, with a {level}% paired bootstrap interval over queries. "
+        "overlap@k: share of the teacher's top-k the model also returns.",
     ]
+    lines += [""] + [f"![{name[:-4]}]({name})" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path, text):
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(path + ".partial", path)  # an earlier report is never left half-overwritten
 
 
 def main(argv=None):
     args = parse_args(argv)
+    args.k = sorted(set(args.k))
     check_report_dir(args.output_dir)
     args.gradient_accumulation_steps = 1
     accelerator = make_accelerator(args)
@@ -195,8 +352,11 @@ def main(argv=None):
         with accelerator.main_process_first():
             paths = demo_paths()
         args.corpus_file, args.queries_file, args.qrels_file = paths["ads"], paths["test_queries"], paths["qrels"]
-    elif None in (args.corpus_file, args.queries_file, args.qrels_file):
-        raise UserError("Pass all of --corpus_file, --queries_file and --qrels_file (or none for the built-in data).")
+    elif args.corpus_file is None or args.queries_file is None:
+        raise UserError(
+            "Pass all of --corpus_file and --queries_file (with --qrels_file for metrics, without it overlap with "
+            "the teacher only), or none of them for the built-in data."
+        )
     if args.students is None:
         candidates = [
             ("student-aligned", os.path.join(DEMO_ROOT, "student-aligned")),
@@ -213,38 +373,55 @@ def main(argv=None):
 
     ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
-    qrels = read_qrels(args.qrels_file)
-    unknown_queries = set(qrels) - set(query_ids)
-    if unknown_queries:
-        raise UserError(
-            f"{args.qrels_file} judges query '{sorted(unknown_queries)[0]}' that is not in "
-            f"{args.queries_file}; use the matching judgments file."
-        )
-    known_ads = set(ad_ids)
-    unknown_ads = {doc for grades in qrels.values() for doc in grades if doc not in known_ads}
-    if unknown_ads:
-        raise UserError(
-            f"{args.qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {args.corpus_file}; "
-            "use the matching corpus."
-        )
+    qrels = read_qrels(args.qrels_file) if args.qrels_file else None
+    if qrels is not None:
+        unknown_queries = set(qrels) - set(query_ids)
+        if unknown_queries:
+            raise UserError(
+                f"{args.qrels_file} judges query '{sorted(unknown_queries)[0]}' that is not in "
+                f"{args.queries_file}; use the matching judgments file."
+            )
+        known_ads = set(ad_ids)
+        unknown_ads = {doc for grades in qrels.values() for doc in grades if doc not in known_ads}
+        if unknown_ads:
+            raise UserError(
+                f"{args.qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {args.corpus_file}; "
+                "use the matching corpus."
+            )
     device = accelerator.device
+    spec = IndexSpec(
+        kind=args.index,
+        use_gpu=not args.no_gpu_index,
+        memory_gb=args.index_memory_gb,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
 
-    judged = {qid for qid, grades in qrels.items() if any(grade > 0 for grade in grades.values())}
+    judged = sorted(qid for qid, grades in (qrels or {}).items() if any(grade > 0 for grade in grades.values()))
     results = {
         "teacher": args.teacher_model,
+        "judged": qrels is not None,
         "num_queries": len(query_ids),
         "num_queries_scored": len(judged),  # the metrics average over queries with a relevant judgment
         "num_queries_skipped": len(query_ids) - len(judged),
         "num_ads": len(ad_ids),
+        "index": args.index,  # auto is resolved on the teacher's store below
         "models": {},
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "k": args.k,
+        "confidence_level": args.confidence_level,
+        "throughput_batch_size": args.throughput_batch_size,
     }
     entries = [(name, path, "baseline (own ads)") for name, path in baselines]
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
     teacher_store, teacher_indexes = None, {}
     ads_fp = data_fingerprint(ad_ids, ad_texts)  # once for all models
+    ranked, per_query, curves = {}, {}, {}
+    curve_ks = sorted({int(k) for k in np.unique(np.geomspace(1, max(args.k), num=25).round())} | set(args.k))
     for name, path, role in entries:
         encoder = Encoder.from_pretrained(
             path, dtype=args.dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
@@ -262,44 +439,63 @@ def main(argv=None):
                 batch_size=args.encode_batch_size,
                 data_fp=ads_fp,
             )
-            index = build_index(store, use_gpu=not args.no_gpu_index)
+            index = build_index(store, spec=spec) if accelerator.is_main_process else None
             if role == "teacher":
                 teacher_store, teacher_indexes = store, {store.dim: index}
+                results["index"] = spec.resolve(len(store), store.dim)
         else:
             # the teacher's ad index; for a student aligned with --teacher_dim, one of the truncated vectors
             store = store_for_student(teacher_store, encoder)
             if store.dim not in teacher_indexes:
-                teacher_indexes[store.dim] = build_index(store, use_gpu=not args.no_gpu_index)
+                teacher_indexes[store.dim] = build_index(store, spec=spec) if accelerator.is_main_process else None
             index = teacher_indexes[store.dim]
         if not accelerator.is_main_process:
             continue
         logger.info(f"Scoring {name} ({path})")
-        entry = {
-            "path": str(path),
-            "role": role,
-            "parameters": sum(p.numel() for p in encoder.parameters()),
-            "metrics": score(encoder, index, ad_ids, query_ids, query_texts, qrels, args, device),
-            "speed": time_queries(
-                encoder, query_texts, device, args.latency_queries, args.throughput_batch_size, args.throughput_queries
-            ),
-        }
+        query_vectors = encoder.encode(query_texts, "query", batch_size=args.encode_batch_size, device=device)
+        _, rows = search(index, query_vectors, max(args.k))
+        ranked[name] = {qid: [ad_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, rows)}
+        entry = {"path": str(path), "role": role, "parameters": sum(p.numel() for p in encoder.parameters())}
+        if qrels is not None:
+            per_query[name] = per_query_metrics(ranked[name], qrels, args.k)
+            entry["metrics"] = {key: float(np.mean(list(v.values()))) for key, v in per_query[name].items()}
+            curves[name] = (curve_ks, recall_curve(ranked[name], qrels, curve_ks))
+        else:
+            entry["metrics"] = {}
+        entry["speed"] = time_queries(
+            encoder, query_texts, device, args.latency_queries, args.throughput_batch_size, args.throughput_queries
+        )
+        entry["flops_per_query"] = forward_flops_per_query(encoder, query_texts, device, args.flops_queries)
         results["models"][name] = entry
         del encoder
     if accelerator.is_main_process:
-        teacher_metrics = results["models"]["teacher"]["metrics"]
-        for entry in results["models"].values():
-            entry["recovery"] = {
-                key: 100 * value / teacher_metrics[key]
-                for key, value in entry["metrics"].items()
-                if teacher_metrics[key] > 0
-            }
+        teacher_lists = [ranked["teacher"][qid] for qid in query_ids]
+        for name, entry in results["models"].items():
+            lists = [ranked[name][qid] for qid in query_ids]
+            entry["overlap"] = (
+                {} if name == "teacher" else {f"overlap@{k}": overlap_at_k(lists, teacher_lists, k) for k in args.k}
+            )
+            if qrels is None and name != "teacher":
+                curves[name] = (curve_ks, [overlap_at_k(lists, teacher_lists, k) for k in curve_ks])
+            entry["recovery"], entry["recovery_interval"] = {}, {}
+            for key, teacher_value in results["models"]["teacher"]["metrics"].items():
+                if teacher_value <= 0:
+                    continue
+                entry["recovery"][key] = 100 * entry["metrics"][key] / teacher_value
+                if name != "teacher":
+                    low, high = bootstrap_ratio_interval(
+                        [per_query[name][key][q] for q in judged],
+                        [per_query["teacher"][key][q] for q in judged],
+                        samples=args.bootstrap_samples,
+                        level=args.confidence_level,
+                    )
+                    entry["recovery_interval"][key] = [100 * low, 100 * high]
         os.makedirs(args.output_dir, exist_ok=True)
-        report = render_report(results, args.k)
-        for name, text in (("results.json", json.dumps(results, indent=2)), ("report.md", report)):
-            path = os.path.join(args.output_dir, name)
-            with open(path + ".partial", "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(path + ".partial", path)  # atomic: an earlier report is never left half-overwritten
+        if args.plots:
+            results["plots"] = write_plots(results, curves, args.output_dir)
+        report = render_report(results)
+        _write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+        _write_atomic(os.path.join(args.output_dir, "report.md"), report)
         print(report)
     accelerator.wait_for_everyone()
     return results

@@ -129,6 +129,11 @@ RECIPES = {
         text=DOCS,
     ),
     "prune-4-2-best": Recipe(4, [*BEST, "--prune_schedule", "2", "--num_train_epochs", "0.3334"], text=DOCS),
+    # From the whole (aligned) teacher: 6 -> 4 -> 2 blocks, 1/3 of a pass per stage (4/3 + 2/3 = 2 units).
+    "prune-6-4-2-best": Recipe(6, [*BEST, "--prune_schedule", "4,2", "--num_train_epochs", "0.3334"], text=DOCS),
+    # Attention against MLP at equal size: 3 blocks with half of their FFN units (3 x (4 + 4) d^2 weights)
+    # against 2 whole blocks (2 x (4 + 8) d^2), pruned from the teacher once, one pass.
+    "prune-6-3-ffn0.5-best": Recipe(6, [*BEST, "--prune_schedule", "3", "--ffn_keep_ratio", "0.5"], text=DOCS),
     # 3 layers
     "cut-3": Recipe(3),
     "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text=DOCS),

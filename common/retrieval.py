@@ -1,43 +1,158 @@
-"""FAISS search over an ad matrix and the retrieval metrics (P@k, R@k, nDCG@k with graded gains, MRR@k)."""
+"""FAISS search over ad vectors (exact, sharded over a memory-mapped store, IVF, HNSW) and the retrieval
+metrics (P@k, R@k, nDCG@k with graded gains, MRR@k), overlap@k between rankings, bootstrap intervals."""
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from common.errors import UserError
 
+INDEX_TYPES = ("auto", "flat", "sharded", "ivf", "hnsw")
 
-def build_index(ad_vectors, use_gpu=True, chunk_rows=65536):
-    """Exact inner-product index (cosine on normalised vectors); on the GPUs when faiss has them.
 
-    `ad_vectors` is a matrix or an EmbeddingStore; a store is added shard by shard in chunks, so no
-    float32 copy of the whole store is made besides the index itself.
+@dataclass
+class IndexSpec:
+    """How the ad vectors are searched.
+
+    flat: exact inner product, the vectors copied into memory as float32 (on the GPUs when faiss has them);
+    sharded: exact, over the memory-mapped store one chunk at a time, the top-k merged: memory stays at one
+    chunk whatever the store's size; ivf: inverted lists (nlist cells, nprobe of them searched);
+    hnsw: a graph (M links per vector, ef_search candidates); auto: flat when the float32 vectors fit in
+    memory_gb, sharded otherwise. IVF and HNSW are approximate; evaluate.py reports their recall.
+    """
+
+    kind: str = "auto"
+    use_gpu: bool = True
+    memory_gb: float = 8.0
+    nlist: int | None = None  # default: 4 sqrt(N), at most N / 39 (faiss wants >= 39 training rows per cell)
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 256
+    seed: int = 0
+
+    def resolve(self, rows, dim):
+        """The concrete kind for `rows` vectors of width `dim` (auto decides by memory)."""
+        if self.kind not in INDEX_TYPES:
+            raise UserError(f"Unknown index type '{self.kind}'; use one of {', '.join(INDEX_TYPES)}.")
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if rows * dim * 4 <= self.memory_gb * 2**30 else "sharded"
+
+
+def _num_gpus():
+    import faiss
+
+    # faiss-cpu has no GPU API at all; faiss-gpu on a machine without GPUs reports zero of them.
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _chunks(ad_vectors, chunk_rows):
+    if hasattr(ad_vectors, "iter_chunks"):
+        yield from ad_vectors.iter_chunks(chunk_rows)
+    else:
+        ad_vectors = np.asarray(ad_vectors)
+        for start in range(0, len(ad_vectors), chunk_rows):
+            yield ad_vectors[start : start + chunk_rows]
+
+
+def _finite(chunk):
+    chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+    if not np.isfinite(chunk).all():
+        raise UserError("The ad vectors hold NaN or inf; rebuild the store.")
+    return chunk
+
+
+def build_index(ad_vectors, use_gpu=True, chunk_rows=65536, spec=None):
+    """A searchable index of `ad_vectors` (a matrix or an EmbeddingStore), by `spec` (default: exact).
+
+    Vectors are added chunk by chunk, so no float32 copy of a whole store is made besides the index
+    itself; the sharded kind keeps no copy at all. Every kind has .search(queries, k) and .ntotal.
     """
     import faiss
 
-    chunks = ad_vectors.iter_chunks(chunk_rows) if hasattr(ad_vectors, "iter_chunks") else [ad_vectors]
+    spec = spec or IndexSpec(kind="flat", use_gpu=use_gpu)
+    rows = len(ad_vectors)
     dim = ad_vectors.dim if hasattr(ad_vectors, "dim") else np.asarray(ad_vectors).shape[1]
-    index = faiss.IndexFlatIP(dim)
-    # faiss-cpu has no GPU API at all; faiss-gpu on a machine without GPUs reports zero of them.
-    if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    kind = spec.resolve(rows, dim)
+    if kind == "sharded":
+        return ShardedIndex(ad_vectors, use_gpu=spec.use_gpu)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        index.hnsw.efSearch = spec.ef_search
+    else:  # ivf: cells trained on a sample of rows read from the store, not on the whole store
+        nlist = spec.nlist or int(4 * math.sqrt(rows))
+        nlist = max(1, min(nlist, rows // 39 or 1))
+        sample = np.sort(np.random.default_rng(spec.seed).choice(rows, min(rows, 256 * nlist), replace=False))
+        training = ad_vectors.read(sample) if hasattr(ad_vectors, "read") else np.asarray(ad_vectors)[sample]
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(_finite(training))
+        index.nprobe = min(spec.nprobe, nlist)
+    if spec.use_gpu and kind != "hnsw" and _num_gpus() > 0:  # faiss has no GPU HNSW
         index = faiss.index_cpu_to_all_gpus(index)
-    for chunk in chunks:
-        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
-        if not np.isfinite(chunk).all():
-            raise UserError("The ad vectors hold NaN or inf; rebuild the store.")
-        index.add(chunk)
+    for chunk in _chunks(ad_vectors, chunk_rows):
+        index.add(_finite(chunk))
     return index
 
 
-def search(index, query_vectors, k, batch_size=4096):
+class ShardedIndex:
+    """Exact inner-product search over a (memory-mapped) store, one chunk of rows at a time: each chunk's
+    top-k is merged into the running top-k, so memory is one chunk plus the results, for any store size.
+    The results are a flat index's (ads of exactly equal scores may come in another order)."""
+
+    def __init__(self, ad_vectors, use_gpu=True, chunk_bytes=256 * 2**20):
+        self.ad_vectors = ad_vectors
+        self.ntotal = len(ad_vectors)
+        self.d = ad_vectors.dim if hasattr(ad_vectors, "dim") else np.asarray(ad_vectors).shape[1]
+        self.chunk_rows = max(1024, chunk_bytes // (4 * self.d))
+        self.query_batch_size = 65536  # every query batch is one pass over the store
+        self.gpu_resources = None
+        if use_gpu and _num_gpus() > 0:
+            import faiss
+
+            self.gpu_resources = faiss.StandardGpuResources()
+
+    def search(self, query_vectors, k):
+        import faiss
+
+        query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
+        best_scores = np.full((len(query_vectors), k), -np.inf, dtype=np.float32)
+        best_rows = np.full((len(query_vectors), k), -1, dtype=np.int64)
+        offset = 0
+        for chunk in _chunks(self.ad_vectors, self.chunk_rows):
+            chunk = _finite(chunk)
+            chunk_k = min(k, len(chunk))
+            if self.gpu_resources is not None:
+                scores, rows = faiss.knn_gpu(
+                    self.gpu_resources, query_vectors, chunk, chunk_k, metric=faiss.METRIC_INNER_PRODUCT
+                )
+            else:
+                scores, rows = faiss.knn(query_vectors, chunk, chunk_k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores = np.concatenate([best_scores, scores], axis=1)
+            rows = np.concatenate([best_rows, np.where(rows >= 0, rows + offset, -1)], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            best_scores = np.take_along_axis(scores, order, axis=1)
+            best_rows = np.take_along_axis(rows, order, axis=1)
+            offset += len(chunk)
+        return best_scores, best_rows
+
+
+def search(index, query_vectors, k, batch_size=None):
     """Top-k (scores, row indices) for each query; k is capped at the number of ads."""
     k = min(k, index.ntotal)
+    batch_size = batch_size or getattr(index, "query_batch_size", 4096)
     query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
     scores, rows = [], []
     for start in range(0, len(query_vectors), batch_size):
         batch_scores, batch_rows = index.search(query_vectors[start : start + batch_size], k)
         scores.append(batch_scores)
         rows.append(batch_rows)
+    if not scores:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
     return np.concatenate(scores), np.concatenate(rows)
 
 

@@ -166,6 +166,49 @@ def test_refined_student_and_evaluation(chain, small_data, tiny_bert):
     report = Path(os.path.join(chain["eval"], "report.md")).read_text()
     assert "| refined | student (teacher ads) |" in report
     assert json.loads(Path(os.path.join(chain["eval"], "results.json")).read_text())["num_queries"] == 16
+    # Recovery with its bootstrap interval, overlap with the teacher's top-k, tail latency, FLOPs, plots.
+    aligned = results["models"]["aligned"]
+    for key in ("ndcg@5", "recall@20"):
+        low, high = aligned["recovery_interval"][key]
+        assert low <= aligned["recovery"][key] <= high
+    teacher_top = {qid: rows for qid, rows in brute_force_ranked(teacher_model, teacher_ads, ad_ids, small_data, 20)}
+    aligned_top = dict(brute_force_ranked(Encoder.from_pretrained(chain["student-aligned"]), teacher_ads, ad_ids,
+                                          small_data, 20))  # fmt: skip
+    for k in (5, 20):
+        expected_overlap = np.mean([len(set(aligned_top[q][:k]) & set(teacher_top[q][:k])) / k for q in teacher_top])
+        assert aligned["overlap"][f"overlap@{k}"] == pytest.approx(expected_overlap)
+    for entry in results["models"].values():
+        speed = entry["speed"]
+        assert 0 < speed["latency_p50_ms"] <= speed["latency_p95_ms"] <= speed["latency_p99_ms"]
+    # 1 of 6 identical blocks: the student's forward FLOPs are those of the embeddings-free block, once
+    flops_ratio = aligned["flops_per_query"] / results["models"]["teacher"]["flops_per_query"]
+    assert 1 / 6 - 0.01 < flops_ratio < 1 / 6 + 0.01
+    for plot in ("recall_at_k.png", "quality_vs_latency.png"):
+        assert Path(chain["eval"], plot).read_bytes()[:4] == b"\x89PNG" and f"({plot})" in report
+
+
+def test_evaluation_without_judgments_reports_overlap_over_a_sharded_index(chain, small_data, tmp_path):
+    """Logged queries have no judgments: overlap with the teacher only, and the sharded exact search over the
+    memory-mapped store gives the flat index's overlap."""
+    common_args = ["--teacher_model", chain["teacher"], "--students", f"aligned={chain['student-aligned']}",
+                   "--baselines", "--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
+                   "--k", "5", "20", "--latency_queries", "3", "--throughput_queries", "8", "--flops_queries", "0"]  # fmt: skip
+    flat = evaluate.main([*common_args, "--index", "flat", "--output_dir", str(tmp_path / "flat")])
+    sharded = evaluate.main([*common_args, "--index", "sharded", "--output_dir", str(tmp_path / "sharded")])
+    assert sharded["index"] == "sharded" and not sharded["judged"] and sharded["models"]["aligned"]["metrics"] == {}
+    assert sharded["models"]["aligned"]["overlap"] == flat["models"]["aligned"]["overlap"]
+    assert 0 < flat["models"]["aligned"]["overlap"]["overlap@20"] <= 1
+    report = (tmp_path / "sharded" / "report.md").read_text()
+    assert "no judgments: overlap with the teacher only" in report and "recovery" not in report
+    assert (tmp_path / "sharded" / "overlap_at_k.png").exists()
+
+
+def brute_force_ranked(encoder, ad_vectors, ad_ids, data, k):
+    """(query id, top-k ad ids) of `encoder`'s query vectors against `ad_vectors` by exact numpy search."""
+    query_ids, query_texts = read_texts(data["test_queries"], "id", "text")
+    scores = encoder.encode(query_texts, "query") @ ad_vectors.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [(qid, [ad_ids[row] for row in rows]) for qid, rows in zip(query_ids, top)]
 
 
 def brute_force_metrics(encoder, ad_vectors, ad_ids, data, ks):
@@ -173,10 +216,7 @@ def brute_force_metrics(encoder, ad_vectors, ad_ids, data, ks):
     from common.data import read_qrels
     from common.retrieval import retrieval_metrics
 
-    query_ids, query_texts = read_texts(data["test_queries"], "id", "text")
-    scores = encoder.encode(query_texts, "query") @ ad_vectors.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, : max(ks)]
-    ranked = {qid: [ad_ids[row] for row in rows] for qid, rows in zip(query_ids, top)}
+    ranked = dict(brute_force_ranked(encoder, ad_vectors, ad_ids, data, max(ks)))
     return retrieval_metrics(ranked, read_qrels(data["qrels"]), ks)
 
 
