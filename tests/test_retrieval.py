@@ -103,3 +103,39 @@ def test_overlap_and_bootstrap_interval_by_hand():
     assert low < student.mean() / teacher.mean() < high
     same = bootstrap_ratio_interval(teacher, teacher, samples=200)
     assert same == pytest.approx((1.0, 1.0))  # a model against itself: no uncertainty
+
+
+def test_the_evaluate_metric_module_loads_offline_past_the_shadowing_script(monkeypatch):
+    """metrics/harness_retrieval through the installed `evaluate` package, although `import evaluate` here
+    finds the repository's evaluate.py; its numbers are common/retrieval.py's."""
+    import sys
+
+    import evaluate as script  # the repository's evaluate.py
+
+    from common.hf_metric import load_retrieval_metric
+    from common.retrieval import overlap_at_k
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hasattr(script, "render_report")
+    metric = load_retrieval_metric()
+    assert sys.modules["evaluate"] is script  # `import evaluate` still means the script afterwards
+    generator = np.random.default_rng(0)
+    ads = [f"ad{i}" for i in range(30)]
+    predictions = [list(generator.permutation(ads)[:10]) for _ in range(12)]
+    teacher = [list(generator.permutation(ads)[:10]) for _ in range(12)]
+    references = [list(generator.choice(ads, size=3, replace=False)) for _ in range(11)] + [[]]
+    grades = [list(generator.integers(1, 4, size=3)) for _ in range(11)] + [[]]
+    result = metric.compute(
+        predictions=predictions, references=references, relevance=grades, teacher_predictions=teacher, k=[5, 10]
+    )
+    qrels = {str(i): dict(zip(refs, map(int, g))) for i, (refs, g) in enumerate(zip(references, grades))}
+    expected = retrieval_metrics({str(i): p for i, p in enumerate(predictions)}, qrels, [5, 10])
+    expected_teacher = retrieval_metrics({str(i): p for i, p in enumerate(teacher)}, qrels, [5, 10])
+    assert result["num_queries_scored"] == 11
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value)
+        assert result[f"recovery_{key}"] == pytest.approx(100 * value / expected_teacher[key])
+        low, high = result[f"recovery_{key}_interval"]
+        assert low <= result[f"recovery_{key}"] <= high
+    assert result["overlap@5"] == pytest.approx(overlap_at_k(predictions, teacher, 5))
+    assert metric.compute(predictions=[["a", "b"]], references=[["b"]], k=[2])["mrr@2"] == 0.5
