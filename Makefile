@@ -24,6 +24,8 @@ demo: install
 	$(PY) train_teacher.py --overwrite_output_dir
 	$(PY) distill_student.py --overwrite_output_dir
 	$(PY) refine_contrastive.py --overwrite_output_dir
+	$(PY) refine_contrastive.py --student_model outputs/demo/teacher --student_num_layers 2 \
+		--output_dir outputs/demo/student-contrastive-only --overwrite_output_dir
 	$(PY) evaluate.py
 
 test: install

@@ -361,6 +361,7 @@ def main(argv=None):
         candidates = [
             ("student-aligned", os.path.join(DEMO_ROOT, "student-aligned")),
             ("student", os.path.join(DEMO_ROOT, "student")),
+            ("contrastive-only", os.path.join(DEMO_ROOT, "student-contrastive-only")),  # no phase 2: the baseline
         ]
         args.students = [f"{name}={path}" for name, path in candidates if os.path.isdir(path)] if demo else []
     if args.baselines is None:

@@ -6,6 +6,8 @@ Because ad vectors are free here, every batch also gets --num_random_negatives a
 
 Single machine (the embedded default: refines the aligned demo student, CPU):
     python refine_contrastive.py
+The paper's baseline, contrastive learning without alignment (phase 3 from 2 layers cut from the teacher):
+    python refine_contrastive.py --student_model teacher --student_num_layers 2 --output_dir contrastive-only
 Multi-GPU (DDP):
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml refine_contrastive.py \
         --student_model student-aligned --teacher_model teacher --corpus_file ads.parquet \
@@ -40,7 +42,7 @@ from common.cli import (
 )
 from common.data import check_id, check_text, load_table, read_texts, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder
+from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_depth
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -61,6 +63,13 @@ def parse_args(argv=None):
     # Models
     group = parser.add_argument_group("Models")
     group.add_argument("--student_model", default=os.path.join(DEMO_ROOT, "student-aligned"))
+    group.add_argument(
+        "--student_num_layers",
+        type=positive_int,
+        default=None,
+        help="Keep this many evenly spaced layers of --student_model first (e.g. of the teacher: the baseline "
+        "without phase 2).",
+    )
     group.add_argument(
         "--teacher_model",
         default=os.path.join(DEMO_ROOT, "teacher"),
@@ -216,6 +225,13 @@ def main(argv=None):
         raise UserError(
             "--pseudo_queries makes the clicks from the corpus; drop --train_file, or drop --pseudo_queries."
         )
+    if args.student_num_layers:
+        total = model_depth(args.student_model, args.trust_remote_code)
+        if args.student_num_layers >= total:
+            raise UserError(
+                f"--student_num_layers {args.student_num_layers} keeps all {total} layers of {args.student_model}; "
+                "keep fewer, or drop the flag to refine the model as it is."
+            )
     check_run_args(
         args, SCRIPT, inputs=[args.student_model, args.teacher_model, args.train_file, args.corpus_file, args.ad_store]
     )
@@ -254,6 +270,13 @@ def main(argv=None):
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle_weights,
     )
+    if args.student_num_layers:  # an unaligned cut, e.g. of the teacher: phase 3 alone, the paper's baseline
+        total = student.backbone.config.num_hidden_layers
+        layers = evenly_spaced_layers(total, args.student_num_layers)
+        keep_layers(student, layers)
+        student.config.extra["teacher_layers"] = layers
+        student.config.base_model = f"{args.student_model} (layers)"
+        logger.info(f"Student: layers {layers} of {total} of {args.student_model}, not aligned (phase 3 only)")
     ad_store = store_for_student(ad_store, student)  # truncated for a student aligned with --teacher_dim
     log_truncation(student, [click["query"] for click in clicks], "query", args.train_file or args.corpus_file)
     if args.gradient_checkpointing:

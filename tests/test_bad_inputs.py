@@ -429,6 +429,12 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             "NAME=PATH",
         ),
         (
+            "baseline cut keeping every layer",
+            refine_contrastive.main,
+            [*refine_args, "--student_model", ws["teacher"], "--student_num_layers", "2"],
+            "keeps all 2 layers",
+        ),
+        (
             "judgments missing",
             evaluate.main,
             ["--corpus_file", data["ads"], "--output_dir", str(tmp / "eval")],

@@ -111,7 +111,6 @@ def test_the_evaluate_metric_module_loads_offline_past_the_shadowing_script(monk
     import sys
 
     import evaluate as script  # the repository's evaluate.py
-
     from common.hf_metric import load_retrieval_metric
     from common.retrieval import overlap_at_k
 

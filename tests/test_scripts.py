@@ -187,12 +187,28 @@ def test_refined_student_and_evaluation(chain, small_data, tiny_bert):
         assert Path(chain["eval"], plot).read_bytes()[:4] == b"\x89PNG" and f"({plot})" in report
 
 
+def test_contrastive_only_baseline_is_a_cut_of_the_teacher_refined_without_alignment(chain, small_data, tmp_path):
+    """The paper's baseline: phase 3 straight from layers cut from the teacher, no phase 2."""
+    out = str(tmp_path / "contrastive-only")
+    refine_contrastive.main(["--student_model", chain["teacher"], "--student_num_layers", "1", "--teacher_model",
+                             chain["teacher"], "--train_file", small_data["train"], "--corpus_file", small_data["ads"],
+                             "--output_dir", out, "--max_train_steps", "2", "--num_random_negatives", "8",
+                             *FAST])  # fmt: skip
+    baseline = Encoder.from_pretrained(out)
+    assert baseline.backbone.config.num_hidden_layers == 1 and baseline.config.extra["teacher_layers"] == [5]
+    cut = Encoder.from_pretrained(chain["teacher"])
+    keep_layers(cut, [5])  # trained away from the plain cut, and it is not the aligned student
+    for other in (cut, Encoder.from_pretrained(chain["student-aligned"])):
+        assert not np.allclose(baseline.encode(QUERIES, "query"), other.encode(QUERIES, "query"), atol=1e-4)
+
+
 def test_evaluation_without_judgments_reports_overlap_over_a_sharded_index(chain, small_data, tmp_path):
     """Logged queries have no judgments: overlap with the teacher only, and the sharded exact search over the
     memory-mapped store gives the flat index's overlap."""
     common_args = ["--teacher_model", chain["teacher"], "--students", f"aligned={chain['student-aligned']}",
                    "--baselines", "--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
-                   "--k", "5", "20", "--latency_queries", "3", "--throughput_queries", "8", "--flops_queries", "0"]  # fmt: skip
+                   "--k", "5", "20", "--latency_queries", "3", "--throughput_queries", "8",
+                   "--flops_queries", "0"]  # fmt: skip
     flat = evaluate.main([*common_args, "--index", "flat", "--output_dir", str(tmp_path / "flat")])
     sharded = evaluate.main([*common_args, "--index", "sharded", "--output_dir", str(tmp_path / "sharded")])
     assert sharded["index"] == "sharded" and not sharded["judged"] and sharded["models"]["aligned"]["metrics"] == {}
