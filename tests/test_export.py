@@ -1,0 +1,132 @@
+"""export.py: ONNX and int8 exports with pooling, head and normalisation inside, behind the parity gate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distill_student
+import export
+from common.encoder import Encoder
+from common.errors import UserError
+from common.onnx_export import OnnxEncoder
+
+QUERIES = ["q", "cheap flights to lisbon in may", "a much longer query " * 12, "used fridge freezer repair"]
+
+
+@pytest.fixture(scope="module")
+def projected_student(tmp_path_factory, small_data, tiny_bert, tiny_bert_narrow):
+    """A student with a projection head (16 -> 32): the head must be inside the exported graph."""
+    folder = str(tmp_path_factory.mktemp("student") / "student")
+    distill_student.main(["--teacher_model", tiny_bert, "--student_model", tiny_bert_narrow, "--query_file",
+                          small_data["queries"], "--output_dir", folder, "--max_train_steps", "2",
+                          "--per_device_train_batch_size", "8"])  # fmt: skip
+    return folder
+
+
+def gate_args(student, teacher, data, out, *extra):
+    return ["--model_name_or_path", student, "--teacher_model", teacher, "--corpus_file", data["ads"],
+            "--queries_file", data["test_queries"], "--qrels_file", data["qrels"], "--output_dir", out,
+            "--speed_queries", "8", "--batch_size", "4", "--gate_k", "20", *extra]  # fmt: skip
+
+
+def test_export_carries_pooling_head_and_normalisation_and_passes_the_gate(
+    projected_student, tiny_bert, small_data, tmp_path
+):
+    out = str(tmp_path / "serving")
+    results = export.main(gate_args(projected_student, tiny_bert, small_data, out, "--min_overlap", "0.9"))
+    assert results["passed_gate"] and results["int8_scheme"] in ("dynamic", "blockwise")
+    student = Encoder.from_pretrained(projected_student)
+    assert student.projection is not None
+    expected = student.encode(QUERIES, "query")
+    fp32 = OnnxEncoder(student, os.path.join(out, "onnx", "model.onnx"))
+    # other batch sizes and lengths than the trace: the axes are dynamic; the vectors are the student's
+    np.testing.assert_allclose(fp32.encode(QUERIES, "query", batch_size=3), expected, atol=1e-5)
+    np.testing.assert_allclose(fp32.encode(QUERIES[:1], "query"), expected[:1], atol=1e-5)
+    int8_path = os.path.join(out, "onnx", "model_qint8.onnx")
+    int8 = OnnxEncoder(student, int8_path).encode(QUERIES, "query")
+    import onnx  # the head stays fp32 in the int8 graph, as sentence-transformers' 2_Dense runs it
+
+    head = [node for node in onnx.load(int8_path).graph.node if node.name.startswith("/encoder/projection/")]
+    assert head and all(node.op_type in ("MatMul", "Gemm", "Add") for node in head)
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1, atol=1e-3)  # normalised inside the graph
+    assert (int8 * expected).sum(1).min() > 0.95
+    # The folder is still the student (loads as it did) and records the gate's numbers.
+    np.testing.assert_allclose(Encoder.from_pretrained(out).encode(QUERIES, "query"), expected, atol=1e-6)
+    recorded = json.loads(Path(out, "all_results.json").read_text())
+    assert recorded["models"]["onnx fp32"]["overlap@20"] == 1.0
+    assert recorded["models"]["onnx fp32"]["max_abs_diff"] < 1e-5
+    assert json.loads(Path(out, "training_args.json").read_text())["script"] == "export.py"
+
+
+def test_the_gate_refuses_an_export_below_the_bar_and_writes_nothing(
+    projected_student, tiny_bert, small_data, tmp_path
+):
+    out = tmp_path / "serving"
+    with pytest.raises(UserError, match=r"refused by the parity gate: onnx int8 \(dynamic\): overlap@20 \d+\.\d\d% "
+                                        r"< 100\.00%.*Nothing was written"):  # fmt: skip
+        export.main(gate_args(projected_student, tiny_bert, small_data, str(out), "--int8_scheme", "dynamic",
+                              "--min_overlap", "1.0", "--speed_queries", "0"))  # fmt: skip
+    assert sorted(os.listdir(out)) == [".lock"]  # the folder was new: only the lock was made
+
+
+def test_a_qwen3_convention_student_exports_with_last_token_pooling(tiny_qwen, tmp_path):
+    """Left padding and last-token pooling survive the trace: batches of other shapes give the model's vectors."""
+    from common.onnx_export import export_onnx
+
+    student = Encoder.from_pretrained(tiny_qwen)
+    assert student.config.pooling == "last" and student.config.padding_side == "left"
+    path = str(tmp_path / "qwen.onnx")
+    export_onnx(student, path)
+    np.testing.assert_allclose(
+        OnnxEncoder(student, path).encode(QUERIES, "query", batch_size=3), student.encode(QUERIES, "query"), atol=1e-5
+    )
+
+
+def test_export_refuses_a_folder_that_is_not_its_own(projected_student, tiny_bert, small_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    command = [sys.executable, "export.py", *gate_args(projected_student, tiny_bert, small_data, str(mine))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(export.__file__))
+    assert result.returncode == 2 and "holds no run of export.py" in result.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+ST_ONNX_CHECK = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(sys.argv[1], backend="onnx", model_kwargs={"file_name": sys.argv[2]}, device="cpu")
+print(json.dumps(model.encode(json.loads(sys.argv[3]), batch_size=1).tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_sentence_transformers_onnx_backend_loads_the_export(projected_student, tiny_bert, small_data, tmp_path):
+    """sentence-transformers' ONNX backend needs optimum, whose releases pin transformers < 4.58 while this
+    project runs transformers 5: the check runs in a separate virtual environment with the newest
+    sentence-transformers[onnx] that installs (5.7), as a user's serving image would have it."""
+    out = str(tmp_path / "serving")
+    export.main(
+        gate_args(projected_student, tiny_bert, small_data, out, "--min_overlap", "0.9", "--speed_queries", "0")
+    )
+    venv = tmp_path / "st-onnx"
+    root = os.path.dirname(export.__file__)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "sentence-transformers[onnx]==5.7.0"],
+                             env={**os.environ, "PIP_CONSTRAINT": os.path.join(root, "constraints.txt")},
+                             capture_output=True, text=True)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-2000:]
+    student = Encoder.from_pretrained(projected_student)
+    for file_name in ("onnx/model.onnx", "onnx/model_qint8.onnx"):
+        loaded = subprocess.run([str(venv / "bin" / "python"), "-c", ST_ONNX_CHECK, out, file_name,
+                                 json.dumps(QUERIES)], capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        theirs = np.array(json.loads(loaded.stdout.strip().splitlines()[-1]))
+        # batch 1: int8 activations are quantised per tensor, so a vector depends on its batch's other rows
+        ours = OnnxEncoder(student, os.path.join(out, file_name)).encode(QUERIES, "query", batch_size=1)
+        np.testing.assert_allclose(theirs, ours, atol=1e-5, err_msg=file_name)  # their pooling and head, our graph
