@@ -1,0 +1,129 @@
+"""Benchmark: FAISS search time and memory over ad stores of 100k and 1M vectors, for every --index kind of
+evaluate.py (flat, sharded over the memory-mapped store, IVF, HNSW), with the recall of the approximate
+indexes against the exact top-k.
+
+The ads are synthetic but clustered like real embeddings (a mixture of 1,000 Gaussian topics, normalised),
+written once per size as an fp16 embedding store (the format encode.py writes); the queries are noisy
+copies of random ads. Each (size, index) runs in a fresh process, so its peak resident memory (ru_maxrss,
+less the process's resident memory before the index) is its own. Times are medians over --repeats
+searches of all queries.
+
+    python benchmarks/faiss_search.py                          # 100k and 1M ads, 384-d
+    python benchmarks/faiss_search.py --sizes 100000 --kinds flat sharded ivf hnsw --dim 768
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.retrieval import IndexSpec, build_index, overlap_at_k, search  # noqa: E402
+from common.store import EmbeddingStore, finish_store, write_shard  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--kinds", nargs="+", default=["flat", "sharded", "ivf", "hnsw"])
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hnsw_max_size", type=int, default=100_000, help="HNSW builds take long on CPUs")
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "faiss_search"))
+    parser.add_argument("--run", nargs=2, default=None, help=argparse.SUPPRESS)  # size kind, fresh process
+    return parser.parse_args(argv)
+
+
+def rss_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def write_store(folder, size, dim, seed=0):
+    """A clustered fp16 store of `size` normalised vectors, written in pieces (never whole in memory)."""
+    if os.path.exists(os.path.join(folder, "metadata.json")):
+        return
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((1000, dim)).astype(np.float32)
+    partial, pieces, counts = folder + ".partial", 4, []
+    os.makedirs(partial, exist_ok=True)
+    for rank in range(pieces):
+        count = size // pieces + (rank < size % pieces)
+        vectors = topics[rng.integers(0, 1000, count)] + 0.8 * rng.standard_normal((count, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_shard(partial, rank, pieces, vectors, [f"ad{rank}-{i}" for i in range(count)], "float16")
+        counts.append(count)
+    metadata = {"kind": "ad", "dim": dim, "dtype": "float16", "model_fingerprint": "synthetic",
+                "data_fingerprint": f"synthetic-{size}-{seed}", "pooling": "mean", "normalized": True}  # fmt: skip
+    finish_store(partial, folder, metadata, counts)
+
+
+def queries_for(store, count, seed=1):
+    rng = np.random.default_rng(seed)
+    vectors = store.read(rng.integers(0, len(store), count)) + 0.05 * rng.standard_normal((count, store.dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def run_one(args, size, kind):
+    """In a fresh process: build, search --repeats times, report times, memory and the top-k rows."""
+    store = EmbeddingStore.open(os.path.join(args.output_dir, f"store-{size}"))
+    queries = queries_for(store, args.queries)
+    before = rss_mb()
+    start = time.perf_counter()
+    index = build_index(store, spec=IndexSpec(kind=kind, use_gpu=False))
+    build_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        _, rows = search(index, queries, args.k)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.save(os.path.join(args.output_dir, f"rows-{size}-{kind}.npy"), rows)
+    print(json.dumps({"build_s": build_s, "search_ms_per_query": 1000 * statistics.median(times) / len(queries),
+                      "memory_mb": peak - before}))  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.run:
+        return run_one(args, int(args.run[0]), args.run[1])
+    os.makedirs(args.output_dir, exist_ok=True)
+    table = []
+    for size in args.sizes:
+        write_store(os.path.join(args.output_dir, f"store-{size}"), size, args.dim)
+        for kind in args.kinds:
+            if kind == "hnsw" and size > args.hnsw_max_size:
+                print(f"{size} ads, hnsw: skipped (--hnsw_max_size {args.hnsw_max_size})")
+                continue
+            command = [sys.executable, __file__, "--run", str(size), kind, "--dim", str(args.dim), "--queries",
+                       str(args.queries), "--k", str(args.k), "--repeats", str(args.repeats), "--output_dir",
+                       args.output_dir]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            exact = np.load(os.path.join(args.output_dir, f"rows-{size}-flat.npy"))
+            found = np.load(os.path.join(args.output_dir, f"rows-{size}-{kind}.npy"))
+            row |= {"size": size, "kind": kind, "recall@10": overlap_at_k(found, exact, 10),
+                    f"recall@{args.k}": overlap_at_k(found, exact, args.k)}  # fmt: skip
+            table.append(row)
+            print(f"{size} ads, {kind}: {row}", flush=True)
+    print(f"\n{args.dim}-d fp16 store, {args.queries} queries, top-{args.k}, CPU ({os.cpu_count()} cores); "
+          f"median of {args.repeats} searches; memory: peak resident growth of the process\n")  # fmt: skip
+    print(f"| ads | index | build s | search ms/query | memory MB | recall@10 | recall@{args.k} |")
+    print("|---|---|---|---|---|---|---|")
+    for row in table:
+        print(f"| {row['size']:,} | {row['kind']} | {row['build_s']:.1f} | {row['search_ms_per_query']:.3f} | "
+              f"{row['memory_mb']:.0f} | {row['recall@10']:.4f} | {row[f'recall@{args.k}']:.4f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
