@@ -26,6 +26,7 @@ Logged queries without judgments, 50M ads searched exactly from the memory-mappe
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -46,6 +47,7 @@ from common.data import data_fingerprint, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
+from common.hub import evaluation_section, write_model_card
 from common.retrieval import (
     INDEX_TYPES,
     IndexSpec,
@@ -129,6 +131,12 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "eval"))
     group.add_argument("--plots", type=boolean, nargs="?", const=True, default=True, help="Write the PNG plots.")
+    group.add_argument(
+        "--write_model_cards",
+        action="store_true",
+        help="Add this evaluation (metrics, recovery with its interval, latency, plots) to the model card "
+        "(README.md) of every student folder made by this project's scripts.",
+    )
     group.add_argument("--report_to", default="none")
     group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     return parse_with_config(parser, argv)
@@ -341,6 +349,28 @@ def _write_atomic(path, text):
     os.replace(path + ".partial", path)  # an earlier report is never left half-overwritten
 
 
+def update_model_card(folder, name, report, report_dir, args):
+    """Rewrite the card of a student folder made by one of this project's scripts with this evaluation; the
+    plots are copied beside it, so a push carries them. Other folders are left as they are."""
+    run_file = os.path.join(str(folder), "training_args.json")
+    if not os.path.isfile(run_file):
+        logger.warning(f"{folder} holds no run of this project's scripts; its model card is left as it is.")
+        return
+    with open(run_file, encoding="utf-8") as handle:
+        recorded = json.load(handle)
+    results_file = os.path.join(str(folder), "all_results.json")
+    run_results = None
+    if os.path.isfile(results_file):
+        with open(results_file, encoding="utf-8") as handle:
+            run_results = json.load(handle)
+    for plot in report.get("plots", []):
+        shutil.copyfile(os.path.join(report_dir, plot), os.path.join(str(folder), plot))
+    encoder = Encoder.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    write_model_card(str(folder), encoder, "student", recorded.get("script", "?"), run_results,
+                     args=argparse.Namespace(**recorded), evaluation=evaluation_section(report, name))  # fmt: skip
+    logger.info(f"Wrote the evaluation into the model card {os.path.join(str(folder), 'README.md')}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.k = sorted(set(args.k))
@@ -498,6 +528,9 @@ def main(argv=None):
         _write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
         _write_atomic(os.path.join(args.output_dir, "report.md"), report)
         print(report)
+        if args.write_model_cards:
+            for name, path in students:
+                update_model_card(path, name, results, args.output_dir, args)
     accelerator.wait_for_everyone()
     return results
 

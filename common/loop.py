@@ -398,7 +398,7 @@ def save_final_model(accelerator, args, model, script, role, results, log_histor
         if os.path.exists(staging):
             shutil.rmtree(staging)
         encoder.save_pretrained(staging, state_dict=state_dict)
-        write_model_card(staging, encoder, role, script, results)
+        write_model_card(staging, encoder, role, script, results, args=args)
         save_run_files(staging, args, script, results, log_history)
         _move_into_place(staging, args.output_dir, last="training_args.json")
         logger.info(f"Saved the {role} to {args.output_dir}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,28 @@ def test_contrastive_only_baseline_is_a_cut_of_the_teacher_refined_without_align
     keep_layers(cut, [5])  # trained away from the plain cut, and it is not the aligned student
     for other in (cut, Encoder.from_pretrained(chain["student-aligned"])):
         assert not np.allclose(baseline.encode(QUERIES, "query"), other.encode(QUERIES, "query"), atol=1e-4)
+
+
+def test_model_cards_carry_the_recipe_and_the_evaluation(chain, small_data, tmp_path):
+    """Training writes the recipe and results into the card; evaluate.py --write_model_cards adds the evaluation
+    (metrics, recovery with its interval, latency, plots copied beside the card) to students of ours only."""
+    card = Path(chain["student-aligned"], "README.md").read_text()
+    assert "## Recipe" in card and "| teacher layers kept | `[5]` |" in card and "--learning_rate" in card
+    assert "## Training results" in card and "train_runtime" in card
+    student = shutil.copytree(chain["student"], tmp_path / "student")
+    plain = shutil.copytree(chain["student"], tmp_path / "plain", ignore=shutil.ignore_patterns("training_args.json"))
+    plain_card = (plain / "README.md").read_text()
+    results = evaluate.main(["--teacher_model", chain["teacher"], "--students", f"refined={student}", f"plain={plain}",
+                             "--baselines", "--corpus_file", small_data["ads"], "--queries_file",
+                             small_data["test_queries"], "--qrels_file", small_data["qrels"], "--output_dir",
+                             str(tmp_path / "eval"), "--k", "5", "20", "--latency_queries", "3",
+                             "--throughput_queries", "8", "--write_model_cards"])  # fmt: skip
+    card = (student / "README.md").read_text()
+    low, high = results["models"]["refined"]["recovery_interval"]["ndcg@5"]
+    assert f"[{low:.1f}, {high:.1f}] (95% CI)" in card and "| latency_p95_ms |" in card
+    assert "![recall_at_k](recall_at_k.png)" in card and (student / "recall_at_k.png").exists()
+    assert "## Recipe" in card  # the training part is kept
+    assert (plain / "README.md").read_text() == plain_card  # not a run of ours: left as it is
 
 
 def test_evaluation_without_judgments_reports_overlap_over_a_sharded_index(chain, small_data, tmp_path):
