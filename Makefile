@@ -2,6 +2,7 @@
 # `make test` runs the tests. Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_DIR := $(or $(HARNESS_DEMO_DIR),outputs/demo)
 # Machines without an NVIDIA GPU keep torch on the CPU wheel (constraints.txt); GPU machines get
 # the normal CUDA build and faiss-gpu.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -24,9 +25,10 @@ demo: install
 	$(PY) train_teacher.py --overwrite_output_dir
 	$(PY) distill_student.py --overwrite_output_dir
 	$(PY) refine_contrastive.py --overwrite_output_dir
-	$(PY) refine_contrastive.py --student_model outputs/demo/teacher --student_num_layers 2 \
-		--output_dir outputs/demo/student-contrastive-only --overwrite_output_dir
+	$(PY) refine_contrastive.py --student_model $(DEMO_DIR)/teacher --student_num_layers 2 \
+		--output_dir $(DEMO_DIR)/student-contrastive-only --overwrite_output_dir
 	$(PY) evaluate.py
+	$(PY) export.py --overwrite_output_dir
 
 test: install
 	$(PY) -m pytest
