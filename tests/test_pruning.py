@@ -104,3 +104,33 @@ def test_first_last_keeps_the_ends_then_ranks_by_block_influence(tmp_path):
     assert scores[0] == scores[3] == float("inf") and scores[1:3] == influence[1:3]
     middle = 1 if influence[1] >= influence[2] else 2
     assert prune_layers(encoder, scores, 3) == sorted([0, middle, 3])
+
+
+def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_run(small_data, tmp_path):
+    """--student_num_layers 2 --progressive_from 4 = a 4-layer cut pruned to 2, each stage 2/(4+2) of the budget:
+    the same student as the explicit schedule given that share by hand."""
+    from conftest import make_tiny_bert
+
+    from common.errors import UserError
+
+    teacher = make_tiny_bert(tmp_path / "teacher6", layers=6)
+    common = ["--teacher_model", teacher, "--query_file", small_data["queries"], "--per_device_train_batch_size", "8",
+              "--calibration_queries", "16"]  # fmt: skip
+    planned = distill_student.main([*common, "--student_num_layers", "2", "--progressive_from", "4",
+                                    "--max_train_steps", "6", "--output_dir", str(tmp_path / "planned")])  # fmt: skip
+    by_hand = distill_student.main([*common, "--student_num_layers", "4", "--prune_schedule", "2",
+                                    "--max_train_steps", "2", "--output_dir", str(tmp_path / "by-hand")])  # fmt: skip
+    assert planned["steps"] == by_hand["steps"] == 2  # 6 x 2 / (4 + 2) per stage
+    stage0 = Encoder.from_pretrained(str(tmp_path / "planned" / "stages" / "stage0"))
+    assert stage0.config.extra["teacher_layers"] == [0, 2, 3, 5]
+    student = Encoder.from_pretrained(str(tmp_path / "planned"))
+    assert student.backbone.config.num_hidden_layers == 2
+    assert set(student.config.extra["teacher_layers"]) < {0, 2, 3, 5}
+    np.testing.assert_allclose(
+        student.encode(QUERIES, "query"), Encoder.from_pretrained(str(tmp_path / "by-hand")).encode(QUERIES, "query")
+    )
+    for extra, message in ((["--progressive_from", "2"], "must be more than"),
+                           (["--progressive_from", "7"], "at most the teacher's 6"),
+                           (["--progressive_from", "4", "--prune_schedule", "1"], "drop --student_model")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            distill_student.main([*common, "--student_num_layers", "2", *extra, "--output_dir", str(tmp_path / "x")])
