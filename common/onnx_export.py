@@ -119,15 +119,6 @@ class OnnxEncoder:
     def tokenize(self, texts, kind):
         return self.source.tokenize(texts, kind)
 
-    def eval(self):
-        return self
-
-    def to(self, device):
-        return self
-
-    def parameters(self):
-        return self.source.parameters()
-
     def __call__(self, **batch):
         feed = {name: batch[name].cpu().numpy() for name in self.input_names}
         return torch.from_numpy(self.session.run(["sentence_embedding"], feed)[0])
