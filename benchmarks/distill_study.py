@@ -134,6 +134,14 @@ RECIPES = {
     # Attention against MLP at equal size: 3 blocks with half of their FFN units (3 x (4 + 4) d^2 weights)
     # against 2 whole blocks (2 x (4 + 8) d^2), pruned from the teacher once, one pass.
     "prune-6-3-ffn0.5-best": Recipe(6, [*BEST, "--prune_schedule", "3", "--ffn_keep_ratio", "0.5"], text=DOCS),
+    # distill_student.py's default for a cut of K layers: progressive from min(2K, depth) teacher layers
+    # (2 blocks: 4 -> 2 as prune-4-2-best; 3 blocks: the whole 6-layer teacher pruned to 3, one stage, one pass),
+    # and the whole recipe with phase 3 on pseudo-clicks.
+    "prune-4-2-best+refine": Recipe(
+        4, [*BEST, "--prune_schedule", "2", "--num_train_epochs", "0.3334"], refine=[], base="prune-4-2-best", text=DOCS
+    ),
+    "prune-6-3-best": Recipe(6, [*BEST, "--prune_schedule", "3"], text=DOCS),
+    "prune-6-3-best+refine": Recipe(6, [*BEST, "--prune_schedule", "3"], refine=[], base="prune-6-3-best", text=DOCS),
     # 3 layers
     "cut-3": Recipe(3),
     "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text=DOCS),
@@ -342,6 +350,7 @@ def main(argv=None):
                     "--general_text_file", general_file, "--teacher_general_store", general_store,
                     "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
                     "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100",
+                    "--progressive_from", "none",  # each recipe states its schedule (prune-*)
                     *[flag.replace("{document_store}", document_store.folder) for flag in recipe.distill],
                 ])  # fmt: skip
                 train_seconds = time.perf_counter() - started

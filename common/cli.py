@@ -281,7 +281,8 @@ def check_has_negatives(args, random_negatives=0):
 
 
 def _previous_script(folder):
-    """The script whose run a folder holds: finished (training_args.json) or not (checkpoints); else None."""
+    """The script whose run a folder holds: finished (training_args.json) or not (checkpoints, or the
+    stages/stageN runs of a progressive distillation stopped before its last stage); else None."""
     paths = [os.path.join(folder, "training_args.json")]
     checkpoints = os.path.join(folder, "checkpoints")
     if os.path.isdir(checkpoints):
@@ -293,6 +294,12 @@ def _previous_script(folder):
                     return json.load(handle).get("script", "an unknown script")
             except (OSError, ValueError):
                 return "an unknown script"
+    stages = os.path.join(folder, "stages")
+    if os.path.isdir(stages):
+        for name in sorted(os.listdir(stages)):
+            found = _previous_script(os.path.join(stages, name))
+            if found:
+                return found
     return None
 
 

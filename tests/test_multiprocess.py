@@ -204,3 +204,37 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(small_data, tiny_ber
     launch_two("train_teacher", [*args, "--output_dir", stopped, "--resume_from_checkpoint", "latest"],
                tmp_path / "resumed.log")  # fmt: skip
     assert_same_weights(stopped, straight, atol=1e-6)
+
+
+def test_the_default_progressive_distillation_on_two_processes_equals_one_and_resumes(small_data, tmp_path):
+    """distill_student.py's default for a 2-layer cut of a 6-layer teacher: 4 layers aligned, pruned to 2 blocks,
+    re-aligned. 2 processes end with 1 process's weights (every process ranks the blocks on the same queries),
+    and a run SIGKILLed inside the first stage resumes through both stages to the uninterrupted run's weights."""
+    teacher = make_tiny_bert(tmp_path / "teacher6", layers=6, dropout=0.0)
+    args = script_args("distill_student", small_data, teacher, str(tmp_path / "stores"))
+    args[args.index("--student_num_layers") + 1] = "2"
+    args[args.index("--max_train_steps") + 1] = "15"  # 5 optimiser steps per stage (2 / (4 + 2) each)
+    args[args.index("--checkpointing_steps") + 1] = "2"
+    # Frozen word embeddings: this cut of a random teacher starts nearly aligned (loss ~4e-4), so the rows of
+    # tokens seen once get gradients near Adam's eps, where its update amplifies float noise between batch splits.
+    args += ["--calibration_queries", "32", "--freeze_embeddings"]
+    one, two, resumed = (str(tmp_path / run) for run in ("one", "two", "resumed"))
+    distill_student.main([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--output_dir", one])
+    half = ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
+    launch_two("distill_student", [*args, *half, "--output_dir", two], tmp_path / "two.log")
+    for run in (one, two):
+        with open(os.path.join(run, "config.json")) as handle:
+            extra = json.load(handle)
+        assert extra["num_hidden_layers"] == 2, extra
+    assert_same_weights(os.path.join(two, "stages", "stage0"), os.path.join(one, "stages", "stage0"), atol=2e-5)
+    assert_same_weights(two, one, atol=2e-5)
+    # Losses of ~2e-4 are differences of nearly equal unit vectors: compared to 1e-7 absolute as well.
+    np.testing.assert_allclose(history(two, "alignment_loss"), history(one, "alignment_loss"), rtol=1e-4, atol=1e-7)
+
+    stage0_checkpoint = os.path.join(resumed, "stages", "stage0", "checkpoints", "step_2")
+    launch_two("distill_student", [*args, *half, "--output_dir", resumed], tmp_path / "killed.log",
+               kill_after_checkpoint=stage0_checkpoint)  # fmt: skip
+    assert not os.path.exists(os.path.join(resumed, "model.safetensors"))
+    launch_two("distill_student", [*args, *half, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log")  # fmt: skip
+    assert_same_weights(resumed, two, atol=1e-6)

@@ -108,7 +108,9 @@ def test_first_last_keeps_the_ends_then_ranks_by_block_influence(tmp_path):
 
 def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_run(small_data, tmp_path):
     """--student_num_layers 2 --progressive_from 4 = a 4-layer cut pruned to 2, each stage 2/(4+2) of the budget:
-    the same student as the explicit schedule given that share by hand."""
+    the same student as the explicit schedule given that share by hand. It is the default for a cut of 2 layers
+    from 6 (auto: min(2K, depth)); a cut of 3 starts from the whole teacher (one stage, the whole budget); none is
+    the one-shot cut of evenly spaced layers."""
     from conftest import make_tiny_bert
 
     from common.errors import UserError
@@ -118,19 +120,56 @@ def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_r
               "--calibration_queries", "16"]  # fmt: skip
     planned = distill_student.main([*common, "--student_num_layers", "2", "--progressive_from", "4",
                                     "--max_train_steps", "6", "--output_dir", str(tmp_path / "planned")])  # fmt: skip
+    by_default = distill_student.main([*common, "--student_num_layers", "2", "--max_train_steps", "6",
+                                       "--output_dir", str(tmp_path / "default")])  # fmt: skip
     by_hand = distill_student.main([*common, "--student_num_layers", "4", "--prune_schedule", "2",
                                     "--max_train_steps", "2", "--output_dir", str(tmp_path / "by-hand")])  # fmt: skip
-    assert planned["steps"] == by_hand["steps"] == 2  # 6 x 2 / (4 + 2) per stage
+    assert planned["steps"] == by_default["steps"] == by_hand["steps"] == 2  # 6 x 2 / (4 + 2) per stage
     stage0 = Encoder.from_pretrained(str(tmp_path / "planned" / "stages" / "stage0"))
     assert stage0.config.extra["teacher_layers"] == [0, 2, 3, 5]
     student = Encoder.from_pretrained(str(tmp_path / "planned"))
     assert student.backbone.config.num_hidden_layers == 2
     assert set(student.config.extra["teacher_layers"]) < {0, 2, 3, 5}
-    np.testing.assert_allclose(
-        student.encode(QUERIES, "query"), Encoder.from_pretrained(str(tmp_path / "by-hand")).encode(QUERIES, "query")
-    )
+    for other in ("by-hand", "default"):
+        np.testing.assert_allclose(
+            student.encode(QUERIES, "query"), Encoder.from_pretrained(str(tmp_path / other)).encode(QUERIES, "query")
+        )
+
+    whole = distill_student.main([*common, "--student_num_layers", "3", "--max_train_steps", "4",
+                                  "--output_dir", str(tmp_path / "three")])  # fmt: skip
+    assert whole["steps"] == 4 and not (tmp_path / "three" / "stages").exists()
+    assert len(Encoder.from_pretrained(str(tmp_path / "three")).config.extra["teacher_layers"]) == 3
+    one_shot = distill_student.main([*common, "--student_num_layers", "2", "--progressive_from", "none",
+                                     "--max_train_steps", "6", "--output_dir", str(tmp_path / "one-shot")])  # fmt: skip
+    assert one_shot["steps"] == 6 and not (tmp_path / "one-shot" / "stages").exists()
+    assert Encoder.from_pretrained(str(tmp_path / "one-shot")).config.extra["teacher_layers"] == [0, 5]
     for extra, message in ((["--progressive_from", "2"], "must be more than"),
                            (["--progressive_from", "7"], "at most the teacher's 6"),
                            (["--progressive_from", "4", "--prune_schedule", "1"], "drop --student_model")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             distill_student.main([*common, "--student_num_layers", "2", *extra, "--output_dir", str(tmp_path / "x")])
+
+
+def test_a_progressive_run_stopped_in_its_first_stage_is_an_unfinished_run_to_resume(tmp_path):
+    """Killed before the last stage, the output folder holds only stages/stage0/checkpoints: it is this script's
+    unfinished run (resumable, or replaced with --overwrite_output_dir), not a stranger's folder."""
+    import argparse
+    import json
+
+    from common.cli import check_output_dir
+    from common.errors import UserError
+
+    step = tmp_path / "student" / "stages" / "stage0" / "checkpoints" / "step_2"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"script": "distill_student.py", "step": 2}))
+
+    def args(**flags):
+        return argparse.Namespace(output_dir=str(tmp_path / "student"), **{
+            "resume_from_checkpoint": None, "overwrite_output_dir": False, **flags})  # fmt: skip
+
+    with pytest.raises(UserError, match=r"holds an unfinished run of distill_student\.py; continue it"):
+        check_output_dir(args(), "distill_student.py")
+    check_output_dir(args(resume_from_checkpoint="latest"), "distill_student.py")
+    check_output_dir(args(overwrite_output_dir=True), "distill_student.py")
+    with pytest.raises(UserError, match=r"holds a run of distill_student\.py, not of refine_contrastive\.py"):
+        check_output_dir(args(resume_from_checkpoint="latest"), "refine_contrastive.py")

@@ -178,7 +178,8 @@ def test_token_states_of_the_teacher_are_matched_in_the_loop(small_data, tiny_be
     for weight in ("0", "1"):
         output = tmp_path / f"w{weight}"
         results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"],
-                                        "--student_num_layers", "1", "--token_loss_weight", weight,
+                                        "--student_num_layers", "1", "--progressive_from", "none",
+                                        "--token_loss_weight", weight,
                                         "--learning_rate", "2e-3", "--output_dir", str(output),
                                         "--max_train_steps", "20", *FAST])  # fmt: skip
         distances[weight] = token_distance(output)
