@@ -24,6 +24,7 @@ Logged queries without judgments, 50M ads searched exactly from the memory-mappe
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from common.cli import (
     positive_float,
     positive_int,
 )
-from common.data import data_fingerprint, read_qrels, read_texts
+from common.data import read_qrels, read_texts, scan_corpus
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -402,7 +403,10 @@ def main(argv=None):
         clash = "teacher" if "teacher" in names else next(name for name in names if names.count(name) > 1)
         raise UserError(f"The model name '{clash}' is used twice (or is the reserved 'teacher'); name each model once.")
 
-    ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
+    # The ads' ids and fingerprint in one streamed pass; their texts are read only if a store must be built
+    # (a baseline's own ads, or a teacher without --ad_store), so 50M ads scored against stores keep ids only.
+    ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
+    ad_texts = functools.cache(lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1])
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     qrels = read_qrels(args.qrels_file) if args.qrels_file else None
     if qrels is not None:
@@ -450,7 +454,6 @@ def main(argv=None):
     entries = [(name, path, "baseline (own ads)") for name, path in baselines]
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
     teacher_store, teacher_indexes = None, {}
-    ads_fp = data_fingerprint(ad_ids, ad_texts)  # once for all models
     ranked, per_query, curves = {}, {}, {}
     curve_ks = sorted({int(k) for k in np.unique(np.geomspace(1, max(args.k), num=25).round())} | set(args.k))
     for name, path, role in entries:

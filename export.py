@@ -39,7 +39,7 @@ from common.cli import (
     parse_with_config,
     positive_int,
 )
-from common.data import read_qrels, read_texts
+from common.data import read_qrels, read_texts, scan_corpus
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import STAGING, Encoder
 from common.errors import UserError, run_cli
@@ -122,7 +122,8 @@ def main(argv=None):
     if demo:
         paths = demo_paths()
         args.corpus_file, args.queries_file, args.qrels_file = paths["ads"], paths["test_queries"], paths["qrels"]
-    ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
+    # ids and fingerprint streamed; the ads' texts are read only if the teacher's store must be built
+    ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     qrels = read_qrels(args.qrels_file) if args.qrels_file else None
     load = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle_weights}
@@ -144,12 +145,13 @@ def main(argv=None):
         accelerator,
         teacher,
         ad_ids,
-        ad_texts,
+        lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1],
         "ad",
         path=args.ad_store,
         store_dir=default_store_dir(args),
         model_path=args.teacher_model,
         batch_size=args.encode_batch_size,
+        data_fp=ads_fp,
     )
     del teacher
     index = build_index(store_for_student(store, student), spec=IndexSpec(kind="auto", use_gpu=False))

@@ -142,6 +142,16 @@ RECIPES = {
     ),
     "prune-6-3-best": Recipe(6, [*BEST, "--prune_schedule", "3"], text=DOCS),
     "prune-6-3-best+refine": Recipe(6, [*BEST, "--prune_schedule", "3"], refine=[], base="prune-6-3-best", text=DOCS),
+    # The whole 3-block recipe inside the reference budget's optimiser steps: phase 2 on 0.95 of a pass (~450
+    # steps) plus phase 3's ~20 steps on pseudo-clicks.
+    "prune-6-3-best-0.95": Recipe(6, [*BEST, "--prune_schedule", "3", "--num_train_epochs", "0.95"], text=DOCS),
+    "prune-6-3-best-0.95+refine": Recipe(
+        6,
+        [*BEST, "--prune_schedule", "3", "--num_train_epochs", "0.95"],
+        refine=[],
+        base="prune-6-3-best-0.95",
+        text=DOCS,
+    ),
     # 3 layers
     "cut-3": Recipe(3),
     "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text=DOCS),

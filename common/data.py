@@ -148,6 +148,27 @@ def read_texts(source, id_column, text_column, split="train", ids_optional=False
     return ids, texts
 
 
+def scan_corpus(source, id_column, text_column, batch_rows=65536):
+    """(ids, data fingerprint) of a corpus file, read in Arrow batches of `batch_rows` rows: every row is
+    checked as read_texts checks it, and the fingerprint equals data_fingerprint(*read_texts(...)), but the
+    texts are never held together: a scorer of 50M ads against an existing store keeps only the ids."""
+    table = load_table(source)
+    require_columns(table, [id_column, text_column], source, "--id_column/--text_column")
+    ids, digest, row = [], hashlib.sha256(), 0
+    for batch in table.select_columns([id_column, text_column]).iter(batch_size=batch_rows):
+        for item_id, text in zip(batch[id_column], batch[text_column]):
+            item_id, text = check_id(item_id, source, row, id_column), check_text(text, source, row, text_column)
+            digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+            ids.append(item_id)
+            row += 1
+    if len(set(ids)) != len(ids):
+        duplicate = next(value for value, count in _counts(ids).items() if count > 1)
+        raise UserError(
+            f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique."
+        )
+    return ids, digest.hexdigest()
+
+
 def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_column="relevance"):
     """{query_id: {doc_id: grade}} from a tsv/csv/jsonl of graded judgments."""
     table = load_table(source)

@@ -321,14 +321,18 @@ def open_or_build_store(
 ):
     """The store of `encoder`'s vectors of these texts: opened at `path` (default: a fingerprinted path under
     `store_dir`) when it matches the model and data, refused when it does not, built by all processes
-    when it does not exist. The encoder is moved to the accelerator's device for the build and back."""
+    when it does not exist. The encoder is moved to the accelerator's device for the build and back.
+    `texts` may be a function that reads them (with `data_fp` given): called only when the store is built."""
     module = accelerator.unwrap_model(encoder)
+    if callable(texts) and data_fp is None:
+        texts = texts()
     data_fp = data_fp or data_fingerprint(ids, texts)
     path = path or default_store_path(store_dir, model_path, kind, module, data_fp)
     if os.path.exists(os.path.join(path, "metadata.json")):
         store = EmbeddingStore.open(path, module.fingerprint, data_fp, module.embedding_dim)
         check_store_matches(store, module, kind)
         return store
+    texts = texts() if callable(texts) else texts
     device = next(module.parameters()).device
     module.to(accelerator.device)
     store = build_store(accelerator, module, ids, texts, kind, path, batch_size=batch_size, data_fp=data_fp)

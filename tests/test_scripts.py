@@ -225,14 +225,22 @@ def test_model_cards_carry_the_recipe_and_the_evaluation(chain, small_data, tmp_
     assert (plain / "README.md").read_text() == plain_card  # not a run of ours: left as it is
 
 
-def test_evaluation_without_judgments_reports_overlap_over_a_sharded_index(chain, small_data, tmp_path):
+def test_evaluation_without_judgments_reports_overlap_over_a_sharded_index(chain, small_data, tmp_path, monkeypatch):
     """Logged queries have no judgments: overlap with the teacher only, and the sharded exact search over the
-    memory-mapped store gives the flat index's overlap."""
+    memory-mapped store gives the flat index's overlap. The second run finds the teacher's store built by the
+    first and never reads the ads' texts (only their ids and fingerprint, streamed)."""
     common_args = ["--teacher_model", chain["teacher"], "--students", f"aligned={chain['student-aligned']}",
                    "--baselines", "--corpus_file", small_data["ads"], "--queries_file", small_data["test_queries"],
                    "--k", "5", "20", "--latency_queries", "3", "--throughput_queries", "8",
                    "--flops_queries", "0"]  # fmt: skip
     flat = evaluate.main([*common_args, "--index", "flat", "--output_dir", str(tmp_path / "flat")])
+    real_read_texts = evaluate.read_texts
+
+    def read_texts_but_not_the_ads(source, *args, **kwargs):
+        assert source != small_data["ads"], "the ads' texts were read although their store exists"
+        return real_read_texts(source, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "read_texts", read_texts_but_not_the_ads)
     sharded = evaluate.main([*common_args, "--index", "sharded", "--output_dir", str(tmp_path / "sharded")])
     assert sharded["index"] == "sharded" and not sharded["judged"] and sharded["models"]["aligned"]["metrics"] == {}
     assert sharded["models"]["aligned"]["overlap"] == flat["models"]["aligned"]["overlap"]

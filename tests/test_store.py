@@ -186,3 +186,29 @@ def test_damaged_metadata_or_shards_are_refused_with_a_sentence(encoder, tmp_pat
     shard.unlink()
     with pytest.raises(UserError, match="missing, truncated or damaged"):
         EmbeddingStore.open(str(folder))
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv", "parquet"])
+def test_scanning_a_corpus_gives_read_texts_ids_and_fingerprint_in_batches(extension, tmp_path):
+    """scan_corpus streams the file in Arrow batches (here of 7 rows) without keeping the texts: the same ids
+    and the same fingerprint as reading it whole, so stores built by any script are found current; a duplicate
+    id or an empty text is refused with the row as read_texts refuses it."""
+    import pandas as pd
+
+    from common.data import data_fingerprint, read_texts, scan_corpus
+    from common.errors import UserError
+
+    frame = pd.DataFrame({"id": [f"0{i}" for i in range(30)], "text": [f"ad number {i}" for i in range(30)]})
+    path = str(tmp_path / f"ads.{extension}")
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True), "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[extension]()  # fmt: skip
+    ids, texts = read_texts(path, "id", "text")
+    assert scan_corpus(path, "id", "text", batch_rows=7) == (ids, data_fingerprint(ids, texts))
+    assert ids[0] == "00"
+    for column, value, message in (("id", "05", "id '05' appears more than once"), ("text", "", "row 3")):
+        broken = frame.copy()
+        broken.loc[3, column] = value
+        bad = str(tmp_path / f"bad-{column}.jsonl")
+        broken.to_json(bad, orient="records", lines=True)
+        with pytest.raises(UserError, match=message):
+            scan_corpus(bad, "id", "text", batch_rows=7)
