@@ -1,0 +1,284 @@
+"""Convert the public data sets a user tries first into the project's files (see README, "Data formats").
+
+    esci: Amazon Shopping Queries (ESCI), the two parquet files of github.com/amazon-science/esci-data
+          (shopping_queries_dataset_examples.parquet, shopping_queries_dataset_products.parquet). One locale
+          (--locale us). Products are the ads (title and brand, --product_fields); the train split gives
+          clicks (each Exact product a positive, the query's Irrelevant products its hard negatives) and the
+          label-free queries; the test split gives test queries and graded judgments E=3, S=2, C=1, I=0.
+    beir: a BEIR-format folder (corpus.jsonl with _id/title/text, queries.jsonl with _id/text,
+          qrels/<split>.tsv with query-id/corpus-id/score), e.g. MS MARCO passage as BeIR/msmarco
+          (qrels/train.tsv -> clicks and label-free queries; qrels/dev.tsv or test.tsv -> test queries and
+          judgments).
+
+Outputs under --output_dir: ads.parquet (id, text), clicks.parquet (query, positive, positive_id,
+negatives), queries.parquet (id, query: label-free), test_queries.parquet (id, text), qrels.tsv
+(query_id, doc_id, relevance). The corpus is streamed in Arrow batches and written batch by batch; only the
+texts of ads that clicks name are held (MS MARCO: 8.8M passages, ~0.5M of them clicked).
+
+    python prepare_data.py --dataset esci --esci_dir esci-data/shopping_queries_dataset --output_dir data/esci
+    python prepare_data.py --dataset beir --beir_dir msmarco --test_split dev --output_dir data/msmarco
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.cli import logger, non_negative_int
+from common.errors import UserError, run_cli
+
+ESCI_GRADES = {"E": 3, "S": 2, "C": 1, "I": 0}
+ESCI_FILES = ("shopping_queries_dataset_examples.parquet", "shopping_queries_dataset_products.parquet")
+OUTPUTS = ("ads.parquet", "clicks.parquet", "queries.parquet", "test_queries.parquet", "qrels.tsv")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=["esci", "beir"], required=True)
+    parser.add_argument("--esci_dir", default=None, help="Folder with the two ESCI parquet files.")
+    parser.add_argument("--locale", default="us", help="ESCI product_locale kept (us, es, jp).")
+    parser.add_argument(
+        "--product_fields", default="product_title,product_brand", help="ESCI product columns joined into ad text."
+    )
+    parser.add_argument("--small_version", action="store_true", help="ESCI: only the rows of its reduced task 1.")
+    parser.add_argument("--beir_dir", default=None, help="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/).")
+    parser.add_argument("--train_split", default="train", help="BEIR qrels split for clicks.")
+    parser.add_argument("--test_split", default="test", help="BEIR qrels split for the test queries.")
+    parser.add_argument("--max_negatives", type=non_negative_int, default=8, help="ESCI: Irrelevant products kept.")
+    parser.add_argument("--batch_rows", type=non_negative_int, default=65536)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    return parser.parse_args(argv)
+
+
+def check_output(args):
+    """A new or empty folder, or one holding only our outputs with --overwrite_output_dir."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; choose a folder path.")
+    present = set(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else set()
+    if present - set(OUTPUTS) - {".partial"}:
+        raise UserError(
+            f"--output_dir {args.output_dir} holds files prepare_data.py did not write; choose a new or empty folder."
+        )
+    if present - {".partial"} and not args.overwrite_output_dir:
+        raise UserError(f"{args.output_dir} already holds prepared data; pass --overwrite_output_dir to replace it.")
+
+
+def need_file(path, flag):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; point {flag} at the folder that holds it.")
+    return path
+
+
+class Outputs:
+    """The five files, written into <output_dir>/.partial and moved into place together at the end."""
+
+    def __init__(self, output_dir):
+        self.output_dir, self.partial = output_dir, os.path.join(output_dir, ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        os.makedirs(self.partial)
+        self.writers = {}
+
+    def write(self, name, rows, schema):
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=schema)
+        if name not in self.writers:
+            self.writers[name] = pq.ParquetWriter(os.path.join(self.partial, name), schema)
+        self.writers[name].write_table(table)
+
+    def write_qrels(self, triples):
+        with open(os.path.join(self.partial, "qrels.tsv"), "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["query_id", "doc_id", "relevance"])
+            writer.writerows(triples)
+
+    def finish(self, counts):
+        for writer in self.writers.values():
+            writer.close()
+        self.writers = {}
+        missing = [name for name in OUTPUTS if not os.path.exists(os.path.join(self.partial, name))]
+        if missing:
+            raise UserError(f"The source gave no rows for {', '.join(missing)}; check the split and locale flags.")
+        for name in OUTPUTS:
+            os.replace(os.path.join(self.partial, name), os.path.join(self.output_dir, name))
+        os.rmdir(self.partial)
+        logger.info("Wrote " + ", ".join(f"{name}: {count}" for name, count in counts.items()))
+
+
+ADS = pa.schema([("id", pa.string()), ("text", pa.string())])
+CLICKS = pa.schema(
+    [
+        ("query", pa.string()),
+        ("positive", pa.string()),
+        ("positive_id", pa.string()),
+        ("negatives", pa.list_(pa.string())),
+    ]
+)
+QUERIES = pa.schema([("id", pa.string()), ("query", pa.string())])
+TEST = pa.schema([("id", pa.string()), ("text", pa.string())])
+
+
+def prepare_esci(args, out):
+    examples_path, products_path = (need_file(os.path.join(args.esci_dir, name), "--esci_dir") for name in ESCI_FILES)
+    fields = [field.strip() for field in args.product_fields.split(",") if field.strip()]
+    products = pq.ParquetFile(products_path)
+    absent = [field for field in ["product_id", "product_locale", *fields] if field not in products.schema_arrow.names]
+    if absent:
+        raise UserError(f"{products_path} has no column {absent[0]}; is it the ESCI products file?")
+    examples = pq.read_table(
+        examples_path,
+        columns=["query_id", "query", "product_id", "product_locale", "esci_label", "small_version", "split"],
+    ).to_pandas()
+    examples = examples[examples["product_locale"] == args.locale]
+    if args.small_version:
+        examples = examples[examples["small_version"] == 1]
+    unknown = set(examples["esci_label"]) - set(ESCI_GRADES)
+    if unknown:
+        raise UserError(f"{examples_path}: esci_label '{sorted(unknown)[0]}' is not one of E, S, C, I.")
+    examples["query_id"] = examples["query_id"].astype(str)
+    examples["product_id"] = examples["product_id"].astype(str)
+    train = examples[examples["split"] == "train"]
+    clicked = set(train.loc[train["esci_label"].isin(["E", "I"]), "product_id"])
+
+    # Ads: every product of the locale, streamed; only clicked products' texts kept for the clicks.
+    ad_text, ads = {}, 0
+    for batch in products.iter_batches(
+        batch_size=args.batch_rows or 65536, columns=["product_id", "product_locale", *fields]
+    ):
+        rows = []
+        for row in batch.to_pylist():
+            if row["product_locale"] != args.locale:
+                continue
+            text = ". ".join(str(row[field]).strip() for field in fields if row[field] and str(row[field]).strip())
+            if not text:
+                continue  # a product without title or brand cannot be an ad
+            rows.append({"id": str(row["product_id"]), "text": text})
+            if rows[-1]["id"] in clicked:
+                ad_text[rows[-1]["id"]] = text
+        out.write("ads.parquet", rows, ADS)
+        ads += len(rows)
+
+    clicks = []
+    for _, group in train.groupby("query_id", sort=True):
+        query = group["query"].iloc[0]
+        negatives = [ad_text[p] for p in group.loc[group["esci_label"] == "I", "product_id"] if p in ad_text]
+        for product in group.loc[group["esci_label"] == "E", "product_id"]:
+            if product in ad_text:
+                clicks.append({"query": query, "positive": ad_text[product], "positive_id": product,
+                               "negatives": negatives[: args.max_negatives]})  # fmt: skip
+    out.write("clicks.parquet", clicks, CLICKS)
+    train_queries = train.drop_duplicates("query_id").sort_values("query_id")
+    out.write(
+        "queries.parquet",
+        [{"id": q, "query": t} for q, t in zip(train_queries["query_id"], train_queries["query"])],
+        QUERIES,
+    )
+    test = examples[examples["split"] == "test"]
+    test_queries = test.drop_duplicates("query_id").sort_values("query_id")
+    out.write(
+        "test_queries.parquet",
+        [{"id": q, "text": t} for q, t in zip(test_queries["query_id"], test_queries["query"])],
+        TEST,
+    )
+    out.write_qrels(
+        sorted(
+            (q, p, ESCI_GRADES[label]) for q, p, label in zip(test["query_id"], test["product_id"], test["esci_label"])
+        )
+    )
+    return {
+        "ads": ads,
+        "clicks": len(clicks),
+        "label-free queries": len(train_queries),
+        "test queries": len(test_queries),
+    }
+
+
+def read_beir_qrels(path):
+    """{query_id: {doc_id: score}} from a BEIR qrels tsv (header query-id, corpus-id, score)."""
+    qrels = {}
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        header = next(reader, [])
+        if header[:3] != ["query-id", "corpus-id", "score"]:
+            raise UserError(f"{path}: the header must be query-id, corpus-id, score (BEIR qrels).")
+        for line, row in enumerate(reader, start=2):
+            try:
+                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+            except (IndexError, ValueError):
+                raise UserError(f"{path} line {line}: expected query-id, corpus-id and an integer score.") from None
+    return qrels
+
+
+def read_jsonl_lines(path):
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path} line {line_number} is not JSON; is it a BEIR file?") from None
+
+
+def prepare_beir(args, out):
+    corpus_path = need_file(os.path.join(args.beir_dir, "corpus.jsonl"), "--beir_dir")
+    queries_path = need_file(os.path.join(args.beir_dir, "queries.jsonl"), "--beir_dir")
+    train = read_beir_qrels(need_file(os.path.join(args.beir_dir, "qrels", f"{args.train_split}.tsv"), "--beir_dir"))
+    test = read_beir_qrels(need_file(os.path.join(args.beir_dir, "qrels", f"{args.test_split}.tsv"), "--beir_dir"))
+    clicked = {doc for grades in train.values() for doc, score in grades.items() if score > 0}
+    ad_text, rows, ads = {}, [], 0
+    for record in read_jsonl_lines(corpus_path):
+        text = " ".join(part for part in (record.get("title") or "", record.get("text") or "") if part.strip()).strip()
+        if not text:
+            continue
+        rows.append({"id": str(record["_id"]), "text": text})
+        if rows[-1]["id"] in clicked:
+            ad_text[rows[-1]["id"]] = text
+        if len(rows) >= (args.batch_rows or 65536):
+            out.write("ads.parquet", rows, ADS)
+            ads, rows = ads + len(rows), []
+    out.write("ads.parquet", rows, ADS)
+    ads += len(rows)
+    query_text = {str(record["_id"]): record["text"] for record in read_jsonl_lines(queries_path)
+                  if str(record["_id"]) in train or str(record["_id"]) in test}  # fmt: skip
+    clicks, label_free = [], []
+    for query_id in sorted(train):
+        if query_id not in query_text:
+            continue
+        label_free.append({"id": query_id, "query": query_text[query_id]})
+        for doc, score in sorted(train[query_id].items()):
+            if score > 0 and doc in ad_text:
+                clicks.append({"query": query_text[query_id], "positive": ad_text[doc], "positive_id": doc,
+                               "negatives": []})  # fmt: skip
+    out.write("clicks.parquet", clicks, CLICKS)
+    out.write("queries.parquet", label_free, QUERIES)
+    test_ids = [query_id for query_id in sorted(test) if query_id in query_text]
+    out.write("test_queries.parquet", [{"id": q, "text": query_text[q]} for q in test_ids], TEST)
+    out.write_qrels([(q, doc, score) for q in test_ids for doc, score in sorted(test[q].items())])
+    return {"ads": ads, "clicks": len(clicks), "label-free queries": len(label_free), "test queries": len(test_ids)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source = {"esci": args.esci_dir, "beir": args.beir_dir}[args.dataset]
+    if not source:
+        raise UserError(f"--dataset {args.dataset} reads --{args.dataset}_dir; pass the folder that holds its files.")
+    check_output(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    out = Outputs(args.output_dir)
+    try:
+        counts = prepare_esci(args, out) if args.dataset == "esci" else prepare_beir(args, out)
+        out.finish(counts)
+    finally:  # a failed conversion leaves the earlier files as they were and no partial ones
+        for writer in out.writers.values():
+            writer.close()
+        shutil.rmtree(out.partial, ignore_errors=True)
+    return counts
+
+
+if __name__ == "__main__":
+    run_cli(main)

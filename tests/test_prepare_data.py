@@ -1,0 +1,97 @@
+"""prepare_data.py: the public data sets' own schemas (ESCI's two parquet files, a BEIR folder such as MS MARCO
+passage), written here as small files, converted into the project's files, which the scripts then read."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+import prepare_data
+import train_teacher
+from common.data import read_qrels, read_texts, scan_corpus
+from common.errors import UserError
+
+
+def write_esci(folder):
+    """12 examples of the ESCI schema: 2 train queries, 1 test query, 2 locales."""
+    os.makedirs(folder)
+    rows = [  # query_id, query, product_id, locale, label, split
+        (1, "usb c cable", "P1", "us", "E", "train"), (1, "usb c cable", "P2", "us", "I", "train"),
+        (1, "usb c cable", "P3", "us", "S", "train"), (1, "usb c cable", "P4", "us", "E", "train"),
+        (2, "red kettle", "P5", "us", "E", "train"), (2, "red kettle", "P6", "us", "C", "train"),
+        (3, "garden hose 50ft", "P7", "us", "E", "test"), (3, "garden hose 50ft", "P8", "us", "S", "test"),
+        (3, "garden hose 50ft", "P9", "us", "I", "test"), (3, "garden hose 50ft", "P10", "us", "C", "test"),
+        (4, "cable usb c", "P1", "es", "E", "train"), (5, "tetera", "P11", "es", "E", "test"),
+    ]  # fmt: skip
+    pd.DataFrame(
+        [{"example_id": i, "query": q, "query_id": qid, "product_id": p, "product_locale": loc, "esci_label": label,
+          "small_version": int(i % 2 == 0), "large_version": 1, "split": split}
+         for i, (qid, q, p, loc, label, split) in enumerate(rows)]
+    ).to_parquet(os.path.join(folder, prepare_data.ESCI_FILES[0]))  # fmt: skip
+    products = [(f"P{i}", "us", f"product {i} title", f"brand{i}" if i % 3 else None) for i in range(1, 12)]
+    products += [("P1", "es", "cable usb tipo c", "marca"), ("P12", "us", "", None)]  # no text: not an ad
+    pd.DataFrame(
+        [{"product_id": p, "product_locale": loc, "product_title": title, "product_description": None,
+          "product_bullet_point": None, "product_brand": brand, "product_color": None}
+         for p, loc, title, brand in products]
+    ).to_parquet(os.path.join(folder, prepare_data.ESCI_FILES[1]))  # fmt: skip
+    return folder
+
+
+def test_esci_becomes_clicks_ads_and_graded_judgments_the_scripts_read(tmp_path, tiny_bert):
+    source, output = write_esci(str(tmp_path / "esci")), str(tmp_path / "prepared")
+    counts = prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", output,
+                                "--batch_rows", "4"])  # fmt: skip
+    assert counts == {"ads": 11, "clicks": 3, "label-free queries": 2, "test queries": 1}
+    ids, texts = read_texts(os.path.join(output, "ads.parquet"), "id", "text")
+    assert ids[:2] == ["P1", "P2"] and texts[0] == "product 1 title. brand1" and texts[2] == "product 3 title"
+    clicks = pd.read_parquet(os.path.join(output, "clicks.parquet"))
+    assert list(clicks["positive_id"]) == ["P1", "P4", "P5"]  # E only, us only
+    assert list(clicks["negatives"][0]) == ["product 2 title. brand2"] and len(clicks["negatives"][2]) == 0
+    assert read_qrels(os.path.join(output, "qrels.tsv")) == {"3": {"P7": 3, "P8": 2, "P9": 0, "P10": 1}}
+    assert read_texts(os.path.join(output, "test_queries.parquet"), "id", "text") == (["3"], ["garden hose 50ft"])
+    assert read_texts(os.path.join(output, "queries.parquet"), "id", "query")[1] == ["usb c cable", "red kettle"]
+    # The teacher trains on the converted clicks as they are.
+    train_teacher.main(["--model_name_or_path", tiny_bert, "--train_file", os.path.join(output, "clicks.parquet"),
+                        "--max_train_steps", "1", "--per_device_train_batch_size", "2",
+                        "--output_dir", str(tmp_path / "teacher")])  # fmt: skip
+    # Other locale; replacing needs --overwrite_output_dir; a folder of the user's is never written into.
+    with pytest.raises(UserError, match="pass --overwrite_output_dir"):
+        prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", output])
+    with pytest.raises(UserError, match=r"gave no rows for ads\.parquet, clicks\.parquet"):
+        prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", output, "--locale", "jp",
+                           "--overwrite_output_dir"])  # fmt: skip
+    assert read_qrels(os.path.join(output, "qrels.tsv")) == {"3": {"P7": 3, "P8": 2, "P9": 0, "P10": 1}}  # intact
+    assert sorted(os.listdir(output)) == sorted(prepare_data.OUTPUTS)  # no partial files left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="did not write"):
+        prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", str(tmp_path / "mine"),
+                           "--overwrite_output_dir"])  # fmt: skip
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_beir_folder_such_as_ms_marco_becomes_the_projects_files(tmp_path):
+    source = tmp_path / "msmarco"
+    (source / "qrels").mkdir(parents=True)
+    corpus = [{"_id": str(i), "title": "", "text": f"passage {i} about topic {i % 3}"} for i in range(10)]
+    (source / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus))
+    queries = [{"_id": f"q{i}", "text": f"what is topic {i}"} for i in range(5)]
+    (source / "queries.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries))
+    (source / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\t0\t1\nq0\t3\t1\nq1\t1\t1\n")
+    (source / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq3\t0\t1\nq4\t4\t2\n")
+    output = str(tmp_path / "prepared")
+    counts = prepare_data.main(["--dataset", "beir", "--beir_dir", str(source), "--test_split", "dev",
+                                "--output_dir", output, "--batch_rows", "3"])  # fmt: skip
+    assert counts == {"ads": 10, "clicks": 3, "label-free queries": 2, "test queries": 2}
+    ids, texts = read_texts(os.path.join(output, "ads.parquet"), "id", "text")
+    assert ids == [str(i) for i in range(10)] and texts[4] == "passage 4 about topic 1"
+    assert scan_corpus(os.path.join(output, "ads.parquet"), "id", "text", batch_rows=4)[0] == ids
+    clicks = pd.read_parquet(os.path.join(output, "clicks.parquet"))
+    assert list(zip(clicks["query"], clicks["positive_id"])) == [("what is topic 0", "0"), ("what is topic 0", "3"),
+                                                                 ("what is topic 1", "1")]  # fmt: skip
+    assert read_qrels(os.path.join(output, "qrels.tsv")) == {"q3": {"0": 1}, "q4": {"4": 2}}
+    with pytest.raises(UserError, match="header must be query-id"):
+        (source / "qrels" / "test.tsv").write_text("q\td\ts\n")
+        prepare_data.main(["--dataset", "beir", "--beir_dir", str(source), "--output_dir", str(tmp_path / "x")])
