@@ -44,6 +44,7 @@ from common.data import check_text, check_text_list, load_table, require_columns
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
+from common.grad_cache import backward_through_chunks, embed_without_graph
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -86,6 +87,13 @@ def parse_args(argv=None):
     )
     group.add_argument("--no_query_query", action="store_true", help="Leave in-batch queries out of the negatives.")
     group.add_argument("--no_ad_ad", action="store_true", help="Leave ad-ad pairs out of the denominator.")
+    group.add_argument(
+        "--grad_cache_chunk_size",
+        type=positive_int,
+        default=None,
+        help="Gradient caching: embed the batch's rows (queries, positives, negatives) this many at a time, so a "
+        "large contrastive batch needs the activation memory of one chunk; same gradients as the plain batch.",
+    )
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "teacher"))
@@ -219,7 +227,10 @@ def main(argv=None):
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
-            vectors = model(**batch["inputs"])  # queries, positives, then the hard negatives
+            if args.grad_cache_chunk_size:  # vectors without a graph; the model's backward comes chunk by chunk
+                vectors, random_states = embed_without_graph(model, batch["inputs"], args.grad_cache_chunk_size)
+            else:
+                vectors = model(**batch["inputs"])  # queries, positives, then the hard negatives
             batch_size = len(batch["query_keys"])
             query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
             negatives = vectors[2 * batch_size :]
@@ -237,7 +248,13 @@ def main(argv=None):
                 ad_ad=not args.no_ad_ad,
             )
             check_finite_loss(loss, loop.step)
-            accelerator.backward(loss)
+            if args.grad_cache_chunk_size:
+                loss.backward()  # d loss / d vector, into vectors.grad (no parameter is touched)
+                backward_through_chunks(
+                    accelerator, model, batch["inputs"], args.grad_cache_chunk_size, vectors, random_states
+                )
+            else:
+                accelerator.backward(loss)
             if accelerator.sync_gradients:
                 clip_and_check_gradients(accelerator, model, args, loop.step)
             optimizer.step()

@@ -154,3 +154,38 @@ def test_encode_script_reuses_a_current_store_and_refuses_a_stale_one(tmp_path, 
         encode.main(["--model_name_or_path", tiny_qwen, *ads])
     encode.main(["--model_name_or_path", tiny_qwen, *ads, "--overwrite_output_dir"])  # rebuilt on request
     assert EmbeddingStore.open(store).metadata["model_fingerprint"] == Encoder.from_pretrained(tiny_qwen).fingerprint
+
+
+@pytest.mark.slow
+def test_gradient_caching_gives_the_plain_batchs_weights_under_ddp_and_zero3(tmp_path, small_data):
+    """--grad_cache_chunk_size: the batch's 2 x 8 x (1 + 1 + 1) rows embedded 5 at a time on each of 2 processes,
+    the loss on the cached vectors (gathered across processes), then each chunk back-propagated: the weights of
+    the plain 2-process run, under DDP and under DeepSpeed ZeRO-3 (dropout off: the plain pass draws its masks
+    for the whole batch at once, the cached one per chunk)."""
+    from conftest import make_tiny_bert
+    from safetensors.torch import load_file
+
+    model = make_tiny_bert(tmp_path / "model", dropout=0.0)
+    script = ["train_teacher.py", "--model_name_or_path", model, "--train_file", small_data["train"],
+              "--per_device_train_batch_size", "8", "--max_train_steps", "3", "--learning_rate", "1e-3",
+              "--weight_decay", "0", "--num_hard_negatives", "1", "--num_warmup_steps", "1"]  # fmt: skip
+    cached = ["--grad_cache_chunk_size", "5"]
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        ddp = ["--multi_gpu", "--num_processes", "2"]
+        launch(ddp, [*script, "--output_dir", str(tmp_path / "plain")], tmp_path, "plain")
+        launch(ddp, [*script, *cached, "--output_dir", str(tmp_path / "ddp")], tmp_path, "ddp")
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    launch(["--config_file", "accelerate_configs/deepspeed_zero3_cpu.yaml"],
+           [*script, *cached, "--output_dir", str(tmp_path / "zero3")], tmp_path, "zero3")  # fmt: skip
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for run in ("ddp", "zero3"):
+        weights = load_file(str(tmp_path / run / "model.safetensors"))
+        # DeepSpeed's consolidated BERT save names LayerNorm parameters gamma/beta (from_pretrained maps them back)
+        weights = {key.replace(".gamma", ".weight").replace(".beta", ".bias"): value for key, value in weights.items()}
+        worst = max(float((weights[key].float() - plain[key].float()).abs().max()) for key in plain)
+        assert worst < 2e-5, (run, worst)
+    vectors = Encoder.from_pretrained(str(tmp_path / "zero3")).encode(QUERIES, "query")
+    np.testing.assert_allclose(vectors, Encoder.from_pretrained(str(tmp_path / "plain")).encode(QUERIES, "query"),
+                               atol=1e-5)  # fmt: skip

@@ -527,3 +527,19 @@ def test_distillation_with_a_weighted_sum_of_objectives(small_data, tiny_bert, t
     assert np.isfinite(results["train_alignment_loss"]) and results["train_alignment_loss"] > 0
     recorded = json.loads((output / "training_args.json").read_text())["alignment_loss"]
     assert recorded == [[1.0, "l2"], [0.5, "kl"], [1.0, "kernel"], [0.1, "cosine"]]
+
+
+def test_gradient_caching_gives_the_plain_batchs_weights_on_one_process(small_data, tmp_path):
+    """train_teacher.py --grad_cache_chunk_size: 8 queries, 8 positives and 8 negatives embedded 5 rows at a time
+    end with the plain run's weights (dropout off; 2 processes and ZeRO-3: tests/test_distributed.py)."""
+    from conftest import make_tiny_bert
+    from safetensors.torch import load_file
+
+    model = make_tiny_bert(tmp_path / "model", dropout=0.0)
+    common = ["--model_name_or_path", model, "--train_file", small_data["train"], "--per_device_train_batch_size", "8",
+              "--max_train_steps", "3", "--learning_rate", "1e-3", "--num_hard_negatives", "1"]  # fmt: skip
+    plain = train_teacher.main([*common, "--output_dir", str(tmp_path / "plain")])
+    cached = train_teacher.main([*common, "--grad_cache_chunk_size", "5", "--output_dir", str(tmp_path / "cached")])
+    assert cached["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    left, right = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("plain", "cached"))
+    assert max(float((left[key] - right[key]).abs().max()) for key in left) < 2e-5
