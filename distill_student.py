@@ -244,13 +244,14 @@ def plan_progressive(args):
     if args.progressive_from == "none":
         return
     depth, blocks = model_depth(args.teacher_model, args.trust_remote_code), args.student_num_layers
+    plain_cut = not (args.student_model or args.student_layers or args.prune_schedule)
     if args.progressive_from == "auto":
-        if args.student_model or args.student_layers or args.prune_schedule or min(2 * blocks, depth) <= blocks:
-            return  # not a plain cut, or one as deep as the teacher (refused by check_depths)
         start = min(2 * blocks, depth)
+        if not plain_cut or start <= blocks:
+            return  # not a plain cut, or one as deep as the teacher (refused by check_depths)
     else:
         start = args.progressive_from
-        if args.student_model or args.student_layers or args.prune_schedule:
+        if not plain_cut:
             raise UserError(
                 "--progressive_from cuts the teacher and prunes the cut to --student_num_layers; drop "
                 "--student_model, --student_layers and --prune_schedule, or drop --progressive_from."

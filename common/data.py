@@ -140,11 +140,7 @@ def read_texts(source, id_column, text_column, split="train", ids_optional=False
     if not has_ids:
         return [str(row) for row in range(len(texts))], texts
     ids = [check_id(value, source, row, id_column) for row, value in enumerate(table[id_column])]
-    if len(set(ids)) != len(ids):
-        duplicate = next(value for value, count in _counts(ids).items() if count > 1)
-        raise UserError(
-            f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique."
-        )
+    check_unique_ids(ids, source, id_column)
     return ids, texts
 
 
@@ -158,14 +154,10 @@ def scan_corpus(source, id_column, text_column, batch_rows=65536):
     for batch in table.select_columns([id_column, text_column]).iter(batch_size=batch_rows):
         for item_id, text in zip(batch[id_column], batch[text_column]):
             item_id, text = check_id(item_id, source, row, id_column), check_text(text, source, row, text_column)
-            digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+            _fingerprint_row(digest, item_id, text)
             ids.append(item_id)
             row += 1
-    if len(set(ids)) != len(ids):
-        duplicate = next(value for value, count in _counts(ids).items() if count > 1)
-        raise UserError(
-            f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique."
-        )
+    check_unique_ids(ids, source, id_column)
     return ids, digest.hexdigest()
 
 
@@ -196,6 +188,14 @@ def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_c
     return qrels
 
 
+def check_unique_ids(ids, source, id_column):
+    if len(set(ids)) != len(ids):
+        duplicate = next(value for value, count in _counts(ids).items() if count > 1)
+        raise UserError(
+            f"{source}: id '{duplicate}' appears more than once in column '{id_column}'; ids must be unique."
+        )
+
+
 def _counts(values):
     counts = {}
     for value in values:
@@ -208,10 +208,14 @@ def text_key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def _fingerprint_row(digest, item_id, text):
+    digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+
+
 def data_fingerprint(ids, texts):
     digest = hashlib.sha256()
     for item_id, text in zip(ids, texts):
-        digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+        _fingerprint_row(digest, item_id, text)
     return digest.hexdigest()
 
 

@@ -77,17 +77,24 @@ MAINS = {
 }
 
 
-def launch_two(name, args, log_path, kill_after_checkpoint=None):
-    """`accelerate launch` 2 gloo CPU processes; optionally SIGKILL them all once a checkpoint exists."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               f"{name}.py", *args]  # fmt: skip
+DDP = ["--multi_gpu", "--num_processes", "2"]
+ZERO3 = ["--config_file", "accelerate_configs/deepspeed_zero3_cpu.yaml"]  # 2 CPU processes
+
+
+def launch_two(name, args, log_path, kill_after_checkpoint=None, launcher=DDP):
+    """`accelerate launch` 2 CPU processes (gloo DDP, or DeepSpeed ZeRO-3 with launcher=ZERO3); optionally
+    SIGKILL them all once a checkpoint exists. An uninterrupted run returns its seconds, launch included."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if launcher is DDP:
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, f"{name}.py", *args]
+    started = time.time()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         if kill_after_checkpoint is None:
             assert process.wait(timeout=600) == 0, Path(log_path).read_text()[-3000:]
-            return
+            return time.time() - started
         deadline = time.time() + 300
         while not os.path.exists(kill_after_checkpoint):
             assert process.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
@@ -240,31 +247,6 @@ def test_the_default_progressive_distillation_on_two_processes_equals_one_and_re
     assert_same_weights(resumed, two, atol=1e-6)
 
 
-def launch_zero3(args, log_path, kill_after_checkpoint=None):
-    """train_teacher.py under DeepSpeed ZeRO-3 on 2 CPU processes; optionally SIGKILLed once a checkpoint exists."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               "accelerate_configs/deepspeed_zero3_cpu.yaml", "train_teacher.py", *args]  # fmt: skip
-    started = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-        if kill_after_checkpoint is None:
-            assert process.wait(timeout=600) == 0, Path(log_path).read_text()[-3000:]
-            return time.time() - started
-        deadline = time.time() + 300
-        while not os.path.exists(kill_after_checkpoint):
-            assert process.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
-            time.sleep(0.05)
-        workers = psutil.Process(process.pid).children(recursive=True)
-        for victim in [process, *workers]:
-            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-                victim.send_signal(signal.SIGKILL)
-        process.wait()
-        psutil.wait_procs(workers, timeout=30)
-        return time.time() - started
-
-
 def test_zero3_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(small_data, tiny_bert_no_dropout,
                                                                                tmp_path):  # fmt: skip
     """The teacher under DeepSpeed ZeRO-3 on 2 CPU processes: SIGKILLed after its step-4 checkpoint (each rank's
@@ -275,12 +257,13 @@ def test_zero3_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(sm
     args = script_args("train_teacher", small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
     args += ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    seconds = launch_zero3([*args, "--output_dir", straight], tmp_path / "straight.log")
+    seconds = launch_two("train_teacher", [*args, "--output_dir", straight], tmp_path / "straight.log", launcher=ZERO3)
     print(f"ZeRO-3, 2 CPU processes, {STEPS} steps: {seconds:.1f} s")
-    launch_zero3([*args, "--output_dir", resumed], tmp_path / "killed.log",
-                 kill_after_checkpoint=os.path.join(resumed, "checkpoints", "step_4"))  # fmt: skip
+    launch_two("train_teacher", [*args, "--output_dir", resumed], tmp_path / "killed.log",
+               kill_after_checkpoint=os.path.join(resumed, "checkpoints", "step_4"), launcher=ZERO3)  # fmt: skip
     assert not os.path.exists(os.path.join(resumed, "model.safetensors"))
-    launch_zero3([*args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"], tmp_path / "resumed.log")
+    launch_two("train_teacher", [*args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log", launcher=ZERO3)  # fmt: skip
     assert "Resuming from" in (tmp_path / "resumed.log").read_text()
     assert_same_weights(resumed, straight, atol=1e-6)
     assert history(resumed, "lr") == history(straight, "lr")
