@@ -38,6 +38,7 @@ from common.cli import (
     parse_with_config,
     positive_float,
     positive_int,
+    probability,
     tracker_config,
 )
 from common.data import check_text, check_text_list, load_table, require_columns, text_key
@@ -53,6 +54,7 @@ from common.loop import (
     resume_from_checkpoint,
     save_final_model,
 )
+from common.lora import add_lora, merge_lora
 from common.loss import contrastive_loss
 
 SCRIPT = "train_teacher.py"
@@ -93,6 +95,17 @@ def parse_args(argv=None):
         default=None,
         help="Gradient caching: embed the batch's rows (queries, positives, negatives) this many at a time, so a "
         "large contrastive batch needs the activation memory of one chunk; same gradients as the plain batch.",
+    )
+    # LoRA
+    group = parser.add_argument_group("LoRA (peft): train low-rank adapters instead of every weight")
+    group.add_argument("--lora_r", type=non_negative_int, default=0, help="Adapter rank; 0: full fine-tuning.")
+    group.add_argument("--lora_alpha", type=positive_float, default=None, help="Scaling alpha / r; default 2 r.")
+    group.add_argument("--lora_dropout", type=probability, default=0.05)
+    group.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="Adapt only the linear layers whose names end so (e.g. q_proj k_proj v_proj); default: all of them.",
     )
     # Output
     group = parser.add_argument_group("Output")
@@ -159,6 +172,10 @@ class PairCollator:
 def main(argv=None):
     args = parse_args(argv)
     check_has_negatives(args)
+    if args.lora_r and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_r
+    if not args.lora_r and (args.lora_alpha is not None or args.lora_target_modules):
+        raise UserError("--lora_alpha and --lora_target_modules need --lora_r > 0 (LoRA is off at 0).")
     check_run_args(args, SCRIPT, inputs=[args.model_name_or_path, args.train_file])
     accelerator = make_accelerator(args)
     if args.train_file is None:
@@ -179,6 +196,9 @@ def main(argv=None):
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle_weights,
     )
+    if args.lora_r:  # adapters in place: the model stays an Encoder; only the adapters train
+        trainable = add_lora(encoder, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        accelerator.print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g}: {trainable:,} trainable parameters")
     if args.gradient_checkpointing:
         encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = read_pairs(args)
@@ -265,7 +285,9 @@ def main(argv=None):
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results.update(loop.speed())
     results["steps"] = loop.step
-    save_final_model(accelerator, args, model, SCRIPT, "teacher", results, progress.log_history)
+    # With LoRA the adapters are merged into the weights: the saved teacher is a plain model (no peft needed).
+    merge = (lambda state_dict: merge_lora(state_dict, args.lora_alpha, args.lora_r)) if args.lora_r else None
+    save_final_model(accelerator, args, model, SCRIPT, "teacher", results, progress.log_history, merge)
     accelerator.end_training()
     return results
 

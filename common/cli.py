@@ -76,6 +76,14 @@ def fraction(text):
     return value
 
 
+def probability(text):
+    """A dropout rate: 0 <= p < 1."""
+    value = _real(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1)")
+    return value
+
+
 def boolean(text):
     """true/false (also yes/no, 1/0), as HfArgumentParser reads `--flag false`."""
     value = str(text).strip().lower()

@@ -383,13 +383,16 @@ def _move_into_place(staging, folder, last):
     os.rmdir(staging)
 
 
-def save_final_model(accelerator, args, model, script, role, results, log_history=None):
-    """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push."""
+def save_final_model(accelerator, args, model, script, role, results, log_history=None, transform_state=None):
+    """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push.
+    `transform_state` maps the gathered state dict to the one saved (e.g. LoRA adapters merged)."""
     from common.hub import push_to_hub, write_model_card
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        if transform_state is not None:
+            state_dict = transform_state(state_dict)
         _check_finite_state(state_dict, args.output_dir)
         encoder = accelerator.unwrap_model(model)
         # Written whole into a staging folder, then moved into place with training_args.json (the mark of a

@@ -269,3 +269,31 @@ def test_zero3_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(sm
     assert history(resumed, "lr") == history(straight, "lr")
     model = AutoModel.from_pretrained(straight)
     assert model.config.num_hidden_layers == 2
+
+
+def test_lora_teacher_on_two_processes_equals_one_under_ddp_and_zero3_and_resumes(small_data, tiny_bert_no_dropout,
+                                                                                  tmp_path):  # fmt: skip
+    """train_teacher.py --lora_r 4: 2 gloo processes (DDP) and 2 DeepSpeed ZeRO-3 processes with gradient
+    checkpointing end with the 1-process weights (adapters merged at the save, gathered from the ZeRO-3 shards);
+    the ZeRO-3 run SIGKILLed after its step-4 checkpoint resumes to the same weights."""
+    args = script_args("train_teacher", small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+    args += ["--lora_r", "4", "--lora_dropout", "0"]
+    half = ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
+    one, ddp, zero3, resumed = (str(tmp_path / run) for run in ("one", "ddp", "zero3", "resumed"))
+    train_teacher.main([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--output_dir", one])
+    launch_two("train_teacher", [*args, *half, "--output_dir", ddp], tmp_path / "ddp.log")
+    assert_same_weights(ddp, one, atol=2e-5)
+    zero3_args = [*args, *half, "--gradient_checkpointing"]
+    launch_two("train_teacher", [*zero3_args, "--output_dir", zero3], tmp_path / "zero3.log", launcher=ZERO3)
+    # DeepSpeed's consolidated BERT save names LayerNorm parameters gamma/beta (from_pretrained maps them back)
+    saved = {k.replace(".gamma", ".weight").replace(".beta", ".bias"): v for k, v in weights(zero3).items()}
+    reference = weights(one)
+    assert saved.keys() == reference.keys()
+    worst = max(float((saved[key] - reference[key]).abs().max()) for key in reference)
+    assert worst < 2e-5, worst
+    launch_two("train_teacher", [*zero3_args, "--output_dir", resumed], tmp_path / "killed.log",
+               kill_after_checkpoint=os.path.join(resumed, "checkpoints", "step_4"), launcher=ZERO3)  # fmt: skip
+    launch_two("train_teacher", [*zero3_args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log", launcher=ZERO3)  # fmt: skip
+    assert "Resuming from" in (tmp_path / "resumed.log").read_text()
+    assert_same_weights(resumed, zero3, atol=1e-6)
