@@ -52,6 +52,7 @@ from transformers import get_scheduler
 from common.alignment import alignment_loss, parse_objectives, token_state_loss
 from common.cli import (
     add_common_training_args,
+    add_context_args,
     boolean,
     check_run_args,
     fraction,
@@ -67,7 +68,7 @@ from common.cli import (
     shrinking_schedule,
     tracker_config,
 )
-from common.data import LengthGroupedSampler, read_texts
+from common.data import LengthGroupedSampler, read_contexts, read_texts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import (
     Encoder,
@@ -191,6 +192,7 @@ def parse_args(argv=None):
         help="Store of the teacher's vectors of --query_file (e.g. from encode.py --kind query); built when missing.",
     )
     group.add_argument("--teacher_general_store", default=None, help="Same, for --general_text_file.")
+    add_context_args(group, where="--query_file")
     group.add_argument(
         "--corpus_file",
         default=None,
@@ -317,7 +319,9 @@ def check_token_targets(student, teacher):
 
 
 def read_label_free_texts(args):
-    """[(ids, texts, store flag value)] for the query file, then the general text file if any."""
+    """[(ids, texts, what the teacher reads, store flag value)] for the query file, then the general text file
+    if any. With --query_context_column the teacher reads each query with its teacher-only context (the store
+    holds the teacher's vectors of those); the student reads the queries alone."""
     sources = [(args.query_file, args.teacher_query_store), (args.general_text_file, args.teacher_general_store)]
     read = []
     for source, store_path in sources:
@@ -326,7 +330,11 @@ def read_label_free_texts(args):
         ids, texts = read_texts(source, args.id_column, args.query_column, args.query_split, ids_optional=True)
         if not texts:
             raise UserError(f"{source} has no rows; point it at label-free text.")
-        read.append((ids, texts, store_path))
+        teacher_texts = texts
+        if args.query_context_column and source == args.query_file:
+            contexts = read_contexts(source, args.query_context_column, args.query_split)
+            teacher_texts = [with_context(t, c, args.context_template) for t, c in zip(texts, contexts)]
+        read.append((ids, texts, teacher_texts, store_path))
     return read
 
 
@@ -493,6 +501,11 @@ def prune(student, keep_layers_count, args, calibration):
 def main(argv=None):
     args = parse_args(argv)
     plan_progressive(args)
+    if args.query_context_column and args.token_loss_weight > 0:
+        raise UserError(
+            "--token_loss_weight matches the teacher's hidden states token by token on the student's own text, "
+            "which --query_context_column changes for the teacher; use one or the other."
+        )
     check_depths(args)  # the models' depths, read from their configs
     with_ads = bool(args.corpus_file or args.ad_store or args.query_file is None)  # None: the built-in data
     if args.alignment_loss is None:  # the study in benchmarks/distill_study.py: ranking real ads adds most
@@ -523,7 +536,7 @@ def main(argv=None):
             args.corpus_file = args.corpus_file or (None if args.ad_store else demo_paths()["ads"])
     set_seed(args.seed)
     sources = read_label_free_texts(args)
-    texts = [text for _, source_texts, _ in sources for text in source_texts]
+    texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
 
     # The teacher's query vectors: read from stores (built once by all processes when missing), then the
     # teacher leaves memory. Each step reads only its batch's rows from the memory-mapped shards.
@@ -547,14 +560,14 @@ def main(argv=None):
             accelerator,
             teacher,
             ids,
-            source_texts,
+            teacher_texts,
             "query",
             path=store_path,
             store_dir=default_store_dir(args),
             model_path=args.teacher_model,
             batch_size=args.encode_batch_size,
         )
-        for ids, source_texts, store_path in sources
+        for ids, _, teacher_texts, store_path in sources
     ]
     teacher_store = EmbeddingStore.stack(stores)
     if args.corpus_file:  # the teacher's ad vectors: opened (checked against model and ads) or built once

@@ -13,14 +13,22 @@ All GPUs of a machine, bf16 (ads; then the label-free queries for distill_studen
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml encode.py --model_name_or_path runs/teacher \
         --input_file logged_queries.parquet --kind query --text_column query --output_dir runs/stores/teacher-queries
 Query files without an id column are numbered by row, as distill_student.py numbers them, so the
-store above is the one distill_student.py expects for that file.
+store above is the one distill_student.py expects for that file. With teacher-only context, pass the same
+--query_context_column (and --context_template) to both.
 """
 
 import argparse
 import os
 
-from common.cli import add_model_safety_args, logger, make_accelerator, parse_with_config, positive_int
-from common.data import data_fingerprint, read_texts
+from common.cli import (
+    add_context_args,
+    add_model_safety_args,
+    logger,
+    make_accelerator,
+    parse_with_config,
+    positive_int,
+)
+from common.data import data_fingerprint, read_contexts, read_texts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -51,6 +59,7 @@ def parse_args(argv=None):
     group.add_argument("--id_column", default="id", help="Required for ads; query files without it use row numbers.")
     group.add_argument("--text_column", default="text")
     group.add_argument("--kind", choices=["ad", "query"], default="ad", help="Which prompt to encode with.")
+    add_context_args(group, where="--input_file (--kind query; the teacher's targets for distill_student.py)")
     group.add_argument("--encode_batch_size", type=positive_int, default=128, help="Per process.")
     group = parser.add_argument_group("Output")
     group.add_argument(
@@ -73,7 +82,12 @@ def main(argv=None):
     if args.input_file is None:
         with accelerator.main_process_first():
             args.input_file = demo_paths()["ads"]
+    if args.query_context_column and args.kind != "query":
+        raise UserError("--query_context_column is the teacher's context of queries; use it with --kind query.")
     ids, texts = read_texts(args.input_file, args.id_column, args.text_column, args.split, args.kind == "query")
+    if args.query_context_column:  # as distill_student.py composes them, so it finds this store current
+        contexts = read_contexts(args.input_file, args.query_context_column, args.split)
+        texts = [with_context(text, context, args.context_template) for text, context in zip(texts, contexts)]
     encoder = Encoder.from_pretrained(
         args.model_name_or_path,
         dtype=args.model_dtype,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from common.cli import (
+    add_context_args,
     add_model_safety_args,
     boolean,
     fraction,
@@ -44,7 +45,7 @@ from common.cli import (
     positive_float,
     positive_int,
 )
-from common.data import read_qrels, read_texts, scan_corpus
+from common.data import read_contexts, read_qrels, read_texts, scan_corpus, with_context
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -98,6 +99,7 @@ def parse_args(argv=None):
     group.add_argument("--text_column", default="text")
     group.add_argument("--ad_store", default=None, help="The teacher's ad store; built when missing.")
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
+    add_context_args(group, where="--queries_file (read by the teacher only, as in phases 1-2)")
     group.add_argument("--encode_batch_size", type=positive_int, default=128)
     # Index
     group = parser.add_argument_group("Index")
@@ -338,7 +340,13 @@ def render_report(results):
         "",
         f"Device: {results['device']}, {results['threads']} CPU threads. Latency: batch 1, tokenisation included. "
         f"Recovery: the model's metric over the teacher's, with a {level}% paired bootstrap interval over queries. "
-        "overlap@k: share of the teacher's top-k the model also returns.",
+        "overlap@k: share of the teacher's top-k the model also returns."
+        + (
+            f" The teacher read each query with its teacher-only context (column `{results['teacher_query_context']}`"
+            "); the other models read the queries alone."
+            if results.get("teacher_query_context")
+            else ""
+        ),
     ]
     lines += [""] + [f"![{name[:-4]}]({name})" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"
@@ -408,6 +416,10 @@ def main(argv=None):
     ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
     ad_texts = functools.cache(lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1])
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
+    teacher_query_texts = query_texts  # the teacher reads the queries with their teacher-only context, if any
+    if args.query_context_column:
+        contexts = read_contexts(args.queries_file, args.query_context_column)
+        teacher_query_texts = [with_context(q, c, args.context_template) for q, c in zip(query_texts, contexts)]
     qrels = read_qrels(args.qrels_file) if args.qrels_file else None
     if qrels is not None:
         unknown_queries = set(qrels) - set(query_ids)
@@ -450,6 +462,7 @@ def main(argv=None):
         "k": args.k,
         "confidence_level": args.confidence_level,
         "throughput_batch_size": args.throughput_batch_size,
+        "teacher_query_context": args.query_context_column,
     }
     entries = [(name, path, "baseline (own ads)") for name, path in baselines]
     entries += [("teacher", args.teacher_model, "teacher")] + [(n, p, "student (teacher ads)") for n, p in students]
@@ -486,7 +499,8 @@ def main(argv=None):
         if not accelerator.is_main_process:
             continue
         logger.info(f"Scoring {name} ({path})")
-        query_vectors = encoder.encode(query_texts, "query", batch_size=args.encode_batch_size, device=device)
+        texts = teacher_query_texts if role == "teacher" else query_texts
+        query_vectors = encoder.encode(texts, "query", batch_size=args.encode_batch_size, device=device)
         _, rows = search(index, query_vectors, max(args.k))
         ranked[name] = {qid: [ad_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, rows)}
         entry = {"path": str(path), "role": role, "parameters": sum(p.numel() for p in encoder.parameters())}
@@ -497,9 +511,9 @@ def main(argv=None):
         else:
             entry["metrics"] = {}
         entry["speed"] = time_queries(
-            encoder, query_texts, device, args.latency_queries, args.throughput_batch_size, args.throughput_queries
+            encoder, texts, device, args.latency_queries, args.throughput_batch_size, args.throughput_queries
         )
-        entry["flops_per_query"] = forward_flops_per_query(encoder, query_texts, device, args.flops_queries)
+        entry["flops_per_query"] = forward_flops_per_query(encoder, texts, device, args.flops_queries)
         results["models"][name] = entry
         del encoder
     if accelerator.is_main_process:

@@ -28,6 +28,7 @@ from transformers import get_scheduler
 
 from common.cli import (
     add_common_training_args,
+    add_context_args,
     check_has_negatives,
     check_run_args,
     finite_float,
@@ -41,7 +42,15 @@ from common.cli import (
     probability,
     tracker_config,
 )
-from common.data import check_text, check_text_list, load_table, require_columns, text_key
+from common.data import (
+    check_context,
+    check_text,
+    check_text_list,
+    load_table,
+    require_columns,
+    text_key,
+    with_context,
+)
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -81,6 +90,7 @@ def parse_args(argv=None):
     group.add_argument(
         "--num_hard_negatives", type=non_negative_int, default=1, help="Per query; missing ones are random ads."
     )
+    add_context_args(group, where="--train_file")
     # Loss
     group = parser.add_argument_group("Loss")
     group.add_argument("--temperature", type=positive_float, default=0.05)
@@ -117,19 +127,26 @@ def parse_args(argv=None):
 
 
 def read_pairs(args):
-    """Validated training rows: query, positive, hard negatives (texts) and the positive's group."""
+    """Validated training rows: query, what the teacher reads for it (the query with its teacher-only context, if
+    any), positive, hard negatives (texts) and the positive's group."""
     table = load_table(args.train_file, split=args.train_split)
-    require_columns(table, [args.query_column, args.positive_column], args.train_file)
+    required = [args.query_column, args.positive_column]
+    require_columns(table, required + ([args.query_context_column] if args.query_context_column else []),
+                    args.train_file, "--query_column/--positive_column/--query_context_column")  # fmt: skip
     columns = table.column_names
     negatives = table[args.negatives_column] if args.negatives_column in columns else [None] * len(table)
     groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
+    contexts = table[args.query_context_column] if args.query_context_column else [None] * len(table)
     rows = []
-    for row, (query, positive, row_negatives, group) in enumerate(
-        zip(table[args.query_column], table[args.positive_column], negatives, groups)
+    for row, (query, positive, row_negatives, group, context) in enumerate(
+        zip(table[args.query_column], table[args.positive_column], negatives, groups, contexts)
     ):
+        query = check_text(query, args.train_file, row, args.query_column)
+        context = check_context(context, args.train_file, row, args.query_context_column)
         rows.append(
             {
-                "query": check_text(query, args.train_file, row, args.query_column),
+                "query": query,
+                "teacher_query": with_context(query, context, args.context_template),
                 "positive": check_text(positive, args.train_file, row, args.positive_column),
                 "negatives": check_text_list(row_negatives, args.train_file, row, args.negatives_column),
                 "group": None if group is None else str(group),
@@ -159,7 +176,7 @@ class PairCollator:
             chosen += rng.sample(self.ad_pool, self.num_hard_negatives - len(chosen))
             negatives.extend(chosen)
         positives = [row["positive"] for row in rows]
-        queries = [row["query"] for row in rows]
+        queries = [row["teacher_query"] for row in rows]  # with teacher-only context, if any
         return {
             "inputs": self.encoder.tokenize_mixed(queries, positives + negatives),
             "query_keys": torch.tensor([text_key(row["query"]) for row in rows]),
@@ -202,7 +219,7 @@ def main(argv=None):
     if args.gradient_checkpointing:
         encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = read_pairs(args)
-    log_truncation(encoder, [row["query"] for row in rows], "query", args.train_file)
+    log_truncation(encoder, [row["teacher_query"] for row in rows], "query", args.train_file)
     log_truncation(encoder, [row["positive"] for row in rows], "ad", args.train_file)
     ad_pool = sorted({row["positive"] for row in rows})
     # The collator holds the encoder itself (not the DDP-wrapped model prepare returns) for tokenising.

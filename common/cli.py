@@ -163,6 +163,36 @@ def add_model_safety_args(group):
     group.add_argument("--allow_pickle_weights", action="store_true", help="Load .bin weights (off: unsafe).")
 
 
+def add_context_args(group, where="the query file"):
+    """Teacher-only context: a column of offline text per query that only the teacher reads."""
+    from common.data import DEFAULT_CONTEXT_TEMPLATE, check_context_template
+
+    group.add_argument(
+        "--query_context_column",
+        default=None,
+        help=f"Column of {where} holding offline-only text per query (an expansion, a category path, the landing "
+        "page) that the teacher reads with the query; the student only ever reads the query. Empty: the query alone.",
+    )
+    group.add_argument(
+        "--context_template",
+        type=_checked(check_context_template),
+        default=DEFAULT_CONTEXT_TEMPLATE,
+        help="How the teacher reads a query with its context (default: the query, a newline, the context).",
+    )
+
+
+def _checked(check):
+    """An argparse type from a check that raises UserError: the message becomes argparse's error line."""
+
+    def convert(text):
+        try:
+            return check(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
 def parse_with_config(parser, argv=None):
     """Parse argv; `--config file.yaml` supplies values that flags on the command line override.
 

@@ -103,6 +103,47 @@ def check_text(value, source, row, column):
     return value
 
 
+# ---------------------------------------------------------------------------- teacher-only context
+DEFAULT_CONTEXT_TEMPLATE = "{query}\n{context}"
+
+
+def check_context_template(template):
+    """A --context_template must place {query} and {context} and nothing else in braces."""
+    try:
+        template.format(query="q", context="c")
+    except (KeyError, IndexError, ValueError):
+        raise UserError(
+            f"--context_template {template!r} may only use {{query}} and {{context}} in braces (double a brace to "
+            "write it: {{ }})."
+        ) from None
+    if "{query}" not in template or "{context}" not in template:
+        raise UserError(f"--context_template {template!r} must contain both {{query}} and {{context}}.")
+    return template
+
+
+def check_context(value, source, row, column):
+    """A context cell: text, or empty/null when a query has none (the teacher then sees the query alone)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise UserError(
+            f"{source} row {row}, column '{column}': expected text or null, got {type(value).__name__}; fix the row."
+        )
+    return value
+
+
+def with_context(query, context, template=DEFAULT_CONTEXT_TEMPLATE):
+    """What the teacher reads for a query with teacher-only context (the student only ever reads the query)."""
+    return query if context is None else template.format(query=query, context=context)
+
+
+def read_contexts(source, column, split="train"):
+    """The context column of a query file, one entry per row (None where a row has none)."""
+    table = load_table(source, split=split)
+    require_columns(table, [column], source, "--query_context_column")
+    return [check_context(value, source, row, column) for row, value in enumerate(table[column])]
+
+
 def check_id(value, source, row, column):
     """An id cell: a string, or an integer written without quotes; kept as text ("0152" stays "0152")."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):

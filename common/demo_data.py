@@ -154,6 +154,37 @@ INTENTS = {
     },
 }
 
+# Teacher-only context: what an offline query classifier writes for a query (a category path and an intent),
+# the kind of text the teacher may read in phases 1-2 but a served student never gets. Like a real classifier
+# it is sometimes wrong (another intent) or silent (no context).
+CATEGORIES = {
+    "Electronics": ["laptop", "smartphone", "camera", "drone", "television", "watch"],
+    "Vehicles": ["car", "bicycle", "boat", "motorcycle", "tractor", "camper van"],
+    "Home": ["refrigerator", "washing machine", "sofa", "espresso machine", "lawn mower", "treadmill"],
+    "Music": ["piano", "guitar"],
+}
+INTENT_LABELS = {
+    "buy": "shopping, new",
+    "used": "shopping, used / refurbished",
+    "repair": "repair service",
+    "rent": "rental",
+    "sell": "selling / trade-in",
+    "insure": "insurance / warranty",
+}
+CONTEXT_WRONG_INTENT, CONTEXT_MISSING = 0.1, 0.1
+
+
+def _context(rng, product, intent):
+    """The classifier's output for a query of (product, intent): right, wrong intent, or none."""
+    draw = rng.random()
+    if draw < CONTEXT_MISSING:
+        return None
+    if draw < CONTEXT_MISSING + CONTEXT_WRONG_INTENT:
+        intent = rng.choice([other for other in INTENTS if other != intent])
+    category = next(name for name, products in CATEGORIES.items() if product in products)
+    return f"category: {category} > {product}; intent: {INTENT_LABELS[intent]}"
+
+
 _SYLLABLES = [
     "zor",
     "vik",
@@ -205,8 +236,10 @@ def generate(
     general_text_share=0.0,
     seed=13,
 ):
-    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels."""
+    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels. Every query row also has a
+    teacher-only `context` (drawn from a generator of its own, so the other columns do not depend on it)."""
     rng = random.Random(seed)
+    context_rng = random.Random(seed + 1)
     brands = _brands(rng, 40)
     ads, cells = [], {}
     for product in PRODUCTS:
@@ -248,7 +281,7 @@ def generate(
             continue
         seen.add(text)
         qid = f"q{len(test):04d}"
-        test.append({"id": qid, "text": text})
+        test.append({"id": qid, "text": text, "context": _context(context_rng, product, intent)})
         for ad_id, grade in relevant(product, intent, brand).items():
             qrels.append({"query_id": qid, "doc_id": ad_id, "relevance": grade})
 
@@ -271,14 +304,15 @@ def generate(
                 "negatives": [n["text"] for n in negatives],
                 "negative_ids": [n["id"] for n in negatives],
                 "group": clicked["group"],
+                "context": _context(context_rng, product, intent),
             }
         )
 
     unlabeled = []
     while len(unlabeled) < unlabeled_queries:
-        text = draw_query()[0]
+        text, product, intent, _ = draw_query()
         if text not in seen:
-            unlabeled.append({"query": text})
+            unlabeled.append({"query": text, "context": _context(context_rng, product, intent)})
     return {"ads": ads, "train": train, "queries": unlabeled, "test_queries": test, "qrels": qrels}
 
 
@@ -314,12 +348,23 @@ def write_demo_data(data_dir, **generate_kwargs):
     return paths
 
 
+# Raised when the files gain a column; older files are rewritten (the rows they had stay the same).
+DEMO_DATA_VERSION = "2"  # 2: teacher-only `context` on every query row
+
+
 def ensure_demo_data(data_dir):
     """Write the embedded data set under data_dir once (deterministic); return the file paths."""
     paths = {name: os.path.join(data_dir, filename) for name, filename in DEMO_FILES.items()}
-    if all(os.path.exists(path) for path in paths.values()):
-        return paths
-    return write_demo_data(data_dir)
+    version = os.path.join(data_dir, "VERSION")
+    if all(os.path.exists(path) for path in paths.values()) and os.path.exists(version):
+        with open(version, encoding="utf-8") as handle:
+            if handle.read().strip() == DEMO_DATA_VERSION:
+                return paths
+    paths = write_demo_data(data_dir)
+    with open(version + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(DEMO_DATA_VERSION + "\n")
+    os.replace(version + ".tmp", version)
+    return paths
 
 
 DEMO_ROOT = os.environ.get("HARNESS_DEMO_DIR", "outputs/demo")
