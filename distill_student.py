@@ -40,6 +40,7 @@ Progressive pruning of the 28-layer Qwen3-0.6B student to 4 blocks, re-aligning 
 import argparse
 import copy
 import gc
+import itertools
 import math
 import os
 
@@ -53,6 +54,7 @@ from common.alignment import alignment_loss, parse_objectives, token_state_loss
 from common.cli import (
     add_common_training_args,
     add_context_args,
+    add_stream_filter_args,
     boolean,
     check_run_args,
     fraction,
@@ -62,6 +64,7 @@ from common.cli import (
     logger,
     make_accelerator,
     non_negative_float,
+    non_negative_int,
     parse_with_config,
     positive_float,
     positive_int,
@@ -89,6 +92,13 @@ from common.loop import (
 )
 from common.pruning import importance, prune_ffn, prune_layers
 from common.store import EmbeddingStore, check_store_matches, default_store_dir, open_or_build_store
+from common.streaming import (
+    MixedStream,
+    StreamBatches,
+    TextStream,
+    chunked_vectors,
+    open_or_build_chunked_store,
+)
 
 SCRIPT = "distill_student.py"
 
@@ -206,6 +216,34 @@ def parse_args(argv=None):
     )
     group.add_argument("--store_dir", default=None, help="Where default stores go; default: <output_dir>/../stores.")
     group.add_argument("--encode_batch_size", type=positive_int, default=128)
+    group = parser.add_argument_group("Streaming (label-free text at the scale of logged traffic)")
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read --query_file (a file, a folder or glob of shards, or a hub id) and --general_text_file as streams: "
+        "no text is held whole. The teacher's targets come from a chunked store (--teacher_query_store, e.g. from "
+        "encode.py --streaming; built resumably when missing) or, with --teacher_in_loop, from the teacher itself.",
+    )
+    group.add_argument(
+        "--teacher_in_loop",
+        action="store_true",
+        help="Streaming: the frozen teacher encodes each batch inside the training loop (bf16 on GPUs): no store.",
+    )
+    group.add_argument(
+        "--general_text_ratio",
+        type=fraction,
+        default=None,
+        help="Streaming: share of the rows drawn from --general_text_file (e.g. 0.1).",
+    )
+    group.add_argument(
+        "--shuffle_buffer",
+        type=non_negative_int,
+        default=10_000,
+        help="Streaming with --teacher_in_loop: rows of the seeded shuffle buffer (0: stream order). A chunked store "
+        "is shuffled by chunk and within each chunk instead.",
+    )
+    add_stream_filter_args(group)
+    group = parser.add_argument_group("Batches")
     group.add_argument(
         "--group_by_length",
         type=boolean,
@@ -338,6 +376,65 @@ def read_label_free_texts(args):
     return read
 
 
+def check_streaming_args(args):
+    """Streaming flags that contradict each other or need a companion, refused before any model loads."""
+    if not args.streaming:
+        if args.teacher_in_loop or args.general_text_ratio is not None:
+            raise UserError("--teacher_in_loop and --general_text_ratio are streaming options; add --streaming.")
+        return
+    if args.teacher_in_loop and (args.teacher_query_store or args.teacher_general_store):
+        raise UserError("--teacher_in_loop needs no store; drop --teacher_query_store/--teacher_general_store.")
+    if args.general_text_file and args.general_text_ratio is None:
+        raise UserError("--general_text_file in streaming mode needs --general_text_ratio (e.g. 0.1).")
+    if args.general_text_ratio is not None and not args.general_text_file:
+        raise UserError("--general_text_ratio needs --general_text_file.")
+    if args.general_text_ratio is not None and args.general_text_ratio >= 1:
+        raise UserError("--general_text_ratio must be below 1 (the queries must be drawn too).")
+    if args.teacher_in_loop and not args.max_train_steps:
+        raise UserError(
+            "A stream's length is unknown before it is read: pass --max_train_steps with --teacher_in_loop (or train "
+            "from a chunked store, whose length is known)."
+        )
+    args.group_by_length = False  # streamed batches come in stream order (shuffled by buffer or by chunk)
+
+
+def stream_of(args, source, context):
+    """A TextStream of a label-free file with the run's filters (the teacher reads query + context if asked)."""
+    return TextStream(
+        source,
+        args.query_column,
+        args.query_split,
+        context_column=args.query_context_column if context else None,
+        context_template=args.context_template,
+        min_chars=args.min_query_chars,
+        max_chars=args.max_query_chars,
+        dedupe_capacity=args.dedupe_capacity,
+        shuffle_buffer=args.shuffle_buffer if args.teacher_in_loop else 0,
+        seed=args.seed,
+    )
+
+
+def open_stream_sources(accelerator, args, teacher):
+    """(query source, general-text source or None) for --streaming: the text streams themselves with
+    --teacher_in_loop, else chunked stores of the teacher's vectors of them (opened, or built resumably)."""
+    sources = []
+    for source, store_path, context in (
+        (args.query_file, args.teacher_query_store, True),
+        (args.general_text_file, args.teacher_general_store, False),
+    ):
+        if source is None:
+            sources.append(None)
+            continue
+        stream = stream_of(args, source, context)
+        if not args.teacher_in_loop:
+            stream = open_or_build_chunked_store(
+                accelerator, teacher, stream, store_path, default_store_dir(args), args.teacher_model,
+                args.chunk_rows, args.encode_batch_size, seed=args.seed,
+            )  # fmt: skip
+        sources.append(stream)
+    return sources
+
+
 def make_student(args, teacher):
     """A student in the teacher's output space: same prompts; a linear head when the widths differ."""
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
@@ -380,36 +477,59 @@ def make_student(args, teacher):
     return student
 
 
-def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_store=None):
-    """One alignment run: the training loop, then the student saved to args.output_dir. `teacher` (frozen)
-    is given with --token_loss_weight: its hidden states are the targets of every token."""
+def align(accelerator, args, student, data, teacher=None, ad_store=None):
+    """One alignment run: the training loop, then the student saved to args.output_dir. `data` is (texts, the
+    teacher's store of their vectors), or with --streaming a function that opens the row stream afresh.
+    `teacher` (frozen, on the device) is given with --token_loss_weight (its hidden states are the targets of
+    every token) and with --teacher_in_loop (its vectors are the targets)."""
     tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
 
-    def collate(rows):
-        batch = tokenize([texts[row] for row in rows], "query")
-        batch["teacher_vectors"] = torch.from_numpy(teacher_store.read(rows))  # only this batch's rows
-        return batch
+    if args.streaming:
+        # Each global micro-batch is the stream's next per-device batch x processes rows; this process
+        # collates its slice, so N processes read exactly the rows of one process with the whole batch.
+        def collate_stream(rows):
+            batch = tokenize([text for text, _, _ in rows], "query").to(accelerator.device)
+            if args.teacher_in_loop:
+                batch["teacher_inputs"] = teacher.tokenize([target for _, target, _ in rows], "query")
+            else:
+                references = [reference for _, _, reference in rows]
+                batch["teacher_vectors"] = torch.from_numpy(chunked_vectors(references, args.teacher_dim))
+            return batch
 
-    # The rows of one optimiser step (per-device batch x processes x accumulation) are a random draw of texts,
-    # the same for any number of processes; with --group_by_length they have similar lengths, which saves the
-    # compute spent on padding.
-    global_batch_size = args.per_device_train_batch_size * accelerator.num_processes
-    sampler = (
-        LengthGroupedSampler(
-            [len(text) for text in texts], global_batch_size * args.gradient_accumulation_steps, args.seed
+        dataloader = StreamBatches(
+            data(), args.per_device_train_batch_size, accelerator.num_processes, accelerator.process_index,
+            collate_stream,
+        )  # fmt: skip
+        num_examples = "a stream"
+    else:
+        texts, teacher_store = data
+
+        def collate(rows):
+            batch = tokenize([texts[row] for row in rows], "query")
+            batch["teacher_vectors"] = torch.from_numpy(teacher_store.read(rows))  # only this batch's rows
+            return batch
+
+        # The rows of one optimiser step (per-device batch x processes x accumulation) are a random draw of
+        # texts, the same for any number of processes; with --group_by_length they have similar lengths, which
+        # saves the compute spent on padding.
+        global_batch_size = args.per_device_train_batch_size * accelerator.num_processes
+        sampler = (
+            LengthGroupedSampler(
+                [len(text) for text in texts], global_batch_size * args.gradient_accumulation_steps, args.seed
+            )
+            if args.group_by_length
+            else None
         )
-        if args.group_by_length
-        else None
-    )
-    dataloader = DataLoader(
-        range(len(texts)),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(texts) >= global_batch_size,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-    )
+        dataloader = DataLoader(
+            range(len(texts)),
+            batch_size=args.per_device_train_batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(texts) >= global_batch_size,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+        )
+        num_examples = len(texts)
 
     if args.freeze_embeddings:
         logger.info(f"Input embeddings frozen: {freeze_input_embeddings(student) / 1e6:.1f}M parameters")
@@ -419,7 +539,13 @@ def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_sto
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(student, args.weight_decay, accelerator), lr=args.learning_rate
     )
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.streaming:  # epochs of a known length (a chunked store), else --max_train_steps (checked in main)
+        rows = data.rows_per_epoch / (1 - (args.general_text_ratio or 0.0)) if hasattr(data, "rows_per_epoch") else 0
+        steps_per_epoch = math.ceil(
+            rows / (args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+        )
+    else:
+        steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     args.max_train_steps = args.max_train_steps or max(math.ceil(args.num_train_epochs * steps_per_epoch), 1)
     if args.num_warmup_steps is None:
         args.num_warmup_steps = int(0.05 * args.max_train_steps)
@@ -432,17 +558,25 @@ def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_sto
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
+    if args.streaming:  # the stream is sliced per process above; accelerate must not shard it again
+        model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
     if not accelerator.trackers:  # once per script, also when pruning stages align again
         accelerator.init_trackers("distill_student", config=tracker_config(args))
     progress = resume_from_checkpoint(accelerator, args, SCRIPT)
     loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
-    log_banner(args, accelerator, len(texts))
+    log_banner(args, accelerator, num_examples)
 
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
-            teacher_targets = batch.pop("teacher_vectors")
+            if "teacher_inputs" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_targets = teacher(**batch.pop("teacher_inputs").to(accelerator.device)).float()
+                teacher_targets = cut_targets(teacher_targets, args.teacher_dim, teacher.config.normalize)
+            else:
+                teacher_targets = batch.pop("teacher_vectors").to(accelerator.device)
             student_vectors, student_states = model(**batch, return_token_states=True)
             # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
             # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
@@ -482,6 +616,15 @@ def align(accelerator, args, student, texts, teacher_store, teacher=None, ad_sto
     return student, results
 
 
+def cut_targets(vectors, dim, normalized):
+    """The teacher's vectors as a --teacher_dim (Matryoshka) student is aligned to them: the first `dim`
+    coordinates, re-normalised when the teacher normalises (as a truncated store view gives them)."""
+    if not dim or dim >= vectors.shape[-1]:
+        return vectors
+    vectors = vectors[..., :dim]
+    return torch.nn.functional.normalize(vectors, dim=-1) if normalized else vectors
+
+
 def prune(student, keep_layers_count, args, calibration):
     """One pruning step: keep the most important blocks (and FFN units); returns a description."""
     intermediate = student.backbone.config.intermediate_size
@@ -501,6 +644,7 @@ def prune(student, keep_layers_count, args, calibration):
 def main(argv=None):
     args = parse_args(argv)
     plan_progressive(args)
+    check_streaming_args(args)
     if args.query_context_column and args.token_loss_weight > 0:
         raise UserError(
             "--token_loss_weight matches the teacher's hidden states token by token on the student's own text, "
@@ -535,8 +679,11 @@ def main(argv=None):
             args.query_file = demo_paths()["queries"]
             args.corpus_file = args.corpus_file or (None if args.ad_store else demo_paths()["ads"])
     set_seed(args.seed)
-    sources = read_label_free_texts(args)
-    texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
+    if args.streaming:  # nothing is read whole: the streams are opened below, once the teacher is loaded
+        sources, texts = [], None
+    else:
+        sources = read_label_free_texts(args)
+        texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
 
     # The teacher's query vectors: read from stores (built once by all processes when missing), then the
     # teacher leaves memory. Each step reads only its batch's rows from the memory-mapped shards.
@@ -569,7 +716,19 @@ def main(argv=None):
         )
         for ids, _, teacher_texts, store_path in sources
     ]
-    teacher_store = EmbeddingStore.stack(stores)
+    if args.streaming:
+        query_source, general_source = open_stream_sources(accelerator, args, teacher)
+
+        def data():
+            return MixedStream(query_source, general_source, args.general_text_ratio or 0.0, args.seed)
+
+        if hasattr(query_source, "rows_per_epoch"):
+            data.rows_per_epoch = query_source.rows_per_epoch
+        calibration = [text for text, _, _ in itertools.islice(query_source.rows(0), args.calibration_queries)]
+        teacher_store = None
+    else:
+        teacher_store = EmbeddingStore.stack(stores)
+        data, calibration = (texts, teacher_store), texts[: args.calibration_queries]
     if args.corpus_file:  # the teacher's ad vectors: opened (checked against model and ads) or built once
         ad_ids, ad_texts = read_texts(args.corpus_file, args.ad_id_column, args.ad_text_column)
         ad_store = open_or_build_store(
@@ -585,15 +744,19 @@ def main(argv=None):
         )
         del ad_ids, ad_texts
     if args.teacher_dim:
-        teacher_store = teacher_store.truncated(args.teacher_dim)
+        if teacher_store is not None:
+            teacher_store = teacher_store.truncated(args.teacher_dim)
+            data = (texts, teacher_store)
         ad_store = ad_store.truncated(args.teacher_dim) if ad_store is not None else None
     teacher_depth = teacher.backbone.config.num_hidden_layers
-    if args.token_loss_weight > 0:  # the teacher stays, frozen, to give every token's hidden state
+    if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
         teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
+        if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() and args.teacher_in_loop:
+            teacher = teacher.to(torch.bfloat16)  # frozen: bf16 weights halve its memory and time
     else:
         teacher = None
         gc.collect()
-    log_truncation(student, texts, "query", args.query_file)
+    log_truncation(student, calibration if args.streaming else texts, "query", args.query_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -616,9 +779,12 @@ def main(argv=None):
         set_seed(args.seed + stage)  # each stage's randomness is its own, whether earlier stages ran or loaded
         if keep is not None:
             student = student.to(accelerator.device)
-            logger.info(f"Stage {stage}: " + prune(student, keep, args, texts[: args.calibration_queries]))
-        student, results = align(accelerator, stage_args, student, texts, teacher_store, teacher, ad_store)
-    results["teacher_query_store"] = stores[0].folder
+            logger.info(f"Stage {stage}: " + prune(student, keep, args, calibration))
+        student, results = align(accelerator, stage_args, student, data, teacher, ad_store)
+    if args.streaming:
+        results["teacher_query_store"] = None if args.teacher_in_loop else query_source.folder
+    else:
+        results["teacher_query_store"] = stores[0].folder
     accelerator.end_training()
     return results
 

@@ -23,6 +23,7 @@ import os
 from common.cli import (
     add_context_args,
     add_model_safety_args,
+    add_stream_filter_args,
     logger,
     make_accelerator,
     parse_with_config,
@@ -33,6 +34,7 @@ from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.store import EmbeddingStore, build_store, check_store_matches, default_store_path
+from common.streaming import TextStream, open_or_build_chunked_store
 
 
 def parse_args(argv=None):
@@ -61,6 +63,15 @@ def parse_args(argv=None):
     group.add_argument("--kind", choices=["ad", "query"], default="ad", help="Which prompt to encode with.")
     add_context_args(group, where="--input_file (--kind query; the teacher's targets for distill_student.py)")
     group.add_argument("--encode_batch_size", type=positive_int, default=128, help="Per process.")
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Queries at the scale of logged traffic: read --input_file (a file, a folder or glob of shards, or a hub "
+        "id) as a stream and write a chunked store (chunks of --chunk_rows rows, each process its share; a killed "
+        "run resumes at the first missing chunk when started again with the same flags), which distill_student.py "
+        "--streaming reads.",
+    )
+    add_stream_filter_args(group)
     group = parser.add_argument_group("Output")
     group.add_argument(
         "--output_dir",
@@ -84,6 +95,8 @@ def main(argv=None):
             args.input_file = demo_paths()["ads"]
     if args.query_context_column and args.kind != "query":
         raise UserError("--query_context_column is the teacher's context of queries; use it with --kind query.")
+    if args.streaming:
+        return encode_stream(args, accelerator)
     ids, texts = read_texts(args.input_file, args.id_column, args.text_column, args.split, args.kind == "query")
     if args.query_context_column:  # as distill_student.py composes them, so it finds this store current
         contexts = read_contexts(args.input_file, args.query_context_column, args.split)
@@ -110,6 +123,44 @@ def main(argv=None):
     )
     logger.info(f"Wrote {len(store)} {args.kind} vectors ({store.dim}-d, {args.dtype}) to {store_path}")
     return store_path
+
+
+def encode_stream(args, accelerator):
+    """--streaming: the chunked store of the query stream, built or its build resumed (finished: checked)."""
+    if args.kind != "query":
+        raise UserError("--streaming writes query stores for distill_student.py --streaming; use --kind query.")
+    if args.overwrite_output_dir:
+        raise UserError(
+            "--overwrite_output_dir does not apply to a chunked store (a killed build resumes); pass another "
+            "--output_dir."
+        )
+    encoder = Encoder.from_pretrained(
+        args.model_name_or_path,
+        dtype=args.model_dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle_weights,
+    ).to(accelerator.device)
+    stream = TextStream(
+        args.input_file,
+        args.text_column,
+        args.split,
+        context_column=args.query_context_column,
+        context_template=args.context_template,
+        min_chars=args.min_query_chars,
+        max_chars=args.max_query_chars,
+        dedupe_capacity=args.dedupe_capacity,
+    )
+    store = open_or_build_chunked_store(
+        accelerator, encoder, stream, args.output_dir, args.store_dir, args.model_name_or_path, args.chunk_rows,
+        args.encode_batch_size, dtype=args.dtype,
+    )  # fmt: skip
+    stats = store.metadata.get("stream_stats", {})
+    logger.info(
+        f"{store.folder}: {store.rows_per_epoch} query vectors in {len(store.chunks)} chunks ({store.dim}-d, "
+        f"{store.metadata['dtype']}); rows read {stats.get('read')}, dropped: too short {stats.get('too_short')}, "
+        f"too long {stats.get('too_long')}, duplicates {stats.get('duplicate')}"
+    )
+    return store.folder
 
 
 if __name__ == "__main__":

@@ -59,12 +59,12 @@ def run_recipe(root, context, seed):
                   paths["qrels"], "--store_dir", os.path.join(run, "stores"), "--latency_queries", "0",
                   "--flops_queries", "0", "--throughput_queries", "1", "--plots", "false"]  # fmt: skip
     rows = {}
-    evaluate.main([*evaluation, "--output_dir", os.path.join(run, "eval-raw"), "--overwrite_output_dir"])
+    evaluate.main([*evaluation, "--output_dir", os.path.join(run, "eval-raw")])
     rows["teacher, queries alone"] = scores(os.path.join(run, "eval-raw"), "teacher")
     rows["student"] = scores(os.path.join(run, "eval-raw"), "student")
     if context:
         out = os.path.join(run, "eval-context")
-        evaluate.main([*evaluation, *flags, "--output_dir", out, "--overwrite_output_dir"])
+        evaluate.main([*evaluation, *flags, "--output_dir", out])
         rows["teacher, query + context"] = scores(out, "teacher")
     return rows
 

@@ -181,6 +181,26 @@ def add_context_args(group, where="the query file"):
     )
 
 
+def add_stream_filter_args(group):
+    """Filters applied on the fly to a streamed query file (--streaming), by encode.py and distill_student.py
+    alike: a chunked store records them, and phase 2 refuses a store built with others."""
+    group.add_argument("--min_query_chars", type=positive_int, default=1, help="Streaming: drop shorter texts.")
+    group.add_argument("--max_query_chars", type=positive_int, default=None, help="Streaming: drop longer texts.")
+    group.add_argument(
+        "--dedupe_capacity",
+        type=non_negative_int,
+        default=0,
+        help="Streaming: drop exact duplicates with a Bloom filter sized for this many distinct texts (about 2.4 "
+        "bytes each, fixed; 1e-4 of unique texts dropped by mistake); 0: keep duplicates.",
+    )
+    group.add_argument(
+        "--chunk_rows",
+        type=positive_int,
+        default=100_000,
+        help="Streaming: rows per chunk of a chunked teacher store (the unit a killed encode resumes at).",
+    )
+
+
 def _checked(check):
     """An argparse type from a check that raises UserError: the message becomes argparse's error line."""
 

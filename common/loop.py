@@ -52,6 +52,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     log_history: list = field(default_factory=list)
+    stream: dict | None = None  # a streaming run's position in its stream (common/streaming.StreamBatches)
 
 
 def checkpoint_root(output_dir):
@@ -77,6 +78,7 @@ def save_checkpoint(accelerator, args, script, progress):
             "step": progress.step,
             "epoch": progress.epoch,
             "batch_in_epoch": progress.batch_in_epoch,
+            "stream": progress.stream,
             "num_processes": accelerator.num_processes,
             "log_history": progress.log_history,
             "args": public_config(args),
@@ -165,7 +167,9 @@ def resume_from_checkpoint(accelerator, args, script):
             )
     logger.info(f"Resuming from {path}")
     accelerator.load_state(path)
-    return Progress(state["step"], state["epoch"], state["batch_in_epoch"], state.get("log_history", []))
+    return Progress(
+        state["step"], state["epoch"], state["batch_in_epoch"], state.get("log_history", []), state.get("stream")
+    )
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -186,7 +190,8 @@ class TrainLoop:
     """
 
     def __init__(self, accelerator, args, dataloader, progress, script):
-        if len(dataloader) == 0:
+        self.streaming = hasattr(dataloader, "state_dict")  # endless; its position is saved with checkpoints
+        if not self.streaming and len(dataloader) == 0:
             raise UserError("The data gives no batch on each process; lower --per_device_train_batch_size.")
         self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script
         self.progress = progress
@@ -251,6 +256,15 @@ class TrainLoop:
 
     def _batches(self):
         progress, args = self.progress, self.args
+        if self.streaming:  # a stream resumes from the position its checkpoint recorded, without replaying batches
+            if progress.stream is not None:
+                self.dataloader.load_state_dict(progress.stream)
+            for batch in self.dataloader:
+                if progress.step >= args.max_train_steps:
+                    break
+                progress.batch_in_epoch += 1
+                yield batch
+            return
         skip = progress.batch_in_epoch
         while progress.step < args.max_train_steps:
             self.dataloader.set_epoch(progress.epoch)
@@ -277,6 +291,8 @@ class TrainLoop:
         }
         progress = self.progress
         progress.step += 1
+        if self.streaming:
+            progress.stream = self.dataloader.state_dict()
         progress.log_history.append({"step": progress.step, **logs})
         self.bar.update(1)
         if progress.step % self.args.logging_steps == 0 or progress.step == self.args.max_train_steps:

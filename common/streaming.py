@@ -1,0 +1,498 @@
+"""Phase 2 at the scale of logged traffic: label-free text as streams, teacher targets in resumable chunks.
+
+Sources of rows (each yields (student text, teacher text, vector reference) and can start at any row of
+any epoch, which is what a resumed run needs):
+- `TextStream`: a `datasets` streaming source (hub id, a local file, a folder or glob of jsonl/parquet/csv
+  shards), filtered on the fly (length bounds in characters; exact duplicates by a fixed-size Bloom filter, so
+  memory does not grow with the stream), optionally shuffled through a seeded buffer. Starting at row n of an
+  epoch replays the epoch's first n rows (texts only, no model), so the filters and the shuffle buffer are
+  exactly those of the uninterrupted run.
+- `ChunkedStore`: the teacher's vectors of such a stream written by `build_chunked_store` (encode.py --streaming,
+  or distill_student.py --streaming when the store is missing): chunks of --chunk_rows rows, each a folder
+  with the texts, the vectors (fp16 or fp32, memory-mapped) and its fingerprint, written atomically, so a
+  killed encode resumes at the first missing chunk. Each epoch reads chunks in a seeded order and the rows of
+  a chunk in a seeded order (a block shuffle: one chunk's texts in memory); starting at row n is arithmetic.
+
+`MixedStream` interleaves a general-text source into the queries at a ratio (one seeded draw per row; the
+general source cycles). `StreamBatches` cuts the mixed stream into global micro-batches of per-device batch x
+processes rows, of which each process collates its own slice: N processes read the rows one process with the
+whole batch would. Its `state_dict()` (epoch, rows consumed per source, draws made) goes into the checkpoint.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+
+from common.data import check_context, with_context
+from common.errors import UserError
+
+SHARD_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+CHUNKED_FORMAT = "harness-chunked-store"
+
+
+# ---------------------------------------------------------------------------- sources
+def resolve_shards(source):
+    """(builder, files) for local data (a file, a folder of shards, a glob pattern); (None, None) for a hub id."""
+    source = str(source)
+    if any(char in source for char in "*?["):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise UserError(f"{source} matches no file; check the pattern.")
+    elif os.path.isdir(source):
+        files = sorted(
+            os.path.join(source, name)
+            for name in os.listdir(source)
+            if os.path.splitext(name)[1].lower() in SHARD_TYPES
+        )
+        if not files:
+            raise UserError(f"The folder {source} holds no .jsonl/.json/.parquet/.csv/.tsv shard; check the path.")
+    elif os.path.exists(source):
+        files = [source]
+    else:
+        files = None
+    if files is None and (source.startswith((".", "/")) or source.endswith(tuple(SHARD_TYPES))):
+        raise UserError(f"Data file '{source}' does not exist; check the path.")
+    if files is None:
+        return None, None
+    files = [os.path.abspath(path) for path in files]
+    builders = {SHARD_TYPES.get(os.path.splitext(path)[1].lower()) for path in files}
+    if len(builders) != 1 or None in builders:
+        raise UserError(f"{source}: the shards must all be of one type among .jsonl, .json, .parquet, .csv, .tsv.")
+    return builders.pop(), files
+
+
+class BloomFilter:
+    """Exact-duplicate removal in fixed memory: m bits and k hash positions per text, sized for `capacity`
+    distinct texts at false-positive rate `error_rate` (a unique text wrongly taken for a duplicate)."""
+
+    def __init__(self, capacity, error_rate=1e-4):
+        self.bits = max(64, math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2))
+        self.hashes = max(1, round(self.bits / capacity * math.log(2)))
+        self.array = np.zeros((self.bits + 7) // 8, dtype=np.uint8)
+
+    def add(self, text):
+        """Adds the text; returns whether it was (probably) there already."""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        first, second = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") | 1
+        positions = np.array([(first + i * second) % self.bits for i in range(self.hashes)], dtype=np.int64)
+        byte, mask = positions >> 3, (1 << (positions & 7)).astype(np.uint8)
+        present = bool(np.all(self.array[byte] & mask))
+        np.bitwise_or.at(self.array, byte, mask)
+        return present
+
+
+class TextStream:
+    """Rows (text, teacher text, None) of a streaming source, filtered and optionally shuffled per epoch."""
+
+    def __init__(
+        self,
+        source,
+        column,
+        split="train",
+        context_column=None,
+        context_template=None,
+        min_chars=1,
+        max_chars=None,
+        dedupe_capacity=0,
+        shuffle_buffer=0,
+        seed=0,
+    ):
+        self.source, self.column, self.split = str(source), column, split
+        self.context_column, self.context_template = context_column, context_template
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self.dedupe_capacity, self.shuffle_buffer, self.seed = dedupe_capacity, shuffle_buffer, seed
+        self.builder, self.files = resolve_shards(self.source)
+        self.stats = {"read": 0, "kept": 0, "too_short": 0, "too_long": 0, "duplicate": 0}
+
+    def describe(self):
+        """What determines the rows: recorded in a chunked store, compared when phase 2 reads it."""
+        return {
+            "source": self.source if self.files is None else None,  # local shards: their absolute paths
+            "files": self.files,
+            "column": self.column,
+            "split": self.split if self.files is None else None,
+            "context_column": self.context_column,
+            "context_template": self.context_template if self.context_column else None,
+            "min_chars": self.min_chars,
+            "max_chars": self.max_chars,
+            "dedupe_capacity": self.dedupe_capacity,
+        }
+
+    def _dataset(self, epoch):
+        import datasets
+
+        try:
+            if self.files is not None:
+                dataset = datasets.load_dataset(self.builder, data_files=self.files, split="train", streaming=True)
+            else:
+                dataset = datasets.load_dataset(self.source, split=self.split, streaming=True)
+        except Exception as error:
+            raise UserError(f"Could not stream '{self.source}' ({type(error).__name__}: {error}); check it.") from None
+        if self.shuffle_buffer:
+            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            dataset.set_epoch(epoch)
+        return dataset
+
+    def rows(self, epoch=0, start=0):
+        """The epoch's kept rows from row `start` on (the first `start` kept rows are replayed, not yielded)."""
+        seen = BloomFilter(self.dedupe_capacity) if self.dedupe_capacity else None
+        kept, stats = 0, {key: 0 for key in self.stats}
+        columns = [self.column] + ([self.context_column] if self.context_column else [])
+        for row_number, row in enumerate(self._dataset(epoch)):
+            if row_number == 0:
+                missing = [name for name in columns if name not in row]
+                if missing:
+                    raise UserError(
+                        f"{self.source} has no column {missing[0]!r} (columns: {', '.join(row)}); pass its name "
+                        "with --query_column / --query_context_column."
+                    )
+            stats["read"] += 1
+            text = row[self.column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(
+                    f"{self.source} row {row_number}, column '{self.column}': expected text, got "
+                    f"{type(text).__name__}; fix or drop the row."
+                )
+            length = len(text.strip()) if text else 0
+            if length < max(self.min_chars, 1):
+                stats["too_short"] += 1
+                continue
+            if self.max_chars and length > self.max_chars:
+                stats["too_long"] += 1
+                continue
+            if seen is not None and seen.add(text):
+                stats["duplicate"] += 1
+                continue
+            stats["kept"] += 1
+            kept += 1
+            if kept <= start:
+                continue
+            teacher_text = text
+            if self.context_column:
+                context = check_context(row[self.context_column], self.source, row_number, self.context_column)
+                teacher_text = with_context(text, context, self.context_template)
+            self.stats = stats
+            yield text, teacher_text, None
+        self.stats = stats
+
+
+# ---------------------------------------------------------------------------- chunked stores
+def _chunk_name(index):
+    return f"chunk_{index:06d}"
+
+
+def _rows_fingerprint(rows):
+    digest = hashlib.sha256()
+    for text, teacher_text in rows:
+        digest.update(text.encode("utf-8") + b"\x00" + teacher_text.encode("utf-8") + b"\x01")
+    return digest.hexdigest()
+
+
+def build_chunked_store(accelerator, encoder, stream, folder, chunk_rows, batch_size=128, dtype="float32"):
+    """The teacher's vectors of `stream` (epoch 0, unshuffled) in chunks of `chunk_rows` rows: chunk c is
+    encoded by process c % N (every process reads the texts, only its chunks go through the model), written to
+    <folder>/chunk_c.partial and renamed when whole. A chunk already there is checked against the stream's
+    rows (same fingerprint, else refused) and skipped: a killed build resumes where it stopped. metadata.json,
+    written last, makes the store usable."""
+    from common.cli import lock_folder, unlock_folder
+
+    module = accelerator.unwrap_model(encoder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"The store path {folder} is a file; choose a folder path.")
+    if os.path.isdir(folder) and os.listdir(folder) and not _is_chunked_store_folder(folder):
+        raise UserError(f"{folder} exists and is not a chunked store; choose another store path.")
+    os.makedirs(folder, exist_ok=True)
+    if accelerator.is_main_process:
+        lock_folder(folder, "the store")  # a second builder would write the same chunks
+    accelerator.wait_for_everyone()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    chunks, pending = [], []
+
+    def flush(index, rows):
+        name, fingerprint = _chunk_name(index), _rows_fingerprint(rows)
+        chunks.append({"name": name, "rows": len(rows), "fingerprint": fingerprint})
+        path = os.path.join(folder, name)
+        if os.path.exists(os.path.join(path, "chunk.json")):
+            with open(os.path.join(path, "chunk.json")) as handle:
+                if json.load(handle)["fingerprint"] != fingerprint:
+                    raise UserError(
+                        f"{path} was encoded from other rows than {stream.source} gives now (the source or a "
+                        "filter changed); build the store in a new folder."
+                    )
+            return
+        if index % world != rank:
+            return
+        with accelerator.autocast():  # bf16 on GPUs when the run uses mixed precision
+            vectors = module.encode([teacher for _, teacher in rows], "query", batch_size, device=accelerator.device)
+        partial = path + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        np.save(os.path.join(partial, "vectors.npy"), vectors.astype(dtype))
+        with open(os.path.join(partial, "texts.json"), "w", encoding="utf-8") as handle:
+            json.dump([text for text, _ in rows], handle, ensure_ascii=False)
+        with open(os.path.join(partial, "chunk.json"), "w") as handle:
+            json.dump({"rows": len(rows), "fingerprint": fingerprint, "dim": int(vectors.shape[1])}, handle)
+        os.replace(partial, path)
+
+    for text, teacher_text, _ in stream.rows(0):
+        pending.append((text, teacher_text))
+        if len(pending) == chunk_rows:
+            flush(len(chunks), pending)
+            pending = []
+    if pending:
+        flush(len(chunks), pending)
+    if not chunks:
+        raise UserError(f"{stream.source} gives no row after the filters; check the column and the length bounds.")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metadata = {
+            "format": CHUNKED_FORMAT,
+            "kind": "query",
+            "dim": int(module.embedding_dim),
+            "dtype": dtype,
+            "normalized": bool(module.config.normalize),
+            "prompt": module.prompt_for("query"),
+            "pooling": module.config.pooling,
+            "max_length": module.config.max_length,
+            "model": str(module.config.base_model),
+            "model_fingerprint": module.fingerprint,
+            "stream": stream.describe(),
+            "stream_stats": stream.stats,
+            "chunk_rows": chunk_rows,
+            "rows": sum(chunk["rows"] for chunk in chunks),
+            "chunks": chunks,
+        }
+        with open(os.path.join(folder, "metadata.json.partial"), "w") as handle:
+            json.dump(metadata, handle, indent=2)
+        os.replace(os.path.join(folder, "metadata.json.partial"), os.path.join(folder, "metadata.json"))
+        unlock_folder(folder)
+    accelerator.wait_for_everyone()
+    return ChunkedStore.open(folder)
+
+
+def open_or_build_chunked_store(
+    accelerator, encoder, stream, path, store_dir, model_path, chunk_rows, batch_size=128, dtype="float32", seed=0
+):
+    """The chunked store of the teacher's vectors of `stream`: opened at `path` (default: a path under
+    `store_dir` named after the model and the stream's description) when finished and made from the same
+    stream by the same teacher, refused when not, else built (or its build resumed)."""
+    from common.store import check_store_matches
+
+    module = accelerator.unwrap_model(encoder)
+    description = stream.describe()
+    if path is None:
+        tag = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:10]
+        name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
+        path = os.path.join(store_dir, f"{name}-query-stream-{module.fingerprint[:10]}-{tag}")
+    if not os.path.exists(os.path.join(path, "metadata.json")):
+        build_chunked_store(accelerator, module, stream, path, chunk_rows, batch_size, dtype)
+    store = ChunkedStore.open(path, module.fingerprint, shuffle=True, seed=seed)
+    check_store_matches(store, module, "query")
+    recorded = store.metadata["stream"]
+    for key, value in description.items():
+        if recorded.get(key) != value:
+            raise UserError(
+                f"The chunked store {path} was built with {key} = {recorded.get(key)!r} but this run has {value!r}; "
+                "pass the same data flags, or another store path."
+            )
+    return store
+
+
+def _is_chunked_store_folder(folder):
+    names = set(os.listdir(folder)) - {".lock", "metadata.json", "metadata.json.partial"}
+    return all(name.startswith("chunk_") for name in names)
+
+
+def is_chunked_store(folder):
+    path = os.path.join(str(folder), "metadata.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as handle:
+        return json.load(handle).get("format") == CHUNKED_FORMAT
+
+
+class ChunkedStore:
+    """A chunked store read as a stream: per epoch a seeded order of chunks and of the rows in each chunk."""
+
+    def __init__(self, folder, metadata, shuffle=True, seed=0):
+        self.folder, self.metadata, self.shuffle, self.seed = folder, metadata, shuffle, seed
+        self.source = folder
+        self.chunks = metadata["chunks"]
+        self.sizes = np.array([chunk["rows"] for chunk in self.chunks], dtype=np.int64)
+        self.rows_per_epoch = int(self.sizes.sum())
+        self.dim = int(metadata["dim"])
+        self._cached = (None, None)
+
+    @classmethod
+    def open(cls, folder, model_fingerprint=None, shuffle=True, seed=0):
+        if not os.path.exists(os.path.join(folder, "metadata.json")):
+            raise UserError(
+                f"{folder} is not a finished chunked store (no metadata.json); run encode.py --streaming again "
+                "with the same flags to finish it."
+            )
+        with open(os.path.join(folder, "metadata.json")) as handle:
+            metadata = json.load(handle)
+        if metadata.get("format") != CHUNKED_FORMAT:
+            raise UserError(f"{folder} is an in-memory store, not a chunked one; build it with encode.py --streaming.")
+        if model_fingerprint and metadata["model_fingerprint"] != model_fingerprint:
+            raise UserError(
+                f"The chunked store {folder} was encoded by another teacher (or other teacher weights); build it "
+                "again with this teacher (encode.py --streaming)."
+            )
+        for chunk in metadata["chunks"]:
+            if not os.path.exists(os.path.join(folder, chunk["name"], "chunk.json")):
+                raise UserError(f"{folder}/{chunk['name']} is missing; rebuild the store with encode.py --streaming.")
+        return cls(folder, metadata, shuffle, seed)
+
+    def _orders(self, epoch):
+        if not self.shuffle:
+            return np.arange(len(self.chunks))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+
+    def _rows_of(self, epoch, chunk):
+        size = int(self.sizes[chunk])
+        if not self.shuffle:
+            return np.arange(size)
+        return np.random.default_rng([self.seed, epoch, chunk]).permutation(size)
+
+    def _texts(self, chunk):
+        if self._cached[0] != chunk:
+            with open(os.path.join(self.folder, self.chunks[chunk]["name"], "texts.json"), encoding="utf-8") as handle:
+                self._cached = (chunk, json.load(handle))
+        return self._cached[1]
+
+    def rows(self, epoch=0, start=0):
+        """(text, None, (store, chunk, row)) of the epoch from row `start` on; the start is found without reading."""
+        order = self._orders(epoch)
+        ends = np.cumsum(self.sizes[order])
+        first = int(np.searchsorted(ends, start, side="right"))
+        for position in range(first, len(order)):
+            chunk = int(order[position])
+            offset = start - (int(ends[position - 1]) if position else 0) if position == first else 0
+            texts = self._texts(chunk)
+            for row in self._rows_of(epoch, chunk)[offset:]:
+                yield texts[row], None, (self, chunk, int(row))
+
+    def vectors(self, references):
+        """float32 vectors of (chunk, row) references, read from the memory-mapped chunk files."""
+        output = np.empty((len(references), self.dim), dtype=np.float32)
+        by_chunk = {}
+        for position, (chunk, row) in enumerate(references):
+            by_chunk.setdefault(chunk, []).append((position, row))
+        for chunk, items in by_chunk.items():
+            array = np.load(os.path.join(self.folder, self.chunks[chunk]["name"], "vectors.npy"), mmap_mode="r")
+            positions, rows = zip(*items)
+            order = np.argsort(rows)
+            rows_sorted = np.asarray(rows)[order]
+            output[np.asarray(positions)[order]] = array[rows_sorted].astype(np.float32)
+        if not np.isfinite(output).all():
+            raise UserError(f"The chunked store {self.folder} holds NaN or inf; rebuild it.")
+        return output
+
+
+def chunked_vectors(references, dim=None):
+    """float32 vectors of (store, chunk, row) references (rows of one or more chunked stores), cut to the first
+    `dim` coordinates and re-normalised when given (a Matryoshka student's targets)."""
+    output = np.empty((len(references), references[0][0].dim), dtype=np.float32)
+    by_store = {}
+    for position, (store, chunk, row) in enumerate(references):
+        by_store.setdefault(id(store), (store, []))[1].append((position, (chunk, row)))
+    for store, items in by_store.values():
+        positions = [position for position, _ in items]
+        output[positions] = store.vectors([reference for _, reference in items])
+    if dim and dim < output.shape[1]:
+        output = output[:, :dim]
+        if references[0][0].metadata.get("normalized"):
+            output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(output)
+
+
+# ---------------------------------------------------------------------------- mixing and batching
+class MixedStream:
+    """The query source's epochs with general text interleaved at `ratio` (a seeded draw per row); the epoch
+    ends with the query source's, the general source cycles through its own epochs."""
+
+    def __init__(self, queries, general=None, ratio=0.0, seed=0):
+        if general is not None and not 0 < ratio < 1:
+            raise UserError("--general_text_ratio must be in (0, 1) with --general_text_file in streaming mode.")
+        self.queries, self.general, self.ratio, self.seed = queries, general, ratio, seed
+        self.state = {"epoch": 0, "queries": 0, "general_epoch": 0, "general": 0, "draws": 0}
+
+    def _general_rows(self):
+        state = self.state
+        while True:
+            produced = False
+            for row in self.general.rows(state["general_epoch"], state["general"]):
+                produced = True
+                state["general"] += 1
+                yield row
+            if not produced and state["general"] == 0:
+                raise UserError(f"{self.general.source} gives no general text row; check it.")
+            state["general_epoch"], state["general"] = state["general_epoch"] + 1, 0
+
+    def rows(self):
+        """Endless: epoch after epoch, from the current state on (a fresh run or a checkpoint's)."""
+        state = self.state
+        while True:
+            queries = self.queries.rows(state["epoch"], state["queries"])
+            general = self._general_rows() if self.general is not None else None
+            draws = np.random.default_rng([self.seed, state["epoch"], 1]) if general is not None else None
+            if draws is not None and state["draws"]:
+                draws.random(state["draws"])  # the draws the checkpoint had made
+            produced = False
+            while True:
+                if draws is not None and draws.random() < self.ratio:
+                    state["draws"] += 1
+                    produced = True
+                    yield next(general)
+                    continue
+                if draws is not None:
+                    state["draws"] += 1
+                row = next(queries, None)
+                if row is None:
+                    if draws is not None:
+                        state["draws"] -= 1  # the draw that ended the epoch is drawn again at its start
+                    break
+                produced = True
+                state["queries"] += 1
+                yield row
+            if not produced and state["queries"] == 0:
+                raise UserError(f"{self.queries.source} gives no row after the filters; check the data.")
+            state["epoch"], state["queries"], state["draws"] = state["epoch"] + 1, 0, 0
+
+
+class StreamBatches:
+    """This process's micro-batches of a MixedStream: each global micro-batch is the next per_device x processes
+    rows, this process collates rows [rank x per_device, (rank + 1) x per_device) of it. Endless (the training
+    loop stops at --max_train_steps); `state_dict()` is the position after the last batch given."""
+
+    def __init__(self, stream, per_device, num_processes, rank, collate):
+        self.stream, self.per_device, self.num_processes, self.rank = stream, per_device, num_processes, rank
+        self.collate = collate
+        self._position = dict(stream.state)
+
+    def __iter__(self):
+        global_batch = self.per_device * self.num_processes
+        rows, pending = self.stream.rows(), []
+        for row in rows:
+            pending.append(row)
+            if len(pending) == global_batch:
+                batch = pending[self.rank * self.per_device : (self.rank + 1) * self.per_device]
+                pending = []
+                self._position = dict(self.stream.state)
+                yield self.collate(batch)
+
+    def set_epoch(self, epoch):
+        """Epochs are the stream's own (see state_dict)."""
+
+    def state_dict(self):
+        return dict(self._position)
+
+    def load_state_dict(self, state):
+        self.stream.state = dict(state)
+        self._position = dict(state)
