@@ -592,7 +592,7 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None):
                 student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items
             )
             logs = {"alignment_loss": loss.detach()}
-            if teacher is not None:
+            if args.token_loss_weight > 0:
                 with torch.no_grad(), accelerator.autocast():
                     _, teacher_states = teacher(**batch, return_token_states=True)
                 token_loss = token_state_loss(student_states, teacher_states, batch["attention_mask"])

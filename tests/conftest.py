@@ -5,6 +5,7 @@
   query instruction) on a byte-level BPE trained here on the data's text.
 """
 
+import json
 import os
 import sys
 
@@ -176,3 +177,30 @@ def tiny_bert_narrow(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     return make_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+def write_shards(folder, rows, count):
+    """rows as `count` jsonl shards (row i in shard i % count): a local streaming source."""
+    os.makedirs(folder, exist_ok=True)
+    for shard in range(count):
+        with open(os.path.join(folder, f"part-{shard:02d}.jsonl"), "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows[shard::count])
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def streams(small_data, tmp_path_factory):
+    """The small label-free queries (with a duplicate and an empty row added) as 3 local jsonl shards, and
+    general text (40 ads' texts under the same column) as 2 shards."""
+    root = tmp_path_factory.mktemp("streams")
+    with open(small_data["queries"], encoding="utf-8") as handle:
+        queries = [json.loads(line) for line in handle]
+    queries += [dict(queries[0]), {"query": "", "context": None}]
+    with open(small_data["ads"], encoding="utf-8") as handle:
+        general = [{"query": json.loads(line)["text"]} for line in handle][:40]
+    return {
+        "queries": write_shards(root / "queries", queries, 3),
+        "general": write_shards(root / "general", general, 2),
+        "rows": len(queries),
+        "distinct": len({row["query"] for row in queries if row["query"].strip()}),
+    }

@@ -1,0 +1,227 @@
+"""Phase 2 at the scale of logged traffic (common/streaming.py, encode.py / distill_student.py --streaming):
+streamed sources with on-the-fly filters, chunked resumable teacher stores, mixing, and a position in the
+stream that a resumed run restarts from. (SIGKILL and resume: tests/test_resume.py; 2 processes:
+tests/test_multiprocess.py.)"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import distill_student
+import encode
+from common.encoder import Encoder
+from common.errors import UserError
+from common.streaming import (
+    BloomFilter,
+    ChunkedStore,
+    MixedStream,
+    StreamBatches,
+    TextStream,
+    build_chunked_store,
+    resolve_shards,
+)
+
+
+class OneProcess:
+    """The accelerator surface build_chunked_store uses, for one process without accelerate's state."""
+
+    num_processes, process_index, is_main_process, device = 1, 0, True, "cpu"
+
+    def unwrap_model(self, model):
+        return model
+
+    def wait_for_everyone(self):
+        pass
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def rows_of(stream, epoch=0, start=0):
+    return [(text, teacher) for text, teacher, _ in stream.rows(epoch, start)]
+
+
+def test_shards_are_found_as_users_give_them(streams, tmp_path):
+    builder, files = resolve_shards(streams["queries"])
+    assert builder == "json" and [os.path.basename(f) for f in files] == [
+        "part-00.jsonl",
+        "part-01.jsonl",
+        "part-02.jsonl",
+    ]
+    assert resolve_shards(os.path.join(streams["queries"], "part-0[01].jsonl"))[1] == files[:2]
+    assert resolve_shards("org/logged-queries") == (None, None)  # a hub id
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_shards(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="matches no file"):
+        resolve_shards(str(tmp_path / "*.parquet"))
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"query": "a"}\n')
+    (tmp_path / "mixed" / "b.csv").write_text("query\nb\n")
+    with pytest.raises(UserError, match="all be of one type"):
+        resolve_shards(str(tmp_path / "mixed"))
+
+
+def test_filters_apply_on_the_fly_and_a_start_replays_the_same_rows(streams):
+    """Length bounds and Bloom-filter dedupe drop rows as they stream (the empty row and the duplicate are the
+    fixture's); starting at row n gives exactly the tail of the full epoch, also through a shuffle buffer."""
+    stream = TextStream(streams["queries"], "query", min_chars=1, dedupe_capacity=1000)
+    everything = rows_of(stream)
+    assert len(everything) == streams["distinct"]
+    assert stream.stats["duplicate"] == streams["rows"] - 1 - streams["distinct"] >= 1
+    assert stream.stats["too_short"] == 1
+    assert len({text for text, _ in everything}) == len(everything)
+    long_ones = TextStream(streams["queries"], "query", min_chars=25, max_chars=30)
+    kept = rows_of(long_ones)
+    assert kept and all(25 <= len(text.strip()) <= 30 for text, _ in kept)
+
+    shuffled = TextStream(streams["queries"], "query", dedupe_capacity=1000, shuffle_buffer=16, seed=3)
+    epoch0, epoch1 = rows_of(shuffled, 0), rows_of(shuffled, 1)
+    assert sorted(epoch0) == sorted(everything) and epoch0 != everything and epoch1 != epoch0
+    for start in (0, 1, 17, len(epoch0) - 1, len(epoch0)):
+        assert rows_of(shuffled, 0, start) == epoch0[start:]
+    assert rows_of(shuffled, 1, 5) == epoch1[5:]
+
+    context = TextStream(
+        streams["queries"],
+        "query",
+        context_column="context",
+        context_template="{query} | {context}",
+        dedupe_capacity=1000,
+    )
+    for (text, teacher), (same, _) in zip(rows_of(context), everything):
+        assert text == same and (teacher == text or teacher.startswith(f"{text} | category: "))
+
+
+def test_bloom_filter_never_misses_a_duplicate_and_rarely_drops_a_new_text():
+    bloom = BloomFilter(capacity=20_000, error_rate=1e-3)
+    assert bloom.array.nbytes < 40_000  # fixed memory: about 1.8 bytes per text at 1e-3
+    first_adds = [bloom.add(f"text {i}") for i in range(0, 20_000, 2)]
+    assert sum(first_adds) <= 10  # new texts, rarely taken for duplicates while the filter is still sparse
+    wrongly_dropped = sum(bloom.add(f"text {i}") for i in range(1, 20_000, 2))
+    assert wrongly_dropped <= 30  # 10,000 new texts at 1e-3: about 10 expected
+    assert all(bloom.add(f"text {i}") for i in range(0, 20_000, 2))
+
+
+def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, tiny_bert, tmp_path, monkeypatch):
+    """Chunks of 20 rows; a build killed after 2 chunks resumes to the uninterrupted store; each epoch reads
+    every row once (chunk order and rows within a chunk seeded); a start lands on the same row without reading
+    the earlier ones; the vectors are the teacher's of the rows' texts; a changed source is refused."""
+    encoder = Encoder.from_pretrained(tiny_bert).eval()
+    stream = TextStream(streams["queries"], "query", dedupe_capacity=1000)
+    straight = build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "straight"), chunk_rows=20)
+
+    import common.streaming as streaming
+
+    real_save, saved = np.save, []
+
+    def save_then_die(path, array):
+        real_save(path, array)
+        saved.append(path)
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # killed while writing the third chunk
+
+    monkeypatch.setattr(streaming.np, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
+    monkeypatch.setattr(streaming.np, "save", real_save)
+    names = sorted(os.listdir(tmp_path / "resumed"))
+    assert "chunk_000001" in names and "chunk_000002.partial" in names and "metadata.json" not in names
+    with pytest.raises(UserError, match="not a finished chunked store"):
+        ChunkedStore.open(str(tmp_path / "resumed"))
+    resumed = build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
+    assert resumed.metadata["chunks"] == straight.metadata["chunks"] and len(straight.chunks) == 5
+
+    store = ChunkedStore.open(str(tmp_path / "resumed"), encoder.fingerprint, shuffle=True, seed=1)
+    epoch0 = list(store.rows(0))
+    texts = [text for text, _ in rows_of(stream)]
+    assert sorted(text for text, _, _ in epoch0) == sorted(texts) and [t for t, _, _ in epoch0] != texts
+    assert [t for t, _, _ in store.rows(1)] != [t for t, _, _ in epoch0]
+    for start in (0, 19, 20, 21, 57, len(texts)):
+        assert [(t, r[1:]) for t, _, r in store.rows(0, start)] == [(t, r[1:]) for t, _, r in epoch0[start:]]
+    sample = epoch0[:13]
+    vectors = store.vectors([reference[1:] for _, _, reference in sample])
+    np.testing.assert_allclose(vectors, encoder.encode([t for t, _, _ in sample], "query"), atol=1e-5)
+
+    # An unfinished build of the same folder from rows that are no longer the stream's is refused, not mixed in.
+    shutil.copytree(tmp_path / "straight", tmp_path / "unfinished")
+    os.remove(tmp_path / "unfinished" / "metadata.json")
+    changed = TextStream(streams["queries"], "query")  # without dedupe: other rows in the chunks
+    with pytest.raises(UserError, match="other rows"):
+        build_chunked_store(OneProcess(), encoder, changed, str(tmp_path / "unfinished"), chunk_rows=20)
+
+
+def test_mixing_and_a_saved_position_continue_the_same_stream(streams):
+    """General text at a ratio of 0.3 (cycling through its own epochs); a MixedStream restarted from the state
+    saved after any global batch, across epochs, yields the rows the uninterrupted stream yields."""
+    queries = TextStream(streams["queries"], "query", dedupe_capacity=1000, shuffle_buffer=8, seed=0)
+    general = TextStream(streams["general"], "query", shuffle_buffer=8, seed=0)
+
+    def batches(state=None, count=40):
+        batcher = StreamBatches(MixedStream(queries, general, ratio=0.3, seed=5), 4, 2, 1, collate=list)
+        if state is not None:
+            batcher.load_state_dict(state)
+        output, states = [], []
+        for batch in batcher:
+            output.append(batch)
+            states.append(batcher.state_dict())
+            if len(output) == count:
+                break
+        return output, states
+
+    straight, states = batches()  # 40 global batches of 8 rows: over 3 epochs of the ~115-row mixed stream
+    assert states[-1]["epoch"] >= 2 and states[-1]["general_epoch"] >= 1
+    general_texts = {text for text, _ in rows_of(general)}
+    rows = [row for batch in straight for row in batch]
+    share = np.mean([text in general_texts for text, _, _ in rows])
+    assert 0.2 < share < 0.4
+    assert all(len(batch) == 4 for batch in straight)  # this process's half of each global batch
+    for cut in (0, 7, 13, 14, 29):
+        resumed, _ = batches(json.loads(json.dumps(states[cut])), count=40 - cut - 1)
+        assert resumed == straight[cut + 1 :], cut
+
+
+def test_streaming_options_are_checked(small_data, streams, tiny_bert, tmp_path):
+    base = ["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--student_num_layers", "1",
+            "--store_dir", str(tmp_path / "stores")]  # fmt: skip
+    cases = [
+        (["--teacher_in_loop"], "add --streaming"),
+        (["--streaming", "--teacher_in_loop"], "pass --max_train_steps"),
+        (["--streaming", "--general_text_file", streams["general"]], "needs --general_text_ratio"),
+        (["--streaming", "--general_text_ratio", "0.2"], "needs --general_text_file"),
+        (
+            ["--streaming", "--teacher_in_loop", "--max_train_steps", "2", "--teacher_query_store", "x"],
+            "needs no store",
+        ),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UserError, match=message):
+            distill_student.main([*base, *flags, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="use --kind query"):
+        encode.main(["--model_name_or_path", tiny_bert, "--input_file", small_data["ads"], "--streaming",
+                     "--store_dir", str(tmp_path / "stores")])  # fmt: skip
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_encode_writes_the_chunked_store_that_phase_2_streams(streams, tiny_bert, tmp_path):
+    """encode.py --streaming, then distill_student.py --streaming with the same data flags finds that store
+    (no second one is built) and trains from it; with other filters it would need another store."""
+    stores = str(tmp_path / "stores")
+    data = ["--dedupe_capacity", "1000", "--chunk_rows", "20"]
+    folder = encode.main(["--model_name_or_path", tiny_bert, "--input_file", streams["queries"], "--kind", "query",
+                          "--text_column", "query", "--streaming", "--store_dir", stores, *data])  # fmt: skip
+    assert ChunkedStore.open(folder).rows_per_epoch == streams["distinct"]
+    results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming",
+                                    *data, "--student_num_layers", "1", "--store_dir", stores, "--num_train_epochs",
+                                    "1", "--per_device_train_batch_size", "8",
+                                    "--output_dir", str(tmp_path / "student")])  # fmt: skip
+    assert results["teacher_query_store"] == folder and os.listdir(stores) == [os.path.basename(folder)]
+    assert results["steps"] == -(-(streams["distinct"]) // 8)  # one epoch of the store
+    with pytest.raises(UserError, match="min_chars"):
+        distill_student.main(["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming", *data,
+                              "--min_query_chars", "5", "--teacher_query_store", folder, "--student_num_layers", "1",
+                              "--store_dir", stores, "--output_dir", str(tmp_path / "other")])  # fmt: skip
