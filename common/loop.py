@@ -190,7 +190,8 @@ class TrainLoop:
     """
 
     def __init__(self, accelerator, args, dataloader, progress, script):
-        self.streaming = hasattr(dataloader, "state_dict")  # endless; its position is saved with checkpoints
+        # common/streaming.StreamBatches: endless, its position (not a batch count) is saved with checkpoints
+        self.streaming = getattr(dataloader, "is_stream", False)
         if not self.streaming and len(dataloader) == 0:
             raise UserError("The data gives no batch on each process; lower --per_device_train_batch_size.")
         self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script

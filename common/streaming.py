@@ -471,6 +471,8 @@ class StreamBatches:
     rows, this process collates rows [rank x per_device, (rank + 1) x per_device) of it. Endless (the training
     loop stops at --max_train_steps); `state_dict()` is the position after the last batch given."""
 
+    is_stream = True  # TrainLoop saves and restores its position instead of counting batches
+
     def __init__(self, stream, per_device, num_processes, rank, collate):
         self.stream, self.per_device, self.num_processes, self.rank = stream, per_device, num_processes, rank
         self.collate = collate

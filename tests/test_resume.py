@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERIES = ["rent a boat", "fix my broken laptop", "cheap used tractor for sale", "sell my old camera"]
 
 
-def script_args(name, data, tiny_bert):
+def script_args(name, data, tiny_bert, streams=None):
     common = [
         "--per_device_train_batch_size",
         "8",
@@ -43,6 +43,13 @@ def script_args(name, data, tiny_bert):
         return ["--model_name_or_path", tiny_bert, "--train_file", data["train"], *common]
     if name == "distill_student":
         return ["--teacher_model", tiny_bert, "--query_file", data["queries"], "--student_num_layers", "1", *common]
+    if name == "distill_student_chunked":  # local shards -> a chunked store of 5 chunks, read in a seeded order
+        return ["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming", "--chunk_rows", "20",
+                "--dedupe_capacity", "1000", "--student_num_layers", "1", *common]  # fmt: skip
+    if name == "distill_student_in_loop":  # the teacher in the loop, a shuffle buffer, general text mixed in
+        return ["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming", "--teacher_in_loop",
+                "--shuffle_buffer", "16", "--dedupe_capacity", "1000", "--general_text_file", streams["general"],
+                "--general_text_ratio", "0.25", "--student_num_layers", "1", *common]  # fmt: skip
     return [
         "--student_model",
         tiny_bert,
@@ -62,19 +69,23 @@ MAINS = {
     "train_teacher": train_teacher.main,
     "distill_student": distill_student.main,
     "refine_contrastive": refine_contrastive.main,
+    # --streaming: the position in the stream is part of the checkpoint (20 steps of 8 rows cross epochs)
+    "distill_student_chunked": distill_student.main,
+    "distill_student_in_loop": distill_student.main,
 }
+SCRIPTS = {name: name.removesuffix("_chunked").removesuffix("_in_loop") for name in MAINS}
 
 
 @pytest.mark.parametrize("name", list(MAINS))
-def test_sigkill_then_resume_matches_uninterrupted(name, small_data, tiny_bert, tmp_path):
-    args = script_args(name, small_data, tiny_bert)
+def test_sigkill_then_resume_matches_uninterrupted(name, small_data, tiny_bert, streams, tmp_path):
+    args = script_args(name, small_data, tiny_bert, streams)
     store_dir = [] if name == "train_teacher" else ["--store_dir", str(tmp_path / "stores")]
     MAINS[name]([*args, *store_dir, "--output_dir", str(tmp_path / "straight")])
 
     crashed = tmp_path / "crashed"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, f"{name}.py", *args, *store_dir, "--output_dir", str(crashed)],
+        [sys.executable, f"{SCRIPTS[name]}.py", *args, *store_dir, "--output_dir", str(crashed)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
