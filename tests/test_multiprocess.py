@@ -297,3 +297,45 @@ def test_lora_teacher_on_two_processes_equals_one_under_ddp_and_zero3_and_resume
                tmp_path / "resumed.log", launcher=ZERO3)  # fmt: skip
     assert "Resuming from" in (tmp_path / "resumed.log").read_text()
     assert_same_weights(resumed, zero3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "in_loop"])
+def test_streaming_phase_2_on_two_processes_equals_one_and_resumes(mode, small_data, streams, tiny_bert_no_dropout,
+                                                                   tmp_path):  # fmt: skip
+    """distill_student.py --streaming over local shards, from a chunked store (which the 2-process run builds
+    itself, each process encoding its chunks) or with the teacher in the loop (shuffle buffer, general text
+    mixed in): 2 processes with B/2 end with the 1-process weights, and a 2-process run SIGKILLed after its
+    step-4 checkpoint resumes mid-stream to the uninterrupted weights."""
+    args = ["--teacher_model", tiny_bert_no_dropout, "--query_file", streams["queries"], "--streaming",
+            "--dedupe_capacity", "1000", "--corpus_file", small_data["ads"], "--num_ranked_ads", "64",
+            "--student_num_layers", "1", "--max_train_steps", str(STEPS), "--num_warmup_steps", str(WARMUP),
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--checkpointing_steps", "4"]  # fmt: skip
+    if mode == "chunked":
+        args += ["--chunk_rows", "20"]
+    else:
+        args += ["--teacher_in_loop", "--shuffle_buffer", "16", "--general_text_file", streams["general"],
+                 "--general_text_ratio", "0.25"]  # fmt: skip
+    one, two, resumed = (str(tmp_path / run) for run in ("one", "two", "resumed"))
+    results = distill_student.main([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--store_dir",
+                                    str(tmp_path / "stores-one"), "--output_dir", one])  # fmt: skip
+    half = ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2), "--store_dir", str(tmp_path / "stores-two")]
+    launch_two("distill_student", [*args, *half, "--output_dir", two], tmp_path / "two.log")
+    np.testing.assert_allclose(history(two, "lr"), history(one, "lr"), rtol=1e-9)
+    np.testing.assert_allclose(history(two, "alignment_loss"), history(one, "alignment_loss"), rtol=1e-4, atol=1e-6)
+    assert_same_weights(two, one, atol=2e-5)
+    if mode == "chunked":  # the store written by 2 processes holds the 1-process store's vectors
+        from common.streaming import ChunkedStore
+
+        left = ChunkedStore.open(results["teacher_query_store"])
+        right = ChunkedStore.open(os.path.join(tmp_path / "stores-two", os.path.basename(left.folder)))
+        assert left.metadata["chunks"] == right.metadata["chunks"]
+        references = [(chunk, row) for chunk, size in enumerate(left.sizes) for row in range(size)]
+        np.testing.assert_allclose(left.vectors(references), right.vectors(references), atol=1e-6)
+
+    launch_two("distill_student", [*args, *half, "--output_dir", resumed], tmp_path / "killed.log",
+               kill_after_checkpoint=os.path.join(resumed, "checkpoints", "step_4"))  # fmt: skip
+    assert not os.path.exists(os.path.join(resumed, "model.safetensors"))
+    launch_two("distill_student", [*args, *half, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               tmp_path / "resumed.log")  # fmt: skip
+    assert "Resuming from" in (tmp_path / "resumed.log").read_text()
+    assert_same_weights(resumed, two, atol=1e-6)
