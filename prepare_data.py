@@ -17,6 +17,9 @@ texts of ads that clicks name are held (MS MARCO: 8.8M passages, ~0.5M of them c
 
     python prepare_data.py --dataset esci --esci_dir esci-data/shopping_queries_dataset --output_dir data/esci
     python prepare_data.py --dataset beir --beir_dir msmarco --test_split dev --output_dir data/msmarco
+From the Hugging Face hub (streamed, rewritten into the layouts above, then converted the same way):
+    python prepare_data.py --dataset esci --esci_hub tasksource/esci --output_dir data/esci
+    python prepare_data.py --dataset beir --beir_hub BeIR/msmarco --test_split dev --output_dir data/msmarco
 """
 
 import argparse
@@ -40,12 +43,25 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=["esci", "beir"], required=True)
     parser.add_argument("--esci_dir", default=None, help="Folder with the two ESCI parquet files.")
+    parser.add_argument(
+        "--esci_hub",
+        default=None,
+        help="ESCI as merged on the Hugging Face hub (e.g. tasksource/esci: one row per judgment with the product's "
+        "fields, splits train and test), or a local folder in that layout; streamed.",
+    )
     parser.add_argument("--locale", default="us", help="ESCI product_locale kept (us, es, jp).")
     parser.add_argument(
         "--product_fields", default="product_title,product_brand", help="ESCI product columns joined into ad text."
     )
     parser.add_argument("--small_version", action="store_true", help="ESCI: only the rows of its reduced task 1.")
     parser.add_argument("--beir_dir", default=None, help="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/).")
+    parser.add_argument(
+        "--beir_hub",
+        default=None,
+        help="A BEIR data set on the hub (e.g. BeIR/msmarco: configs corpus and queries), or a local folder in that "
+        "layout; its judgments come from --beir_qrels_hub (default: <beir_hub>-qrels). Streamed.",
+    )
+    parser.add_argument("--beir_qrels_hub", default=None)
     parser.add_argument("--train_split", default="train", help="BEIR qrels split for clicks.")
     parser.add_argument("--test_split", default="test", help="BEIR qrels split for the test queries.")
     parser.add_argument("--max_negatives", type=non_negative_int, default=8, help="ESCI: Irrelevant products kept.")
@@ -262,16 +278,110 @@ def prepare_beir(args, out):
     return {"ads": ads, "clicks": len(clicks), "label-free queries": len(label_free), "test queries": len(test_ids)}
 
 
+# ---------------------------------------------------------------------------- from the hub
+ESCI_LABEL_NAMES = {"Exact": "E", "Substitute": "S", "Complement": "C", "Irrelevant": "I", **{k: k for k in "ESCI"}}
+ESCI_PRODUCT_FIELDS = ["product_title", "product_brand", "product_description", "product_bullet_point", "product_color"]
+
+
+def _hub_split(source, split, config=None):
+    """One split of a hub data set (or a local folder in its layout), streamed."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, config, split=split, streaming=True)
+    except Exception as error:
+        raise UserError(
+            f"Could not load '{source}'{f' ({config})' if config else ''} split '{split}' ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); check the id, the split and the connection."
+        ) from None
+
+
+def esci_from_hub(args, folder):
+    """ESCI merged on the hub -> the two files of the GitHub release in `folder` (examples and products, each
+    product once), so that prepare_esci converts both the same way."""
+    examples_schema = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("product_id", pa.string()),
+                                 ("product_locale", pa.string()), ("esci_label", pa.string()),
+                                 ("small_version", pa.int64()), ("split", pa.string())])  # fmt: skip
+    products_schema = pa.schema([("product_id", pa.string()), ("product_locale", pa.string())]
+                                + [(field, pa.string()) for field in ESCI_PRODUCT_FIELDS])  # fmt: skip
+    examples = pq.ParquetWriter(os.path.join(folder, ESCI_FILES[0]), examples_schema)
+    products = pq.ParquetWriter(os.path.join(folder, ESCI_FILES[1]), products_schema)
+    seen = set()
+    try:
+        for split in ("train", "test"):
+            for batch in _hub_split(args.esci_hub, split).iter(batch_size=args.batch_rows or 65536):
+                count = len(batch["query"])
+                missing = [
+                    c for c in ("query_id", "query", "product_id", "product_locale", "esci_label") if c not in batch
+                ]
+                if missing:
+                    raise UserError(f"{args.esci_hub} has no column {missing[0]}; is it ESCI merged (tasksource/esci)?")
+                labels = [ESCI_LABEL_NAMES.get(label, label) for label in batch["esci_label"]]
+                examples.write_table(pa.Table.from_pydict({
+                    "query_id": [str(v) for v in batch["query_id"]], "query": batch["query"],
+                    "product_id": [str(v) for v in batch["product_id"]], "product_locale": batch["product_locale"],
+                    "esci_label": labels, "small_version": batch.get("small_version", [0] * count),
+                    "split": [split] * count,
+                }, schema=examples_schema))  # fmt: skip
+                rows, fields = [], {field: batch.get(field) or [None] * count for field in ESCI_PRODUCT_FIELDS}
+                for i in range(count):
+                    key = (str(batch["product_id"][i]), batch["product_locale"][i])
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append({"product_id": key[0], "product_locale": key[1],
+                                     **{field: values[i] for field, values in fields.items()}})  # fmt: skip
+                if rows:
+                    products.write_table(pa.Table.from_pylist(rows, schema=products_schema))
+    finally:
+        examples.close()
+        products.close()
+
+
+def beir_from_hub(args, folder):
+    """A BEIR data set on the hub -> the BEIR folder layout in `folder` (corpus.jsonl, queries.jsonl and
+    qrels/<split>.tsv), so that prepare_beir converts it; the hub names the dev split 'validation'."""
+    qrels_source = args.beir_qrels_hub or f"{args.beir_hub.rstrip('/')}-qrels"
+    for config, name in (("corpus", "corpus.jsonl"), ("queries", "queries.jsonl")):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+            for batch in _hub_split(args.beir_hub, config, config).iter(batch_size=args.batch_rows or 65536):
+                fields = [key for key in ("_id", "title", "text") if key in batch]
+                for values in zip(*(batch[key] for key in fields)):
+                    handle.write(json.dumps(dict(zip(fields, values)), ensure_ascii=False) + "\n")
+    os.makedirs(os.path.join(folder, "qrels"))
+    for split in dict.fromkeys([args.train_split, args.test_split]):
+        hub_split = "validation" if split == "dev" else split
+        with open(os.path.join(folder, "qrels", f"{split}.tsv"), "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["query-id", "corpus-id", "score"])
+            for batch in _hub_split(qrels_source, hub_split).iter(batch_size=args.batch_rows or 65536):
+                writer.writerows(zip(batch["query-id"], batch["corpus-id"], batch["score"]))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    source = {"esci": args.esci_dir, "beir": args.beir_dir}[args.dataset]
-    if not source:
-        raise UserError(f"--dataset {args.dataset} reads --{args.dataset}_dir; pass the folder that holds its files.")
+    local, hub = {"esci": (args.esci_dir, args.esci_hub), "beir": (args.beir_dir, args.beir_hub)}[args.dataset]
+    if bool(local) == bool(hub):
+        raise UserError(
+            f"--dataset {args.dataset} reads either --{args.dataset}_dir (a local folder of its files) or "
+            f"--{args.dataset}_hub (a hub id); pass one of them."
+        )
     check_output(args)
     os.makedirs(args.output_dir, exist_ok=True)
     out = Outputs(args.output_dir)
+    download = None
     try:
+        if hub:  # the hub's rows rewritten into the local layout beside the outputs, then converted as local files
+            download = os.path.join(out.partial, "download")
+            os.makedirs(download)
+            if args.dataset == "esci":
+                esci_from_hub(args, download)
+                args.esci_dir = download
+            else:
+                beir_from_hub(args, download)
+                args.beir_dir = download
         counts = prepare_esci(args, out) if args.dataset == "esci" else prepare_beir(args, out)
+        if download:
+            shutil.rmtree(download)
         out.finish(counts)
     finally:  # a failed conversion leaves the earlier files as they were and no partial ones
         for writer in out.writers.values():

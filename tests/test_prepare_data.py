@@ -95,3 +95,80 @@ def test_a_beir_folder_such_as_ms_marco_becomes_the_projects_files(tmp_path):
     with pytest.raises(UserError, match="header must be query-id"):
         (source / "qrels" / "test.tsv").write_text("q\td\ts\n")
         prepare_data.main(["--dataset", "beir", "--beir_dir", str(source), "--output_dir", str(tmp_path / "x")])
+
+
+def test_esci_merged_on_the_hub_converts_as_the_github_files_do(tmp_path):
+    """--esci_hub: ESCI as tasksource/esci publishes it (one row per judgment with the product's fields, labels
+    spelled out, splits train/test), here a local folder in that layout read by the same datasets call; the
+    outputs equal the conversion of the two GitHub files holding the same rows."""
+    source = write_esci(str(tmp_path / "esci"))
+    examples = pd.read_parquet(os.path.join(source, prepare_data.ESCI_FILES[0]))
+    products = pd.read_parquet(os.path.join(source, prepare_data.ESCI_FILES[1]))
+    merged = examples.merge(products, on=["product_id", "product_locale"], how="left")
+    merged["esci_label"] = merged["esci_label"].map({"E": "Exact", "S": "Substitute", "C": "Complement",
+                                                     "I": "Irrelevant"})  # fmt: skip
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        part = merged[merged["split"] == split].drop(columns=["split"])
+        part.to_parquet(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    # P12 (no text) is in no judgment, so the hub has no row for it; the GitHub conversion never makes it an ad
+    local, hub = str(tmp_path / "from-github"), str(tmp_path / "from-hub")
+    prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", local])
+    counts = prepare_data.main(["--dataset", "esci", "--esci_hub", str(tmp_path / "hub"), "--output_dir", hub,
+                                "--batch_rows", "5"])  # fmt: skip
+    assert counts == {"ads": 10, "clicks": 3, "label-free queries": 2, "test queries": 1}  # P11 is es, P12 absent
+    for name in ("clicks.parquet", "queries.parquet", "test_queries.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(os.path.join(hub, name)), pd.read_parquet(os.path.join(local, name))
+        )
+    assert read_qrels(os.path.join(hub, "qrels.tsv")) == read_qrels(os.path.join(local, "qrels.tsv"))
+    hub_ads = dict(zip(*read_texts(os.path.join(hub, "ads.parquet"), "id", "text")))
+    local_ads = dict(zip(*read_texts(os.path.join(local, "ads.parquet"), "id", "text")))
+    assert hub_ads == {key: value for key, value in local_ads.items() if key != "P11"}  # P11: judged in es only
+    assert sorted(os.listdir(hub)) == sorted(prepare_data.OUTPUTS)  # the download was removed
+    with pytest.raises(UserError, match=r"either --esci_dir .* or --esci_hub"):
+        prepare_data.main(
+            ["--dataset", "esci", "--esci_dir", source, "--esci_hub", "x/y", "--output_dir", str(tmp_path / "z")]
+        )
+
+
+def test_a_beir_data_set_on_the_hub_converts_as_its_folder_does(tmp_path):
+    """--beir_hub: BeIR/msmarco's layout (configs corpus and queries; judgments in <id>-qrels with the dev split
+    named validation), here local folders in that layout read by the same datasets calls."""
+    corpus = [{"_id": str(i), "title": "", "text": f"passage {i} about topic {i % 3}"} for i in range(10)]
+    queries = [{"_id": f"q{i}", "text": f"what is topic {i}"} for i in range(5)]
+    train, dev = (
+        "query-id\tcorpus-id\tscore\nq0\t0\t1\nq0\t3\t1\nq1\t1\t1\n",
+        "query-id\tcorpus-id\tscore\nq3\t0\t1\nq4\t4\t2\n",
+    )
+    folder = tmp_path / "msmarco"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries))
+    (folder / "qrels" / "train.tsv").write_text(train)
+    (folder / "qrels" / "dev.tsv").write_text(dev)
+    hub = tmp_path / "hub" / "msmarco"
+    hub.mkdir(parents=True)
+    (hub / "corpus.jsonl").write_text((folder / "corpus.jsonl").read_text())
+    (hub / "queries.jsonl").write_text((folder / "queries.jsonl").read_text())
+    (hub / "README.md").write_text(
+        "---\nconfigs:\n- config_name: corpus\n  data_files:\n  - split: corpus\n    path: corpus.jsonl\n"
+        "- config_name: queries\n  data_files:\n  - split: queries\n    path: queries.jsonl\n---\n"
+    )
+    qrels = tmp_path / "hub" / "msmarco-qrels"
+    qrels.mkdir()
+    (qrels / "train.tsv").write_text(train)
+    (qrels / "dev.tsv").write_text(dev)
+    local, from_hub = str(tmp_path / "from-folder"), str(tmp_path / "from-hub")
+    prepare_data.main(["--dataset", "beir", "--beir_dir", str(folder), "--test_split", "dev", "--output_dir", local])
+    counts = prepare_data.main(["--dataset", "beir", "--beir_hub", str(hub), "--test_split", "dev",
+                                "--output_dir", from_hub])  # fmt: skip
+    assert counts == {"ads": 10, "clicks": 3, "label-free queries": 2, "test queries": 2}
+    for name in ("ads.parquet", "clicks.parquet", "queries.parquet", "test_queries.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(from_hub, name)),
+                                      pd.read_parquet(os.path.join(local, name)))  # fmt: skip
+    assert read_qrels(os.path.join(from_hub, "qrels.tsv")) == read_qrels(os.path.join(local, "qrels.tsv"))
+    with pytest.raises(UserError, match="Could not load"):
+        prepare_data.main(["--dataset", "beir", "--beir_hub", str(hub), "--beir_qrels_hub", str(tmp_path / "none"),
+                           "--output_dir", str(tmp_path / "x")])  # fmt: skip
+    assert not os.path.exists(tmp_path / "x" / "ads.parquet")
