@@ -57,6 +57,7 @@ from common.cli import (
     add_stream_filter_args,
     boolean,
     check_run_args,
+    check_stream_filters_need_streaming,
     fraction,
     layer_list,
     log_banner,
@@ -378,6 +379,7 @@ def read_label_free_texts(args):
 
 def check_streaming_args(args):
     """Streaming flags that contradict each other or need a companion, refused before any model loads."""
+    check_stream_filters_need_streaming(args)
     if not args.streaming:
         if args.teacher_in_loop or args.general_text_ratio is not None:
             raise UserError("--teacher_in_loop and --general_text_ratio are streaming options; add --streaming.")

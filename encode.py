@@ -24,6 +24,7 @@ from common.cli import (
     add_context_args,
     add_model_safety_args,
     add_stream_filter_args,
+    check_stream_filters_need_streaming,
     logger,
     make_accelerator,
     parse_with_config,
@@ -95,6 +96,7 @@ def main(argv=None):
             args.input_file = demo_paths()["ads"]
     if args.query_context_column and args.kind != "query":
         raise UserError("--query_context_column is the teacher's context of queries; use it with --kind query.")
+    check_stream_filters_need_streaming(args)
     if args.streaming:
         return encode_stream(args, accelerator)
     ids, texts = read_texts(args.input_file, args.id_column, args.text_column, args.split, args.kind == "query")

@@ -201,6 +201,12 @@ def add_stream_filter_args(group):
     )
 
 
+def check_stream_filters_need_streaming(args):
+    """The stream filters act on streams only; given without --streaming they would be silently ignored."""
+    if not args.streaming and (args.min_query_chars != 1 or args.max_query_chars or args.dedupe_capacity):
+        raise UserError("--min_query_chars, --max_query_chars and --dedupe_capacity filter a stream; add --streaming.")
+
+
 def _checked(check):
     """An argparse type from a check that raises UserError: the message becomes argparse's error line."""
 

@@ -190,6 +190,7 @@ def test_streaming_options_are_checked(small_data, streams, tiny_bert, tmp_path)
             "--store_dir", str(tmp_path / "stores")]  # fmt: skip
     cases = [
         (["--teacher_in_loop"], "add --streaming"),
+        (["--dedupe_capacity", "100"], "filter a stream; add --streaming"),
         (["--streaming", "--teacher_in_loop"], "pass --max_train_steps"),
         (["--streaming", "--general_text_file", streams["general"]], "needs --general_text_ratio"),
         (["--streaming", "--general_text_ratio", "0.2"], "needs --general_text_file"),
@@ -201,6 +202,9 @@ def test_streaming_options_are_checked(small_data, streams, tiny_bert, tmp_path)
     for flags, message in cases:
         with pytest.raises(UserError, match=message):
             distill_student.main([*base, *flags, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="filter a stream"):
+        encode.main(["--model_name_or_path", tiny_bert, "--input_file", small_data["ads"], "--max_query_chars", "9",
+                     "--store_dir", str(tmp_path / "stores")])  # fmt: skip
     with pytest.raises(UserError, match="use --kind query"):
         encode.main(["--model_name_or_path", tiny_bert, "--input_file", small_data["ads"], "--streaming",
                      "--store_dir", str(tmp_path / "stores")])  # fmt: skip
