@@ -25,21 +25,11 @@ from common.streaming import (
 )
 
 
-class OneProcess:
-    """The accelerator surface build_chunked_store uses, for one process without accelerate's state."""
+def one_process():
+    """A real one-process CPU accelerator (conftest resets accelerate's shared state around each test)."""
+    from accelerate import Accelerator
 
-    num_processes, process_index, is_main_process, device = 1, 0, True, "cpu"
-
-    def unwrap_model(self, model):
-        return model
-
-    def wait_for_everyone(self):
-        pass
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
+    return Accelerator(cpu=True)
 
 
 def rows_of(stream, epoch=0, start=0):
@@ -113,7 +103,7 @@ def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, ti
     the earlier ones; the vectors are the teacher's of the rows' texts; a changed source is refused."""
     encoder = Encoder.from_pretrained(tiny_bert).eval()
     stream = TextStream(streams["queries"], "query", dedupe_capacity=1000)
-    straight = build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "straight"), chunk_rows=20)
+    straight = build_chunked_store(one_process(), encoder, stream, str(tmp_path / "straight"), chunk_rows=20)
 
     import common.streaming as streaming
 
@@ -127,13 +117,13 @@ def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, ti
 
     monkeypatch.setattr(streaming.np, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
+        build_chunked_store(one_process(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
     monkeypatch.setattr(streaming.np, "save", real_save)
     names = sorted(os.listdir(tmp_path / "resumed"))
     assert "chunk_000001" in names and "chunk_000002.partial" in names and "metadata.json" not in names
     with pytest.raises(UserError, match="not a finished chunked store"):
         ChunkedStore.open(str(tmp_path / "resumed"))
-    resumed = build_chunked_store(OneProcess(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
+    resumed = build_chunked_store(one_process(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
     assert resumed.metadata["chunks"] == straight.metadata["chunks"] and len(straight.chunks) == 5
 
     store = ChunkedStore.open(str(tmp_path / "resumed"), encoder.fingerprint, shuffle=True, seed=1)
@@ -152,7 +142,7 @@ def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, ti
     os.remove(tmp_path / "unfinished" / "metadata.json")
     changed = TextStream(streams["queries"], "query")  # without dedupe: other rows in the chunks
     with pytest.raises(UserError, match="other rows"):
-        build_chunked_store(OneProcess(), encoder, changed, str(tmp_path / "unfinished"), chunk_rows=20)
+        build_chunked_store(one_process(), encoder, changed, str(tmp_path / "unfinished"), chunk_rows=20)
 
 
 def test_mixing_and_a_saved_position_continue_the_same_stream(streams):
