@@ -103,12 +103,7 @@ def main(argv=None):
     if args.query_context_column:  # as distill_student.py composes them, so it finds this store current
         contexts = read_contexts(args.input_file, args.query_context_column, args.split)
         texts = [with_context(text, context, args.context_template) for text, context in zip(texts, contexts)]
-    encoder = Encoder.from_pretrained(
-        args.model_name_or_path,
-        dtype=args.model_dtype,
-        trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle_weights,
-    ).to(accelerator.device)
+    encoder = load_encoder(args, accelerator)
     data_fp = data_fingerprint(ids, texts)
     store_path = args.output_dir or default_store_path(
         args.store_dir, args.model_name_or_path, args.kind, encoder, data_fp
@@ -127,6 +122,15 @@ def main(argv=None):
     return store_path
 
 
+def load_encoder(args, accelerator):
+    return Encoder.from_pretrained(
+        args.model_name_or_path,
+        dtype=args.model_dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle_weights,
+    ).to(accelerator.device)
+
+
 def encode_stream(args, accelerator):
     """--streaming: the chunked store of the query stream, built or its build resumed (finished: checked)."""
     if args.kind != "query":
@@ -136,12 +140,7 @@ def encode_stream(args, accelerator):
             "--overwrite_output_dir does not apply to a chunked store (a killed build resumes); pass another "
             "--output_dir."
         )
-    encoder = Encoder.from_pretrained(
-        args.model_name_or_path,
-        dtype=args.model_dtype,
-        trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle_weights,
-    ).to(accelerator.device)
+    encoder = load_encoder(args, accelerator)
     stream = TextStream(
         args.input_file,
         args.text_column,

@@ -28,10 +28,10 @@ import shutil
 
 import numpy as np
 
-from common.data import check_context, with_context
+from common.data import _BUILDERS, check_context, with_context
 from common.errors import UserError
 
-SHARD_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+SHARD_TYPES = _BUILDERS  # the file types load_table reads, and their datasets builders
 CHUNKED_FORMAT = "harness-chunked-store"
 
 
