@@ -573,33 +573,15 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None):
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
-            if "teacher_inputs" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
-                with torch.no_grad(), accelerator.autocast():
-                    teacher_targets = teacher(**batch.pop("teacher_inputs").to(accelerator.device)).float()
-                teacher_targets = cut_targets(teacher_targets, args.teacher_dim, teacher.config.normalize)
-            else:
-                teacher_targets = batch.pop("teacher_vectors").to(accelerator.device)
-            student_vectors, student_states = model(**batch, return_token_states=True)
-            # L2 by default: sum over dimensions, mean over the batch; with DDP's gradient averaging, N processes
-            # with B/N queries each give exactly the gradient of one batch of B (and so does accumulation).
-            items = None
+            ranked_ad_vectors = None
             if ad_store is not None:
                 # One draw per optimiser step, a function of (seed, epoch, step in epoch) only: every process and
                 # micro-batch of the step ranks the same ads, and a resumed run draws them again.
                 step_in_epoch = (loop.progress.batch_in_epoch - 1) // args.gradient_accumulation_steps
                 rng = np.random.default_rng([args.seed, loop.progress.epoch, step_in_epoch])
                 rows = rng.integers(len(ad_store), size=min(args.num_ranked_ads, len(ad_store)))
-                items = torch.from_numpy(ad_store.read(rows)).to(student_vectors.device)
-            loss = alignment_loss(
-                student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items
-            )
-            logs = {"alignment_loss": loss.detach()}
-            if args.token_loss_weight > 0:
-                with torch.no_grad(), accelerator.autocast():
-                    _, teacher_states = teacher(**batch, return_token_states=True)
-                token_loss = token_state_loss(student_states, teacher_states, batch["attention_mask"])
-                loss = loss + args.token_loss_weight * token_loss
-                logs["token_loss"] = token_loss.detach()
+                ranked_ad_vectors = torch.from_numpy(ad_store.read(rows))  # host memory: moved in the loss
+            loss, logs = distillation_loss(accelerator, model, batch, args, teacher, ranked_ad_vectors)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -616,6 +598,35 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None):
     student = accelerator.unwrap_model(model)
     accelerator.free_memory()  # the next pruning stage prepares a new model and optimiser
     return student, results
+
+
+def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_vectors=None):
+    """(loss, logs) of one batch: the alignment objective of the student's vectors to the teacher's (from the
+    batch, or from the frozen teacher in the loop), plus the token-state loss when asked.
+
+    `batch` holds the student's inputs on the model's device; the teacher's vectors and the ranked ads come
+    from stores in host memory, so they are moved here (tests/test_device.py runs this function with the
+    batch on a non-CPU device). L2 by default: sum over dimensions, mean over the batch; with DDP's gradient
+    averaging, N processes with B/N queries each give exactly the gradient of one batch of B (and so does
+    accumulation)."""
+    device = batch["input_ids"].device
+    if "teacher_inputs" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
+        with torch.no_grad(), accelerator.autocast():
+            teacher_targets = teacher(**batch.pop("teacher_inputs").to(device)).float()
+        teacher_targets = cut_targets(teacher_targets, args.teacher_dim, teacher.config.normalize)
+    else:
+        teacher_targets = batch.pop("teacher_vectors").to(device)
+    student_vectors, student_states = model(**batch, return_token_states=True)
+    items = ranked_ad_vectors.to(device) if ranked_ad_vectors is not None else None
+    loss = alignment_loss(student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items)
+    logs = {"alignment_loss": loss.detach()}
+    if args.token_loss_weight > 0:
+        with torch.no_grad(), accelerator.autocast():
+            _, teacher_states = teacher(**batch, return_token_states=True)
+        token_loss = token_state_loss(student_states, teacher_states, batch["attention_mask"])
+        loss = loss + args.token_loss_weight * token_loss
+        logs["token_loss"] = token_loss.detach()
+    return loss, logs
 
 
 def cut_targets(vectors, dim, normalized):

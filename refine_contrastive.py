@@ -218,6 +218,54 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
     return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
 
 
+class ClickCollator:
+    """A batch of clicks: the queries tokenised, their clicked and hard-negative ads as the teacher's vectors
+    read from the ad store (only these rows), with the keys that mask duplicates and same-group ads."""
+
+    def __init__(self, encoder, ad_store, ad_texts, num_hard_negatives, seed):
+        self.encoder, self.ad_store, self.ad_texts = encoder, ad_store, ad_texts
+        self.num_hard_negatives, self.seed = num_hard_negatives, seed
+
+    def __call__(self, rows):
+        hard = []
+        for row in rows:  # missing hard negatives: random ads drawn from the row, the same in a resumed run
+            chosen = row["negatives"][: self.num_hard_negatives]
+            rng = np.random.default_rng(text_key(row["query"]) ^ self.seed)
+            hard += chosen + rng.integers(len(self.ad_store), size=self.num_hard_negatives - len(chosen)).tolist()
+        positive_rows, hard_rows = np.array([row["positive"] for row in rows]), np.array(hard, dtype=np.int64)
+        batch = self.encoder.tokenize([row["query"] for row in rows], "query")
+        batch["positive_vectors"] = torch.from_numpy(self.ad_store.read(positive_rows))
+        batch["positive_keys"] = ad_keys(self.ad_texts, positive_rows)
+        batch["hard_negative_vectors"] = torch.from_numpy(self.ad_store.read(hard_rows))
+        batch["hard_negative_keys"] = ad_keys(self.ad_texts, hard_rows)
+        batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
+        return batch
+
+
+def refinement_loss(model, batch, random_vectors, random_keys, args):
+    """InfoNCE of one batch: each query against its clicked ad, the hard negatives and the step's random ads.
+
+    The prepared data loader has moved `batch` to the model's device; the random negatives are read from the
+    store in host memory during the step, so they are moved here (on a GPU, mixing the two is an error:
+    tests/test_device.py runs this function with the batch on a non-CPU device)."""
+    device = batch["input_ids"].device
+    positives, positive_keys = batch.pop("positive_vectors"), batch.pop("positive_keys")
+    negatives = torch.cat([batch.pop("hard_negative_vectors"), random_vectors.to(device)])
+    negative_keys = torch.cat([batch.pop("hard_negative_keys"), random_keys.to(device)])
+    positive_groups = batch.pop("positive_groups")
+    query_vectors = model(**batch)
+    return contrastive_loss(
+        query_vectors,
+        positives.to(query_vectors),
+        negatives.to(query_vectors),
+        temperature=args.temperature,
+        positive_keys=positive_keys,
+        negative_keys=negative_keys,
+        positive_groups=positive_groups,
+        false_negative_margin=args.false_negative_margin if args.false_negative_margin >= 0 else None,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_has_negatives(args, args.num_random_negatives)
@@ -282,23 +330,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
-
-    def collate(rows):
-        hard = []
-        for row in rows:  # missing hard negatives: random ads drawn from the row, the same in a resumed run
-            chosen = row["negatives"][: args.num_hard_negatives]
-            rng = np.random.default_rng(text_key(row["query"]) ^ args.seed)
-            hard += chosen + rng.integers(len(ad_store), size=args.num_hard_negatives - len(chosen)).tolist()
-        positive_rows, hard_rows = np.array([row["positive"] for row in rows]), np.array(hard, dtype=np.int64)
-        batch = tokenize([row["query"] for row in rows], "query")
-        batch["positive_vectors"] = torch.from_numpy(ad_store.read(positive_rows))
-        batch["positive_keys"] = ad_keys(ad_texts, positive_rows)
-        batch["hard_negative_vectors"] = torch.from_numpy(ad_store.read(hard_rows))
-        batch["hard_negative_keys"] = ad_keys(ad_texts, hard_rows)
-        batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
-        return batch
-
+    # The collator holds the encoder itself (prepare() wraps the model in DDP below) for tokenising.
+    collate = ClickCollator(student, ad_store, ad_texts, args.num_hard_negatives, args.seed)
     dataloader = DataLoader(
         clicks,
         batch_size=args.per_device_train_batch_size,
@@ -334,28 +367,14 @@ def main(argv=None):
     loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
     log_banner(args, accelerator, len(clicks))
 
-    margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
             random_rows = random_negative_rows(
                 args, len(ad_store), progress.epoch, progress.batch_in_epoch, accelerator
             )
-            positives, positive_keys = batch.pop("positive_vectors"), batch.pop("positive_keys")
-            negatives = torch.cat([batch.pop("hard_negative_vectors"), torch.from_numpy(ad_store.read(random_rows))])
-            negative_keys = torch.cat([batch.pop("hard_negative_keys"), ad_keys(ad_texts, random_rows)])
-            positive_groups = batch.pop("positive_groups")
-            query_vectors = model(**batch)
-            loss, accuracy = contrastive_loss(
-                query_vectors,
-                positives.to(query_vectors),
-                negatives.to(query_vectors),
-                temperature=args.temperature,
-                positive_keys=positive_keys,
-                negative_keys=negative_keys,
-                positive_groups=positive_groups,
-                false_negative_margin=margin,
-            )
+            random_vectors = torch.from_numpy(ad_store.read(random_rows))  # host memory: moved in the loss
+            loss, accuracy = refinement_loss(model, batch, random_vectors, ad_keys(ad_texts, random_rows), args)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

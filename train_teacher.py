@@ -186,6 +186,26 @@ class PairCollator:
         }
 
 
+def teacher_loss(vectors, batch, args):
+    """InfoNCE of one batch from the vectors of its rows (queries, positives, then the hard negatives), which
+    the model computed on its device from the batch the prepared loader moved there."""
+    batch_size = len(batch["query_keys"])
+    query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
+    return contrastive_loss(
+        query_vectors,
+        positives,
+        vectors[2 * batch_size :],
+        temperature=args.temperature,
+        positive_keys=batch["positive_keys"],
+        negative_keys=batch["negative_keys"],
+        query_keys=batch["query_keys"],
+        positive_groups=batch["positive_groups"],
+        false_negative_margin=args.false_negative_margin if args.false_negative_margin >= 0 else None,
+        query_query=not args.no_query_query,
+        ad_ad=not args.no_ad_ad,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_has_negatives(args)
@@ -260,7 +280,6 @@ def main(argv=None):
     loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
     log_banner(args, accelerator, len(rows))
 
-    margin = args.false_negative_margin if args.false_negative_margin >= 0 else None
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
@@ -268,22 +287,7 @@ def main(argv=None):
                 vectors, random_states = embed_without_graph(model, batch["inputs"], args.grad_cache_chunk_size)
             else:
                 vectors = model(**batch["inputs"])  # queries, positives, then the hard negatives
-            batch_size = len(batch["query_keys"])
-            query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
-            negatives = vectors[2 * batch_size :]
-            loss, accuracy = contrastive_loss(
-                query_vectors,
-                positives,
-                negatives,
-                temperature=args.temperature,
-                positive_keys=batch["positive_keys"],
-                negative_keys=batch["negative_keys"],
-                query_keys=batch["query_keys"],
-                positive_groups=batch["positive_groups"],
-                false_negative_margin=margin,
-                query_query=not args.no_query_query,
-                ad_ad=not args.no_ad_ad,
-            )
+            loss, accuracy = teacher_loss(vectors, batch, args)
             check_finite_loss(loss, loop.step)
             if args.grad_cache_chunk_size:
                 loss.backward()  # d loss / d vector, into vectors.grad (no parameter is touched)

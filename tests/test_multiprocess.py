@@ -149,7 +149,10 @@ def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data
     np.testing.assert_allclose(history(two, "lr"), history(one, "lr"), rtol=1e-9)
     np.testing.assert_allclose(history(one, "lr"), expected_learning_rates(), rtol=1e-9, atol=1e-12)
     loss_key = "alignment_loss" if name == "distill_student" else "loss"
-    np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4)
+    # Losses of the two runs differ by float reduction order: with weights within 2e-5, the vectors differ by
+    # ~1e-6 and an L2 loss of ~2e-4 by up to 2 x ||s - t|| x ||ds|| ~ 1e-7 absolute (6.7e-8 seen: 3e-4 relative),
+    # so a relative tolerance alone fails at random; the absolute floor is ten times that bound.
+    np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4, atol=1e-6)
     # The same weights.
     assert_same_weights(two, one, atol=2e-5)
     # Every rank's files are inside each checkpoint before it is renamed into place; no partial is left.
