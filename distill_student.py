@@ -41,6 +41,7 @@ import argparse
 import copy
 import gc
 import itertools
+import json
 import math
 import os
 
@@ -76,9 +77,9 @@ from common.data import LengthGroupedSampler, read_contexts, read_texts, with_co
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import (
     Encoder,
+    EncoderSpec,
     evenly_spaced_layers,
     freeze_input_embeddings,
-    keep_layers,
     model_depth,
     truncate_output,
 )
@@ -453,15 +454,10 @@ def make_student(args, teacher):
             allow_pickle=args.allow_pickle_weights,
         )
     else:
-        student = Encoder.from_pretrained(
-            args.teacher_model,
-            dtype="float32",
-            trust_remote_code=args.trust_remote_code,
-            allow_pickle=args.allow_pickle_weights,
-        )
-        total = student.backbone.config.num_hidden_layers
+        # Only the kept blocks (and the embeddings) are read from the teacher's weight files.
+        total = teacher.depth
         layers = args.student_layers or evenly_spaced_layers(total, args.student_num_layers)
-        keep_layers(student, layers)
+        student = teacher.load(dtype="float32", layers=layers)
         student.config.extra["teacher_layers"] = layers
         logger.info(f"Student: teacher layers {layers} of {total}")
     target_dim = args.teacher_dim or teacher.embedding_dim
@@ -479,7 +475,24 @@ def make_student(args, teacher):
     return student
 
 
-def align(accelerator, args, student, data, teacher=None, ad_store=None):
+def load_stage(args, folder):
+    """A finished stage of this run, loaded as the run loads its student (fp32, the run's remote-code and
+    weight-format permissions, gradient checkpointing when asked)."""
+    student = Encoder.from_pretrained(
+        folder, dtype="float32", trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    )
+    if args.gradient_checkpointing:
+        student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
+
+
+def stage_steps(folder):
+    """The optimiser steps a finished stage took (its all_results.json)."""
+    with open(os.path.join(folder, "all_results.json"), encoding="utf-8") as handle:
+        return int(json.load(handle)["steps"])
+
+
+def align(accelerator, args, student, data, teacher=None, ad_store=None, step_offset=0):
     """One alignment run: the training loop, then the student saved to args.output_dir. `data` is (texts, the
     teacher's store of their vectors), or with --streaming a function that opens the row stream afresh.
     `teacher` (frozen, on the device) is given with --token_loss_weight (its hidden states are the targets of
@@ -567,7 +580,7 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None):
     if not accelerator.trackers:  # once per script, also when pruning stages align again
         accelerator.init_trackers("distill_student", config=tracker_config(args))
     progress = resume_from_checkpoint(accelerator, args, SCRIPT)
-    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
+    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT, tracker_step_offset=step_offset)
     log_banner(args, accelerator, num_examples)
 
     model.train()
@@ -698,9 +711,10 @@ def main(argv=None):
         sources = read_label_free_texts(args)
         texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
 
-    # The teacher's query vectors: read from stores (built once by all processes when missing), then the
-    # teacher leaves memory. Each step reads only its batch's rows from the memory-mapped shards.
-    teacher = Encoder.from_pretrained(
+    # The teacher as its files declare it (prompts, width, depth, fingerprint): enough to check its stores and
+    # to cut the student. Its weights load once, in their own dtype, only where it encodes: to build a missing
+    # store, or in the loop. Each step reads only its batch's rows from the memory-mapped store shards.
+    teacher = EncoderSpec.read(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
     if args.teacher_dim and args.teacher_dim > teacher.embedding_dim:
@@ -714,7 +728,7 @@ def main(argv=None):
         check_store_matches(ad_store, teacher, "ad")
     student = make_student(args, teacher)
     if args.token_loss_weight > 0:
-        check_token_targets(student, teacher)
+        check_token_targets(student, teacher.load_once())
     stores = [
         open_or_build_store(
             accelerator,
@@ -761,12 +775,13 @@ def main(argv=None):
             teacher_store = teacher_store.truncated(args.teacher_dim)
             data = (texts, teacher_store)
         ad_store = ad_store.truncated(args.teacher_dim) if ad_store is not None else None
-    teacher_depth = teacher.backbone.config.num_hidden_layers
+    teacher_depth = teacher.depth
     if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
-        teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
+        teacher = teacher.load_once().eval().requires_grad_(False).to(accelerator.device)
         if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() and args.teacher_in_loop:
             teacher = teacher.to(torch.bfloat16)  # frozen: bf16 weights halve its memory and time
     else:
+        teacher.release()  # a teacher loaded to build a store leaves memory before the student trains
         teacher = None
         gc.collect()
     log_truncation(student, calibration if args.streaming else texts, "query", args.query_file)
@@ -775,15 +790,20 @@ def main(argv=None):
 
     # Progressive pruning: align, then (prune to K blocks, re-align) for each K of the schedule. Every
     # stage but the last is saved under <output_dir>/stages/, so a resumed run skips finished stages.
+    # An intermediate stage is never pushed (only the final student goes to --hub_model_id), and its tracker
+    # steps continue those of the stages before it, so a tracker shows one run.
     schedule = args.prune_schedule or []
+    steps_before = 0
     for stage, keep in enumerate([None, *schedule]):
         stage_args = copy.copy(args)
         if stage < len(schedule):
             stage_args.output_dir = os.path.join(args.output_dir, "stages", f"stage{stage}")
+            stage_args.push_to_hub = False
         finished = os.path.exists(os.path.join(stage_args.output_dir, "training_args.json"))
         if stage < len(schedule) and args.resume_from_checkpoint and finished:
             logger.info(f"Stage {stage} is finished; loading {stage_args.output_dir}")
-            student = Encoder.from_pretrained(stage_args.output_dir, dtype="float32").to(accelerator.device)
+            student = load_stage(args, stage_args.output_dir).to(accelerator.device)
+            steps_before += stage_steps(stage_args.output_dir)
             continue
         if stage == 0 and schedule and student.config.extra.get("teacher_layers") == list(range(teacher_depth)):
             logger.info("Stage 0: the student is the whole teacher, already aligned; pruning starts at once.")
@@ -793,7 +813,8 @@ def main(argv=None):
         if keep is not None:
             student = student.to(accelerator.device)
             logger.info(f"Stage {stage}: " + prune(student, keep, args, calibration))
-        student, results = align(accelerator, stage_args, student, data, teacher, ad_store)
+        student, results = align(accelerator, stage_args, student, data, teacher, ad_store, steps_before)
+        steps_before += results["steps"]
     if args.streaming:
         results["teacher_query_store"] = None if args.teacher_in_loop else query_source.folder
     else:

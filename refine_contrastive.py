@@ -42,7 +42,7 @@ from common.cli import (
 )
 from common.data import check_id, check_text, load_table, read_texts, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_depth
+from common.encoder import EncoderSpec, evenly_spaced_layers, model_depth
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -292,9 +292,10 @@ def main(argv=None):
     set_seed(args.seed)
 
     # The teacher's ad vectors: a store on disk (built once by all processes when missing); each step reads
-    # only the rows it needs from the memory-mapped shards. The teacher leaves memory at once.
+    # only the rows it needs from the memory-mapped shards. The teacher is known by its files: its weights
+    # load only if the store must be built, and leave memory at once.
     ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
-    teacher = Encoder.from_pretrained(
+    teacher = EncoderSpec.read(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
     ad_store = open_or_build_store(
@@ -308,20 +309,18 @@ def main(argv=None):
         model_path=args.teacher_model,
         batch_size=args.encode_batch_size,
     )
+    teacher.release()
     del teacher
     clicks = pseudo_clicks(ad_texts) if args.pseudo_queries else read_clicks(args, ad_store, ad_texts)
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
-    student = Encoder.from_pretrained(
-        args.student_model,
-        dtype="float32",
-        trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle_weights,
+    student_files = EncoderSpec.read(
+        args.student_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
+    layers = evenly_spaced_layers(student_files.depth, args.student_num_layers) if args.student_num_layers else None
+    student = student_files.load(dtype="float32", layers=layers)  # a cut reads only the blocks it keeps
     if args.student_num_layers:  # an unaligned cut, e.g. of the teacher: phase 3 alone, the paper's baseline
-        total = student.backbone.config.num_hidden_layers
-        layers = evenly_spaced_layers(total, args.student_num_layers)
-        keep_layers(student, layers)
+        total = student_files.depth
         student.config.extra["teacher_layers"] = layers
         student.config.base_model = f"{args.student_model} (layers)"
         logger.info(f"Student: layers {layers} of {total} of {args.student_model}, not aligned (phase 3 only)")

@@ -290,6 +290,7 @@ def make_accelerator(args, log_with=None):
         # processes, so N processes see the batches one process sees, and resume can replay the order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_deepspeed_skips_bad_steps(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
@@ -309,6 +310,21 @@ def _quiet_libraries():
 
 def uses_deepspeed(accelerator):
     return accelerator.state.deepspeed_plugin is not None
+
+
+def check_deepspeed_skips_bad_steps(accelerator):
+    """Under DeepSpeed the engine clips and steps inside `accelerator.backward`, so the scripts can only read the
+    gradient norm after the step. What keeps a NaN/inf gradient out of the weights there is DeepSpeed's own
+    check: it computes the norm first and skips the step (weights and optimiser state unchanged) when it is not
+    finite; the script then stops on that norm. In bf16 the check can be switched off: refuse that."""
+    plugin = accelerator.state.deepspeed_plugin
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    bf16 = config.get("bf16") or config.get("bfloat16") or {}
+    if isinstance(bf16, dict) and bf16.get("check_grad_overflow") is False:
+        raise UserError(
+            'The DeepSpeed config sets "bf16": {"check_grad_overflow": false}, so a NaN/inf gradient would be '
+            "applied to the weights before the run can stop; remove that setting."
+        )
 
 
 def check_run_args(args, script, inputs=()):
@@ -367,7 +383,7 @@ def _previous_script(folder):
     return None
 
 
-_OURS_WHEN_EMPTY = {".lock", ".final.partial"}
+_OURS_WHEN_EMPTY = {".lock", ".final.partial", ".log_history.jsonl"}  # see common/loop.LogHistory
 
 
 def check_output_dir(args, script, inputs=()):

@@ -11,6 +11,7 @@ Directories without `harness_encoder.json` (hub models such as Qwen3-Embedding o
 are read through their sentence-transformers files, then through the model type.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -270,6 +271,256 @@ def model_fingerprint(folder):
     return digest.hexdigest()
 
 
+_DTYPES = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EncoderSpec:
+    """An encoder as its folder declares it, read without its weights: pooling, prompts, normalisation, width,
+    depth and the content fingerprint. This is all a store check needs, so no process loads a billion-parameter
+    teacher to learn whether its stores are current; `load()` reads the weights when something must be encoded.
+    """
+
+    name_or_path: str
+    folder: str
+    config: EncoderConfig
+    model_config: object  # the backbone's transformers config
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    _fingerprint: str | None = None
+    _loaded: object = None
+
+    @classmethod
+    def read(
+        cls,
+        name_or_path,
+        *,
+        pooling=None,
+        query_prompt=None,
+        ad_prompt=None,
+        max_length=None,
+        padding_side=None,
+        normalize=None,
+        trust_remote_code=False,
+        revision=None,
+        token=None,
+        allow_pickle=False,
+    ):
+        name_or_path = str(name_or_path)
+        folder = resolve_model_dir(name_or_path, revision=revision, token=token)
+        check_model_folder(folder)
+        saved = _read_json(folder, ENCODER_CONFIG_NAME)
+        try:
+            model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
+        if saved is not None:
+            try:
+                config = EncoderConfig(**saved)
+            except TypeError as error:
+                raise UserError(f"{folder}/{ENCODER_CONFIG_NAME} is not an encoder config ({error}).") from None
+        else:
+            config = _config_from_sentence_transformers(folder) or EncoderConfig()
+            if model_config.model_type in DECODER_MODEL_TYPES:
+                if _read_json(folder, "modules.json") is None:
+                    config.pooling = "last"
+                config.padding_side = "left"
+            config.base_model = name_or_path
+        overrides = {
+            "pooling": pooling,
+            "query_prompt": query_prompt,
+            "ad_prompt": ad_prompt,
+            "max_length": max_length,
+            "padding_side": padding_side,
+            "normalize": normalize,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        if config.pooling == "last" and config.padding_side == "right" and padding_side is None:
+            config.padding_side = "left"
+        config.validate()
+        if config.pooling == "cls" and model_config.model_type in DECODER_MODEL_TYPES:
+            raise UserError(
+                f"cls pooling on the causal decoder {name_or_path} pools a token that sees only itself; "
+                "use --pooling last (or mean)."
+            )
+        has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(folder))
+        if not has_safetensors and not allow_pickle:
+            raise UserError(
+                f"{folder} has no .safetensors weights; convert the checkpoint to safetensors or pass "
+                "--allow_pickle_weights if you trust it (loading pickle weights can run arbitrary code)."
+            )
+        return cls(name_or_path, folder, config, model_config, trust_remote_code, allow_pickle)
+
+    @property
+    def hidden_size(self):
+        return self.model_config.hidden_size
+
+    @property
+    def embedding_dim(self):
+        return self.config.projection_out or self.hidden_size
+
+    @property
+    def depth(self):
+        return self.model_config.num_hidden_layers
+
+    @property
+    def fingerprint(self):
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.folder)
+        return self._fingerprint
+
+    def prompt_for(self, kind):
+        if kind not in ("query", "ad"):
+            raise ValueError(f"kind must be 'query' or 'ad', got {kind!r}")
+        return self.config.query_prompt if kind == "query" else self.config.ad_prompt
+
+    def load(self, dtype=None, layers=None):
+        """The Encoder (a fresh one at each call): weights in `dtype` (None: the checkpoint's own), all blocks or
+        only `layers` (then only those blocks' tensors are read from the weight files)."""
+        folder, config = self.folder, copy.deepcopy(self.config)
+        has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(folder))
+        backbone = None
+        if layers is not None:
+            backbone = _load_layers(folder, self.model_config, layers, _DTYPES[dtype], self.trust_remote_code)
+        if backbone is None:
+            backbone = AutoModel.from_pretrained(
+                folder, dtype=_DTYPES[dtype], trust_remote_code=self.trust_remote_code, use_safetensors=has_safetensors
+            )
+            if layers is not None:
+                keep_layers_of(backbone, layers)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
+        projection = None
+        if config.projection_out:
+            projection = nn.Linear(config.projection_in, config.projection_out)
+            dense_path = config.extra.get("dense_path", "2_Dense")
+            weights = load_file(os.path.join(folder, dense_path, "model.safetensors"))
+            projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
+            projection.to(backbone.dtype)
+        encoder = Encoder(backbone, tokenizer, config, projection)
+        encoder.fingerprint = self.fingerprint
+        return encoder
+
+    def load_once(self):
+        """The Encoder in the checkpoint's own dtype, loaded at the first call and the same object after (a
+        teacher that builds several stores is read once); `release()` lets it go."""
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
+
+    def release(self):
+        self._loaded = None
+
+
+def _weight_files(folder):
+    """{tensor name: safetensors file} of a model folder (single file or sharded with an index); None without."""
+    index = _read_json(folder, "model.safetensors.index.json")
+    if index:
+        return {name: os.path.join(folder, file) for name, file in index["weight_map"].items()}
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return {name: path for name in handle.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+
+
+_BLOCK_ROWS_BYTES = 64 << 20  # a large tensor (the vocabulary) is copied in row blocks of about this size
+
+
+def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
+    """A backbone of only the blocks `layers` (renumbered 0..K-1), its weights read by name from the
+    safetensors files: an 8B teacher cut to 4 blocks reads those 4 blocks and the embeddings, never the whole
+    model (the peak is the kept weights in `dtype` plus one block of rows). None when the files do not name
+    every tensor the cut needs (then the caller loads the whole model and cuts it)."""
+    from safetensors import safe_open
+
+    files = _weight_files(folder)
+    if files is None:
+        return None
+    config = copy.deepcopy(model_config)
+    total = config.num_hidden_layers
+    if not layers or max(layers) >= total or min(layers) < 0:
+        raise UserError(f"Layer indices {layers} are out of range for a {total}-layer model.")
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if dtype is None:  # the checkpoint's own dtype (its weights' header says it), as a whole load gives it
+        dtype = _stored_dtype(files) or torch.float32
+    model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    _, owner, attribute = _find_layers(model)
+    prefix_of_blocks = next(
+        name.rsplit(f"{attribute}.0.", 1)[0] + f"{attribute}." for name, _ in model.named_parameters()
+        if f"{attribute}.0." in name
+    )  # fmt: skip
+    sources = {}
+    for name in model.state_dict():
+        source = name
+        if name.startswith(prefix_of_blocks):
+            index, rest = name[len(prefix_of_blocks) :].split(".", 1)
+            source = f"{prefix_of_blocks}{layers[int(index)]}.{rest}"
+        found = _find_checkpoint_name(source, files, model.base_model_prefix)
+        if found is None:
+            if name in dict(model.named_buffers()):
+                continue  # a buffer the checkpoint does not store (rotary frequencies, position ids)
+            return None
+        sources[name] = found
+    state = model.state_dict()
+    handles = {}
+    try:
+        for name, source in sources.items():
+            path = files[source]
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt")
+            piece = handles[path].get_slice(source)
+            target = state[name]
+            if list(piece.get_shape()) != list(target.shape):
+                return None
+            rows = max(1, _BLOCK_ROWS_BYTES // max(target[0].numel() * 4, 1)) if target.ndim else 1
+            with torch.no_grad():
+                if target.ndim == 0:
+                    target.copy_(handles[path].get_tensor(source))
+                else:
+                    for start in range(0, target.shape[0], rows):
+                        target[start : start + rows].copy_(piece[start : start + rows])
+    finally:
+        handles.clear()
+    attention_layers = getattr(owner, attribute)
+    for new_index, layer in enumerate(attention_layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index
+    model.eval()
+    return model
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_dtype(files):
+    """The floating dtype of a checkpoint's first floating tensor, read from the safetensors header."""
+    from safetensors import safe_open
+
+    name, path = next(iter(files.items()))
+    with safe_open(path, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+            if dtype is not None:
+                return dtype
+    return None
+
+
+def _find_checkpoint_name(name, files, base_prefix):
+    """The checkpoint's name for a model tensor: as is, under the base model's prefix (a checkpoint of a task
+    model, e.g. model.layers.0... or bert.encoder...), or with LayerNorm's legacy gamma/beta names."""
+    candidates = [name, f"{base_prefix}.{name}"] if base_prefix else [name]
+    legacy = [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+              for c in candidates]  # fmt: skip
+    return next((candidate for candidate in candidates + legacy if candidate in files), None)
+
+
 class Encoder(nn.Module):
     """Backbone + pooling + optional linear head + optional L2 normalisation."""
 
@@ -291,88 +542,10 @@ class Encoder(nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path,
-        *,
-        pooling=None,
-        query_prompt=None,
-        ad_prompt=None,
-        max_length=None,
-        padding_side=None,
-        normalize=None,
-        dtype=None,
-        trust_remote_code=False,
-        revision=None,
-        token=None,
-        allow_pickle=False,
-    ):
-        """Load a model folder or hub id; explicit arguments override what the folder says."""
-        name_or_path = str(name_or_path)
-        folder = resolve_model_dir(name_or_path, revision=revision, token=token)
-        check_model_folder(folder)
-        saved = _read_json(folder, ENCODER_CONFIG_NAME)
-        try:
-            model_type = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).model_type
-        except (OSError, ValueError) as error:
-            raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
-        if saved is not None:
-            try:
-                config = EncoderConfig(**saved)
-            except TypeError as error:
-                raise UserError(f"{folder}/{ENCODER_CONFIG_NAME} is not an encoder config ({error}).") from None
-        else:
-            config = _config_from_sentence_transformers(folder) or EncoderConfig()
-            if model_type in DECODER_MODEL_TYPES:
-                if _read_json(folder, "modules.json") is None:
-                    config.pooling = "last"
-                config.padding_side = "left"
-            config.base_model = name_or_path
-        overrides = {
-            "pooling": pooling,
-            "query_prompt": query_prompt,
-            "ad_prompt": ad_prompt,
-            "max_length": max_length,
-            "padding_side": padding_side,
-            "normalize": normalize,
-        }
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(config, key, value)
-        if config.pooling == "last" and config.padding_side == "right" and padding_side is None:
-            config.padding_side = "left"
-        torch_dtype = {
-            None: None,
-            "auto": "auto",
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[dtype]
-        has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(folder))
-        if not has_safetensors and not allow_pickle:
-            raise UserError(
-                f"{folder} has no .safetensors weights; convert the checkpoint to safetensors or pass "
-                "--allow_pickle_weights if you trust it (loading pickle weights can run arbitrary code)."
-            )
-        if config.pooling == "cls" and model_type in DECODER_MODEL_TYPES:
-            raise UserError(
-                f"cls pooling on the causal decoder {name_or_path} pools a token that sees only itself; "
-                "use --pooling last (or mean)."
-            )
-        backbone = AutoModel.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        projection = None
-        if config.projection_out:
-            projection = nn.Linear(config.projection_in, config.projection_out)
-            dense_path = config.extra.get("dense_path", "2_Dense")
-            weights = load_file(os.path.join(folder, dense_path, "model.safetensors"))
-            projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
-            projection.to(backbone.dtype)
-        encoder = cls(backbone, tokenizer, config, projection)
-        encoder.fingerprint = model_fingerprint(folder)
-        return encoder
+    def from_pretrained(cls, name_or_path, *, dtype=None, layers=None, **options):
+        """Load a model folder or hub id; explicit arguments override what the folder says (see EncoderSpec.read).
+        `layers`: keep only these transformer blocks, read from the weight files by name (the others never load)."""
+        return EncoderSpec.read(name_or_path, **options).load(dtype=dtype, layers=layers)
 
     # ---------------------------------------------------------------- shape
     @property
@@ -430,10 +603,21 @@ class Encoder(nn.Module):
             embeddings = F.normalize(embeddings.float(), dim=-1)
         return (embeddings, outputs.last_hidden_state) if return_token_states else embeddings
 
-    @torch.inference_mode()
     def encode(self, texts, kind, batch_size=64, device=None, progress=False):
-        """Encode texts to a float32 numpy array; batches are length-sorted so padding stays small."""
-        device = device or next(self.parameters()).device
+        """Encode texts to a float32 numpy array; batches are length-sorted so padding stays small. With `device`,
+        the model runs there (moved for the call and back), and so do its inputs: they never meet on two devices."""
+        home = next(self.parameters()).device
+        device = torch.device(device) if device is not None else home
+        if device != home:
+            self.to(device)
+        try:
+            return self._encode(texts, kind, batch_size, device, progress)
+        finally:
+            if device != home:
+                self.to(home)
+
+    @torch.inference_mode()  # only here: parameters moved under inference mode could no longer train
+    def _encode(self, texts, kind, batch_size, device, progress):
         order = np.argsort([-len(text) for text in texts], kind="stable")
         output = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         starts = range(0, len(texts), batch_size)
@@ -534,11 +718,17 @@ def _write_json(path, payload):
 
 def keep_layers(encoder, layer_indices):
     """Keep only the given transformer blocks of the backbone (in order); returns the encoder."""
-    layers, owner, attribute = _find_layers(encoder.backbone)
+    keep_layers_of(encoder.backbone, layer_indices)
+    return encoder
+
+
+def keep_layers_of(backbone, layer_indices):
+    """keep_layers on a bare transformers backbone."""
+    layers, owner, attribute = _find_layers(backbone)
     if not layer_indices or max(layer_indices) >= len(layers) or min(layer_indices) < 0:
         raise UserError(f"Layer indices {layer_indices} are out of range for a {len(layers)}-layer model.")
     setattr(owner, attribute, nn.ModuleList([layers[i] for i in layer_indices]))
-    config = encoder.backbone.config
+    config = backbone.config
     config.num_hidden_layers = len(layer_indices)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layer_indices]
@@ -546,7 +736,7 @@ def keep_layers(encoder, layer_indices):
         attention = getattr(layer, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = new_index  # decoder KV-cache indexing
-    return encoder
+    return backbone
 
 
 def evenly_spaced_layers(total, keep):

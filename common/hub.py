@@ -156,6 +156,7 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
                 "stores/*",
                 "training_args.json",
                 ".lock",
+                ".log_history.jsonl",
                 ".final.partial/*",
             ],
         )

@@ -11,6 +11,7 @@ A script keeps its own loop (forward, loss, backward, optimiser and scheduler st
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -44,6 +45,53 @@ def optimizer_param_groups(model, weight_decay, accelerator):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+class LogHistory:
+    """The logs of every optimiser step, appended to <output_dir>/.log_history.jsonl by the main process as
+    they come. Only the last entry and the count stay in memory, and a checkpoint records the count,
+    not the entries: a run of a million steps neither grows in memory nor rewrites its whole history into every
+    checkpoint. A resumed run cuts the file back to its checkpoint's count (later lines were logged after it)."""
+
+    FILE = ".log_history.jsonl"  # hidden: a run's own file, like .lock (common/cli.py)
+
+    def __init__(self, output_dir=None, is_main=True, count=0, initial=None):
+        self.path = os.path.join(output_dir, self.FILE) if output_dir and is_main else None
+        self.count, self.last = 0, {}
+        if self.path is None:
+            self.count = count
+            return
+        kept = []
+        if count and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as handle:
+                for line in itertools.islice(handle, count):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        elif initial:  # a checkpoint of an earlier version held its entries itself
+            kept = [json.dumps(entry) + "\n" for entry in initial[:count]]
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        self.count = len(kept) if kept else count
+        self.last = json.loads(kept[-1]) if kept else {}
+
+    def append(self, entry):
+        self.count += 1
+        self.last = entry
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        """Every entry, read back from the file (main process)."""
+        if self.path is None or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+
+
 @dataclass
 class Progress:
     """Where a run stands: optimiser steps done, the epoch and batches consumed in it, the logs so far."""
@@ -51,7 +99,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    log_history: list = field(default_factory=list)
+    log_history: LogHistory = field(default_factory=LogHistory)
     stream: dict | None = None  # a streaming run's position in its stream (common/streaming.StreamBatches)
 
 
@@ -80,7 +128,7 @@ def save_checkpoint(accelerator, args, script, progress):
             "batch_in_epoch": progress.batch_in_epoch,
             "stream": progress.stream,
             "num_processes": accelerator.num_processes,
-            "log_history": progress.log_history,
+            "log_history_entries": len(progress.log_history),  # the first N lines of .log_history.jsonl
             "args": public_config(args),
         }
         with open(os.path.join(partial, TRAINER_STATE), "w", encoding="utf-8") as handle:
@@ -143,12 +191,12 @@ def resume_from_checkpoint(accelerator, args, script):
         if accelerator.is_main_process and os.path.isdir(stale):
             shutil.rmtree(stale)
         accelerator.wait_for_everyone()
-        return Progress()
+        return Progress(log_history=LogHistory(args.output_dir, accelerator.is_main_process))
     if args.resume_from_checkpoint == "latest":
         found = _complete_checkpoints(checkpoint_root(args.output_dir))
         if not found:
             logger.info(f"No checkpoint under {checkpoint_root(args.output_dir)}; starting from scratch.")
-            return Progress()
+            return Progress(log_history=LogHistory(args.output_dir, accelerator.is_main_process))
         path = max(found)[1]
     else:
         path = args.resume_from_checkpoint
@@ -167,9 +215,10 @@ def resume_from_checkpoint(accelerator, args, script):
             )
     logger.info(f"Resuming from {path}")
     accelerator.load_state(path)
-    return Progress(
-        state["step"], state["epoch"], state["batch_in_epoch"], state.get("log_history", []), state.get("stream")
-    )
+    old_entries = state.get("log_history")  # checkpoints of earlier versions held the entries themselves
+    count = state.get("log_history_entries", len(old_entries or []))
+    history = LogHistory(args.output_dir, accelerator.is_main_process, count, old_entries)
+    return Progress(state["step"], state["epoch"], state["batch_in_epoch"], history, state.get("stream"))
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -189,13 +238,15 @@ class TrainLoop:
     a checkpoint every --checkpointing_steps.
     """
 
-    def __init__(self, accelerator, args, dataloader, progress, script):
+    def __init__(self, accelerator, args, dataloader, progress, script, tracker_step_offset=0):
         # common/streaming.StreamBatches: endless, its position (not a batch count) is saved with checkpoints
         self.streaming = getattr(dataloader, "is_stream", False)
         if not self.streaming and len(dataloader) == 0:
             raise UserError("The data gives no batch on each process; lower --per_device_train_batch_size.")
         self.accelerator, self.args, self.dataloader, self.script = accelerator, args, dataloader, script
         self.progress = progress
+        # Steps of earlier runs that the trackers continue (the stages of a progressive distillation).
+        self.tracker_step_offset = tracker_step_offset
         self.bar = None
         self.started, self.first_step, self.runtime = None, progress.step, 0.0
         self.stop_signal = None  # set by SIGTERM / Ctrl-C; acted on at the end of the optimiser step
@@ -224,7 +275,7 @@ class TrainLoop:
 
     @property
     def last_logs(self):
-        return self.progress.log_history[-1] if self.progress.log_history else {}
+        return self.progress.log_history.last
 
     def __iter__(self):
         from tqdm.auto import tqdm
@@ -298,7 +349,7 @@ class TrainLoop:
         self.bar.update(1)
         if progress.step % self.args.logging_steps == 0 or progress.step == self.args.max_train_steps:
             self.bar.set_postfix({key: f"{value:.4g}" for key, value in logs.items()})
-            self.accelerator.log(logs, step=progress.step)
+            self.accelerator.log(logs, step=self.tracker_step_offset + progress.step)
         saved = self.args.checkpointing_steps and progress.step % self.args.checkpointing_steps == 0
         if saved:
             save_checkpoint(self.accelerator, self.args, self.script, progress)
@@ -354,7 +405,10 @@ def check_finite_loss(loss, step):
 
 
 def clip_and_check_gradients(accelerator, model, args, step):
-    """Clip the gradients; a non-finite norm stops the run before the optimiser step."""
+    """Clip the gradients; a non-finite norm stops the run before the optimiser step. Under DeepSpeed the engine
+    has already clipped and stepped inside `accelerator.backward` and this reads its norm: on a non-finite norm
+    DeepSpeed skipped that step itself (weights and optimiser state unchanged; common/cli.py refuses a config
+    that turns this off), so here too no NaN/inf reaches the weights (tests/test_multiprocess.py)."""
     norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     check_finite(norm, "gradient norm", step)
 
@@ -375,9 +429,12 @@ def save_run_files(output_dir, args, script, results=None, log_history=None):
     if results is not None:
         with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
-    if log_history is not None:
+    if log_history is not None:  # streamed entry by entry from the run's log file (see LogHistory)
         with open(os.path.join(output_dir, TRAINER_STATE), "w", encoding="utf-8") as handle:
-            json.dump({"script": script, "log_history": log_history}, handle, indent=2)
+            handle.write(f'{{\n  "script": {json.dumps(script)},\n  "log_history": [')
+            for index, entry in enumerate(log_history):
+                handle.write(("," if index else "") + "\n    " + json.dumps(entry))
+            handle.write("\n  ]\n}\n")
 
 
 def _move_into_place(staging, folder, last):

@@ -22,6 +22,7 @@ import numpy as np
 
 from common.cli import lock_folder, unlock_folder
 from common.data import data_fingerprint
+from common.encoder import EncoderSpec
 from common.errors import UserError
 
 FORMAT = "harness-store/1"
@@ -321,23 +322,40 @@ def open_or_build_store(
 ):
     """The store of `encoder`'s vectors of these texts: opened at `path` (default: a fingerprinted path under
     `store_dir`) when it matches the model and data, refused when it does not, built by all processes
-    when it does not exist. The encoder is moved to the accelerator's device for the build and back.
-    `texts` may be a function that reads them (with `data_fp` given): called only when the store is built."""
-    module = accelerator.unwrap_model(encoder)
+    when it does not exist. `encoder` is an Encoder or an EncoderSpec: a spec is checked against the store from
+    its files alone and its weights are loaded (once, see EncoderSpec.load_once) only when the store must be
+    built. The encoder is moved to the accelerator's device for the build and back.
+    `texts` may be a function that reads them (with `data_fp` given): called only when the store is built.
+    Whether to open or build is decided once, by the main process, for all: ranks that looked at the folder
+    at different moments of another job's build would otherwise take different paths and hang."""
+    module = encoder if isinstance(encoder, EncoderSpec) else accelerator.unwrap_model(encoder)
     if callable(texts) and data_fp is None:
         texts = texts()
     data_fp = data_fp or data_fingerprint(ids, texts)
     path = path or default_store_path(store_dir, model_path, kind, module, data_fp)
-    if os.path.exists(os.path.join(path, "metadata.json")):
+    if shared_decision(accelerator, os.path.exists(os.path.join(path, "metadata.json"))):
         store = EmbeddingStore.open(path, module.fingerprint, data_fp, module.embedding_dim)
         check_store_matches(store, module, kind)
         return store
     texts = texts() if callable(texts) else texts
+    if isinstance(module, EncoderSpec):
+        module = module.load_once()
     device = next(module.parameters()).device
     module.to(accelerator.device)
     store = build_store(accelerator, module, ids, texts, kind, path, batch_size=batch_size, data_fp=data_fp)
     module.to(device)
     return store
+
+
+def shared_decision(accelerator, value):
+    """The main process's `value` on every process (one broadcast; no communication on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    decision = [value]
+    broadcast_object_list(decision, from_process=0)
+    return decision[0]
 
 
 def store_for_student(store, student):

@@ -281,16 +281,18 @@ def open_or_build_chunked_store(
     """The chunked store of the teacher's vectors of `stream`: opened at `path` (default: a path under
     `store_dir` named after the model and the stream's description) when finished and made from the same
     stream by the same teacher, refused when not, else built (or its build resumed)."""
-    from common.store import check_store_matches
+    from common.encoder import EncoderSpec
+    from common.store import check_store_matches, shared_decision
 
-    module = accelerator.unwrap_model(encoder)
+    module = encoder if isinstance(encoder, EncoderSpec) else accelerator.unwrap_model(encoder)
     description = stream.describe()
     if path is None:
         tag = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:10]
         name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
         path = os.path.join(store_dir, f"{name}-query-stream-{module.fingerprint[:10]}-{tag}")
-    if not os.path.exists(os.path.join(path, "metadata.json")):
-        build_chunked_store(accelerator, module, stream, path, chunk_rows, batch_size, dtype)
+    if not shared_decision(accelerator, os.path.exists(os.path.join(path, "metadata.json"))):
+        builder = module.load_once() if isinstance(module, EncoderSpec) else module
+        build_chunked_store(accelerator, builder, stream, path, chunk_rows, batch_size, dtype)
     store = ChunkedStore.open(path, module.fingerprint, shuffle=True, seed=seed)
     check_store_matches(store, module, "query")
     recorded = store.metadata["stream"]

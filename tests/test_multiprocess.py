@@ -342,3 +342,79 @@ def test_streaming_phase_2_on_two_processes_equals_one_and_resumes(mode, small_d
                tmp_path / "resumed.log")  # fmt: skip
     assert "Resuming from" in (tmp_path / "resumed.log").read_text()
     assert_same_weights(resumed, two, atol=1e-6)
+
+
+NAN_GRADIENT_RUNNER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from safetensors.torch import save_file
+
+import train_teacher
+from common.errors import run_cli
+
+
+class NanGradient(torch.autograd.Function):
+    # The loss as it is going forward; a NaN gradient coming back: what an overflow in backward looks like.
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+calls, real_loss, real_check = [0], train_teacher.teacher_loss, train_teacher.clip_and_check_gradients
+
+
+def teacher_loss(vectors, batch, args):
+    loss, accuracy = real_loss(vectors, batch, args)
+    calls[0] += 1
+    return (NanGradient.apply(loss) if calls[0] == {nan_step} else loss), accuracy
+
+
+def clip_and_check_gradients(accelerator, model, args, step):
+    # The weights as they are when the check runs (under DeepSpeed: after the engine's step), by step.
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        path = f"{{args.output_dir}}-at-{{step + 1}}.safetensors"
+        save_file({{k: v.float().contiguous() for k, v in state.items()}}, path)
+    return real_check(accelerator, model, args, step)
+
+
+train_teacher.teacher_loss, train_teacher.clip_and_check_gradients = teacher_loss, clip_and_check_gradients
+run_cli(train_teacher.main)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_a_nan_gradient_stops_the_run_without_touching_the_weights(
+    launcher, small_data, tiny_bert_no_dropout, tmp_path
+):
+    """A finite loss whose gradient is NaN at step 3: the run stops there with one sentence, no model is saved,
+    and the NaN never reaches the weights. Plain DDP checks the norm before its optimiser step (the weights at
+    the check of step 3 are those after step 2, finite). Under DeepSpeed the engine steps inside backward, so
+    the check reads the norm after the engine's step: DeepSpeed skipped that step, so the weights at the check
+    of step 3 equal those at the check of step 2 (both after step 2)."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(NAN_GRADIENT_RUNNER.format(root=ROOT, nan_step=3))
+    output = str(tmp_path / "run")
+    args = script_args("train_teacher", small_data, tiny_bert_no_dropout, None)
+    args += ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2), "--output_dir", output]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if launcher == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "accelerate.commands.launch", *(DDP if launcher == "ddp" else ZERO3),
+               str(runner), *args]  # fmt: skip
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    printed = finished.stdout + finished.stderr
+    assert finished.returncode != 0 and "gradient norm became" in printed and "at step 3" in printed, printed[-3000:]
+    assert not os.path.exists(os.path.join(output, "model.safetensors"))
+    at = {step: load_file(f"{output}-at-{step}.safetensors") for step in (1, 2, 3)}
+    assert all(torch.isfinite(tensor).all() for tensor in at[3].values())
+    changed = {step: any(not torch.equal(at[step][key], at[step - 1][key]) for key in at[1]) for step in (2, 3)}
+    if launcher == "ddp":
+        assert changed == {2: True, 3: True}  # at the check of step k: the weights after step k - 1
+    else:
+        assert changed == {2: True, 3: False}  # after step k; the NaN step was skipped

@@ -367,7 +367,17 @@ def test_resume_from_latest_checkpoint_matches_uninterrupted(small_data, tiny_be
     straight = Encoder.from_pretrained(str(tmp_path / "straight")).encode(QUERIES, "query")
     resumed = Encoder.from_pretrained(str(tmp_path / "resumed")).encode(QUERIES, "query")
     np.testing.assert_allclose(resumed, straight, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_6", "step_8"]  # leftovers cleared
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["step_6", "step_8"]  # leftovers cleared
+    # The logs of every step, once each, as the uninterrupted run has them; a checkpoint records only their count.
+    straight_log, resumed_log = (
+        json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        for run in ("straight", "resumed")
+    )
+    assert [entry["step"] for entry in resumed_log] == list(range(1, 9))
+    np.testing.assert_allclose([e["loss"] for e in resumed_log], [e["loss"] for e in straight_log], atol=1e-5)
+    checkpoint_state = json.loads((checkpoints / "step_8" / "trainer_state.json").read_text())
+    assert checkpoint_state["log_history_entries"] == 8 and "log_history" not in checkpoint_state
 
 
 def test_user_errors_name_the_cause(small_data, tiny_bert, tmp_path):
