@@ -73,7 +73,14 @@ from common.cli import (
     shrinking_schedule,
     tracker_config,
 )
-from common.data import LengthGroupedSampler, read_contexts, read_texts, with_context
+from common.data import (
+    LengthGroupedSampler,
+    corpus_fingerprint,
+    data_fingerprint,
+    read_contexts,
+    read_texts,
+    with_context,
+)
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import (
     Encoder,
@@ -93,14 +100,16 @@ from common.loop import (
     save_final_model,
 )
 from common.pruning import importance, prune_ffn, prune_layers
-from common.store import EmbeddingStore, check_store_matches, default_store_dir, open_or_build_store
-from common.streaming import (
-    MixedStream,
-    StreamBatches,
-    TextStream,
-    chunked_vectors,
-    open_or_build_chunked_store,
+from common.store import (
+    EmbeddingStore,
+    check_store_matches,
+    default_store_dir,
+    open_or_build_store,
+    rows_of_corpus,
+    rows_of_lists,
+    vectors_of,
 )
+from common.streaming import MixedStream, StreamBatches, TextStream, open_or_build_stream_store
 
 SCRIPT = "distill_student.py"
 
@@ -430,9 +439,9 @@ def open_stream_sources(accelerator, args, teacher):
             continue
         stream = stream_of(args, source, context)
         if not args.teacher_in_loop:
-            stream = open_or_build_chunked_store(
+            stream = open_or_build_stream_store(
                 accelerator, teacher, stream, store_path, default_store_dir(args), args.teacher_model,
-                args.chunk_rows, args.encode_batch_size, seed=args.seed,
+                args.chunk_rows, args.encode_batch_size, seed=args.seed, dim=args.teacher_dim,
             )  # fmt: skip
         sources.append(stream)
     return sources
@@ -506,9 +515,8 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None, step_of
             batch = tokenize([text for text, _, _ in rows], "query").to(accelerator.device)
             if args.teacher_in_loop:
                 batch["teacher_inputs"] = teacher.tokenize([target for _, target, _ in rows], "query")
-            else:
-                references = [reference for _, _, reference in rows]
-                batch["teacher_vectors"] = torch.from_numpy(chunked_vectors(references, args.teacher_dim))
+            else:  # (store, row) of each row: the store streams are already cut to --teacher_dim
+                batch["teacher_vectors"] = torch.from_numpy(vectors_of([reference for _, _, reference in rows]))
             return batch
 
         dataloader = StreamBatches(
@@ -733,15 +741,15 @@ def main(argv=None):
         open_or_build_store(
             accelerator,
             teacher,
-            ids,
-            teacher_texts,
+            rows_of_lists(ids, source_texts, teacher_texts),
             "query",
+            data_fp=data_fingerprint(ids, teacher_texts),
             path=store_path,
             store_dir=default_store_dir(args),
             model_path=args.teacher_model,
             batch_size=args.encode_batch_size,
         )
-        for ids, _, teacher_texts, store_path in sources
+        for ids, source_texts, teacher_texts, store_path in sources
     ]
     if args.streaming:
         query_source, general_source = open_stream_sources(accelerator, args, teacher)
@@ -757,19 +765,18 @@ def main(argv=None):
         teacher_store = EmbeddingStore.stack(stores)
         data, calibration = (texts, teacher_store), texts[: args.calibration_queries]
     if args.corpus_file:  # the teacher's ad vectors: opened (checked against model and ads) or built once
-        ad_ids, ad_texts = read_texts(args.corpus_file, args.ad_id_column, args.ad_text_column)
+        # The ads are streamed (a fingerprint pass, then the build if the store is missing): no text is held.
         ad_store = open_or_build_store(
             accelerator,
             teacher,
-            ad_ids,
-            ad_texts,
+            rows_of_corpus(args.corpus_file, args.ad_id_column, args.ad_text_column),
             "ad",
+            data_fp=corpus_fingerprint(args.corpus_file, args.ad_id_column, args.ad_text_column),
             path=args.ad_store,
             store_dir=default_store_dir(args),
             model_path=args.teacher_model,
             batch_size=args.encode_batch_size,
         )
-        del ad_ids, ad_texts
     if args.teacher_dim:
         if teacher_store is not None:
             teacher_store = teacher_store.truncated(args.teacher_dim)

@@ -1,9 +1,10 @@
 """Encode a corpus of ads (or a file of queries) with a model into an embedding store, once.
 
 The other scripts build the stores they need when missing; this script does it ahead of time and on
-all GPUs, which is what a large ad corpus wants: each process encodes its slice and writes its own
-shard, then the store is renamed into place complete. The store records the model and data
-fingerprints, so a later phase refuses it if either changed.
+all GPUs, which is what a large ad corpus wants: the rows are streamed from the file, each process encodes its
+share of the chunks and writes each chunk when whole, so memory stays at one chunk and a killed run resumes at
+the first missing chunk when started again with the same flags (common/store.py). The store records the model
+and data fingerprints, so a later phase refuses it if either changed.
 
 Single machine (the embedded default: the demo teacher's ad vectors):
     python encode.py
@@ -18,7 +19,9 @@ store above is the one distill_student.py expects for that file. With teacher-on
 """
 
 import argparse
+import hashlib
 import os
+import shutil
 
 from common.cli import (
     add_context_args,
@@ -30,12 +33,12 @@ from common.cli import (
     parse_with_config,
     positive_int,
 )
-from common.data import data_fingerprint, read_contexts, read_texts, with_context
+from common.data import _fingerprint_row, read_contexts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.store import EmbeddingStore, build_store, check_store_matches, default_store_path
-from common.streaming import TextStream, open_or_build_chunked_store
+from common.store import EmbeddingStore, build_store, check_store_matches, default_store_path, rows_of_corpus
+from common.streaming import TextStream, open_or_build_stream_store
 
 
 def parse_args(argv=None):
@@ -99,12 +102,13 @@ def main(argv=None):
     check_stream_filters_need_streaming(args)
     if args.streaming:
         return encode_stream(args, accelerator)
-    ids, texts = read_texts(args.input_file, args.id_column, args.text_column, args.split, args.kind == "query")
+    # The rows are streamed from the file in batches (a fingerprint pass, then the build): no text is held whole.
+    ids_optional = args.kind == "query"
+    rows = rows_of_corpus(args.input_file, args.id_column, args.text_column, args.split, ids_optional)
     if args.query_context_column:  # as distill_student.py composes them, so it finds this store current
-        contexts = read_contexts(args.input_file, args.query_context_column, args.split)
-        texts = [with_context(text, context, args.context_template) for text, context in zip(texts, contexts)]
+        rows = rows_with_context(args, rows)
+    data_fp = data_fingerprint_of(rows)
     encoder = load_encoder(args, accelerator)
-    data_fp = data_fingerprint(ids, texts)
     store_path = args.output_dir or default_store_path(
         args.store_dir, args.model_name_or_path, args.kind, encoder, data_fp
     )
@@ -113,13 +117,45 @@ def main(argv=None):
         check_store_matches(store, encoder, args.kind)
         logger.info(f"{store_path} is current ({len(store)} vectors); pass --overwrite_output_dir to rebuild it.")
         return store_path
-    if len(texts) < accelerator.num_processes:
-        raise UserError(f"{args.input_file} has fewer rows than processes; launch fewer processes.")
+    if args.overwrite_output_dir and os.path.exists(os.path.join(store_path, "metadata.json")):
+        remove_store(accelerator, store_path)
     store = build_store(
-        accelerator, encoder, ids, texts, args.kind, store_path, args.encode_batch_size, args.dtype, data_fp
-    )
+        accelerator, encoder, rows, args.kind, store_path, batch_size=args.encode_batch_size, dtype=args.dtype,
+        chunk_rows=args.chunk_rows, data_fp=data_fp,
+    )  # fmt: skip
     logger.info(f"Wrote {len(store)} {args.kind} vectors ({store.dim}-d, {args.dtype}) to {store_path}")
     return store_path
+
+
+def rows_with_context(args, rows):
+    """The rows with what the teacher reads: each query with its teacher-only context."""
+
+    def with_contexts():
+        contexts = iter(read_contexts(args.input_file, args.query_context_column, args.split))
+        for item_id, text, _ in rows():
+            yield item_id, text, with_context(text, next(contexts), args.context_template)
+
+    return with_contexts
+
+
+def data_fingerprint_of(rows):
+    """data_fingerprint over (id, what the model encodes) of the rows, in one streamed pass."""
+    digest = hashlib.sha256()
+    for item_id, _, encoded in rows():
+        _fingerprint_row(digest, item_id, encoded)
+    return digest.hexdigest()
+
+
+def remove_store(accelerator, store_path):
+    """--overwrite_output_dir on a finished store: its files go (the folder is recognisably a store: checked by
+    EmbeddingStore.open before), then the build starts afresh."""
+    EmbeddingStore.open(store_path)
+    if accelerator.is_main_process:
+        for name in os.listdir(store_path):
+            path = os.path.join(store_path, name)
+            if name != ".lock":
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
 
 
 def load_encoder(args, accelerator):
@@ -132,12 +168,12 @@ def load_encoder(args, accelerator):
 
 
 def encode_stream(args, accelerator):
-    """--streaming: the chunked store of the query stream, built or its build resumed (finished: checked)."""
+    """--streaming: the store of the query stream (with its texts), built or its build resumed (finished: checked)."""
     if args.kind != "query":
         raise UserError("--streaming writes query stores for distill_student.py --streaming; use --kind query.")
     if args.overwrite_output_dir:
         raise UserError(
-            "--overwrite_output_dir does not apply to a chunked store (a killed build resumes); pass another "
+            "--overwrite_output_dir does not apply to a streamed store (a killed build resumes); pass another "
             "--output_dir."
         )
     encoder = load_encoder(args, accelerator)
@@ -151,13 +187,13 @@ def encode_stream(args, accelerator):
         max_chars=args.max_query_chars,
         dedupe_capacity=args.dedupe_capacity,
     )
-    store = open_or_build_chunked_store(
+    store = open_or_build_stream_store(
         accelerator, encoder, stream, args.output_dir, args.store_dir, args.model_name_or_path, args.chunk_rows,
         args.encode_batch_size, dtype=args.dtype,
-    )  # fmt: skip
-    stats = store.metadata.get("stream_stats", {})
+    ).store  # fmt: skip
+    stats = store.metadata.get("description", {}).get("stream_stats", {})
     logger.info(
-        f"{store.folder}: {store.rows_per_epoch} query vectors in {len(store.chunks)} chunks ({store.dim}-d, "
+        f"{store.folder}: {len(store)} query vectors in {len(store.parts)} chunks ({store.dim}-d, "
         f"{store.metadata['dtype']}); rows read {stats.get('read')}, dropped: too short {stats.get('too_short')}, "
         f"too long {stats.get('too_long')}, duplicates {stats.get('duplicate')}"
     )

@@ -24,7 +24,6 @@ Logged queries without judgments, 50M ads searched exactly from the memory-mappe
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -59,7 +58,7 @@ from common.retrieval import (
     per_query_metrics,
     search,
 )
-from common.store import default_store_dir, open_or_build_store, store_for_student
+from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 
 def parse_args(argv=None):
@@ -414,7 +413,6 @@ def main(argv=None):
     # The ads' ids and fingerprint in one streamed pass; their texts are read only if a store must be built
     # (a baseline's own ads, or a teacher without --ad_store), so 50M ads scored against stores keep ids only.
     ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
-    ad_texts = functools.cache(lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1])
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     teacher_query_texts = query_texts  # the teacher reads the queries with their teacher-only context, if any
     if args.query_context_column:
@@ -477,8 +475,7 @@ def main(argv=None):
             store = open_or_build_store(
                 accelerator,
                 encoder,
-                ad_ids,
-                ad_texts,
+                rows_of_corpus(args.corpus_file, args.id_column, args.text_column),  # read only if built
                 "ad",
                 path=args.ad_store if role == "teacher" else None,
                 store_dir=default_store_dir(args),

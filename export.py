@@ -46,7 +46,7 @@ from common.errors import UserError, run_cli
 from common.loop import _move_into_place, save_run_files
 from common.onnx_export import INT8_FILE, INT8_SCHEMES, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from common.retrieval import IndexSpec, build_index, overlap_at_k, retrieval_metrics, search
-from common.store import default_store_dir, open_or_build_store, store_for_student
+from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 SCRIPT = "export.py"
 
@@ -144,8 +144,7 @@ def main(argv=None):
     store = open_or_build_store(
         accelerator,
         teacher,
-        ad_ids,
-        lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1],
+        rows_of_corpus(args.corpus_file, args.id_column, args.text_column),  # read only if the store is built
         "ad",
         path=args.ad_store,
         store_dir=default_store_dir(args),

@@ -41,13 +41,13 @@ from common.cli import (
     parse_with_config,
     positive_int,
 )
-from common.data import check_text, load_table, read_texts, require_columns, scan_corpus, text_key
+from common.data import check_text, load_table, require_columns, scan_corpus, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import STAGING, Encoder
 from common.errors import UserError, run_cli
 from common.loop import _move_into_place, save_run_files
 from common.retrieval import IndexSpec, build_index, search
-from common.store import default_store_dir, open_or_build_store
+from common.store import default_store_dir, open_or_build_store, rows_of_corpus
 
 SCRIPT = "mine_negatives.py"
 
@@ -134,8 +134,7 @@ def main(argv=None):
     store = open_or_build_store(
         accelerator,
         model,
-        ad_ids,
-        lambda: read_texts(args.corpus_file, args.id_column, args.text_column)[1],
+        rows_of_corpus(args.corpus_file, args.id_column, args.text_column),  # read only if the store is built
         "ad",
         path=args.ad_store,
         store_dir=default_store_dir(args),

@@ -40,7 +40,7 @@ from common.cli import (
     positive_int,
     tracker_config,
 )
-from common.data import check_id, check_text, load_table, read_texts, require_columns, text_key
+from common.data import check_id, check_text, corpus_fingerprint, iter_corpus, load_table, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import EncoderSpec, evenly_spaced_layers, model_depth
 from common.errors import UserError, run_cli
@@ -53,7 +53,7 @@ from common.loop import (
     save_final_model,
 )
 from common.loss import contrastive_loss
-from common.store import default_store_dir, open_or_build_store, store_for_student
+from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 SCRIPT = "refine_contrastive.py"
 
@@ -120,8 +120,9 @@ def parse_args(argv=None):
     return parse_with_config(parser, argv)
 
 
-def read_clicks(args, store, ad_texts):
-    """(query text, positive row, hard-negative rows, group key) per click; rows index the ad store."""
+def read_clicks(args, store):
+    """(query text, positive row, hard-negative rows, group key) per click; rows index the ad store, found by id
+    (or by text) in the store's own on-disk index: no process holds the ads' texts or an id-to-row dict."""
     table = load_table(args.train_file, split=args.train_split)
     columns = table.column_names
     use_ids = args.positive_id_column in columns
@@ -143,33 +144,31 @@ def read_clicks(args, store, ad_texts):
                 store.rows([check_id(i, args.train_file, row, args.negative_ids_column) for i in ids or []])
             )
     else:  # texts only: find each ad by its text in the corpus
-        row_of_text = {}
-        for row, text in enumerate(ad_texts):
-            row_of_text.setdefault(text, row)
 
         def rows_of(texts, row, column):
-            missing = [text for text in texts if text not in row_of_text]
-            if missing:
+            found = store.rows_of_texts(texts)
+            if (found < 0).any():
+                missing = texts[int(np.flatnonzero(found < 0)[0])]
                 raise UserError(
-                    f"{args.train_file} row {row}, column '{column}': ad text {missing[0][:60]!r} is not in the "
+                    f"{args.train_file} row {row}, column '{column}': ad text {missing[:60]!r} is not in the "
                     "corpus; add the ad to --corpus_file or give ad ids."
                 )
-            return [row_of_text[text] for text in texts]
+            return found.tolist()
 
         positive_rows = [rows_of([text], row, args.positive_column)[0] for row, text in enumerate(
             table[args.positive_column])]  # fmt: skip
         negatives = table[args.negatives_column] if args.negatives_column in columns else [[]] * len(table)
         negative_rows = [rows_of(texts or [], row, args.negatives_column) for row, texts in enumerate(negatives)]
     groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
+    positive_keys = store.keys_of(np.asarray(positive_rows, dtype=np.int64))
     clicks = []
     for row, query in enumerate(table[args.query_column]):
-        positive = int(positive_rows[row])
         clicks.append(
             {
                 "query": check_text(query, args.train_file, row, args.query_column),
-                "positive": positive,
+                "positive": int(positive_rows[row]),
                 "negatives": [int(r) for r in negative_rows[row]],
-                "group": group_key(groups[row], ad_texts[positive]),
+                "group": group_key(groups[row], int(positive_keys[row])),
             }
         )
     if not clicks:
@@ -177,32 +176,36 @@ def read_clicks(args, store, ad_texts):
     return clicks
 
 
-def pseudo_clicks(ad_texts, min_words=3):
+def pseudo_clicks(ads, min_words=3):
     """Clicks made from the corpus alone: (first sentence of an ad -> that ad), for ads whose first sentence
-    has at least `min_words` words and is not the whole text (the query must say less than the ad)."""
-    clicks = []
-    for row, text in enumerate(ad_texts):
+    has at least `min_words` words and is not the whole text (the query must say less than the ad). `ads` gives
+    (id, text) in the store's row order (the corpus file the store was built from, streamed)."""
+    clicks, count = [], 0
+    for row, (_, text) in enumerate(ads):
+        count += 1
         first = re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0].strip()
         if len(first.split()) >= min_words and len(first) < len(text.strip()):
-            clicks.append({"query": first, "positive": row, "negatives": [], "group": group_key(None, text)})
+            clicks.append({"query": first, "positive": row, "negatives": [], "group": text_key(text)})
     if not clicks:
         raise UserError(
             f"No ad has a first sentence of at least {min_words} words followed by more text, so --pseudo_queries "
             "makes no click; give real clicks with --train_file."
         )
-    logger.info(f"Pseudo-clicks: {len(clicks)} of {len(ad_texts)} ads give their first sentence as a query")
+    logger.info(f"Pseudo-clicks: {len(clicks)} of {count} ads give their first sentence as a query")
     return clicks
 
 
-def group_key(group, positive_text):
+def group_key(group, positive_key):
     """The key that masks another click's ad as a false negative: the ad group when the click has one; a
-    click without a group (null or no column) is only in a group with ads of the same text."""
-    return text_key(f"group\x00{group}") if group is not None else text_key(positive_text)
+    click without a group (null or no column) is only in a group with ads of the same text (the key of the
+    positive's text, from the store)."""
+    return text_key(f"group\x00{group}") if group is not None else positive_key
 
 
-def ad_keys(ad_texts, rows):
-    """Keys of ads by text: the same ad text under another id is the positive, never a negative."""
-    return torch.tensor([text_key(ad_texts[row]) for row in rows.tolist()], dtype=torch.long)
+def ad_keys(ad_store, rows):
+    """Keys of ads by text, read from the store: the same ad text under another id is the positive, never a
+    negative."""
+    return torch.from_numpy(ad_store.keys_of(rows))
 
 
 def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
@@ -222,8 +225,8 @@ class ClickCollator:
     """A batch of clicks: the queries tokenised, their clicked and hard-negative ads as the teacher's vectors
     read from the ad store (only these rows), with the keys that mask duplicates and same-group ads."""
 
-    def __init__(self, encoder, ad_store, ad_texts, num_hard_negatives, seed):
-        self.encoder, self.ad_store, self.ad_texts = encoder, ad_store, ad_texts
+    def __init__(self, encoder, ad_store, num_hard_negatives, seed):
+        self.encoder, self.ad_store = encoder, ad_store
         self.num_hard_negatives, self.seed = num_hard_negatives, seed
 
     def __call__(self, rows):
@@ -235,9 +238,9 @@ class ClickCollator:
         positive_rows, hard_rows = np.array([row["positive"] for row in rows]), np.array(hard, dtype=np.int64)
         batch = self.encoder.tokenize([row["query"] for row in rows], "query")
         batch["positive_vectors"] = torch.from_numpy(self.ad_store.read(positive_rows))
-        batch["positive_keys"] = ad_keys(self.ad_texts, positive_rows)
+        batch["positive_keys"] = ad_keys(self.ad_store, positive_rows)
         batch["hard_negative_vectors"] = torch.from_numpy(self.ad_store.read(hard_rows))
-        batch["hard_negative_keys"] = ad_keys(self.ad_texts, hard_rows)
+        batch["hard_negative_keys"] = ad_keys(self.ad_store, hard_rows)
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
         return batch
 
@@ -294,16 +297,15 @@ def main(argv=None):
     # The teacher's ad vectors: a store on disk (built once by all processes when missing); each step reads
     # only the rows it needs from the memory-mapped shards. The teacher is known by its files: its weights
     # load only if the store must be built, and leave memory at once.
-    ad_ids, ad_texts = read_texts(args.corpus_file, args.id_column, args.text_column)
     teacher = EncoderSpec.read(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
     ad_store = open_or_build_store(
         accelerator,
         teacher,
-        ad_ids,
-        ad_texts,
+        rows_of_corpus(args.corpus_file, args.id_column, args.text_column),
         "ad",
+        data_fp=corpus_fingerprint(args.corpus_file, args.id_column, args.text_column),
         path=args.ad_store,
         store_dir=default_store_dir(args),
         model_path=args.teacher_model,
@@ -311,7 +313,10 @@ def main(argv=None):
     )
     teacher.release()
     del teacher
-    clicks = pseudo_clicks(ad_texts) if args.pseudo_queries else read_clicks(args, ad_store, ad_texts)
+    if args.pseudo_queries:
+        clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column))
+    else:
+        clicks = read_clicks(args, ad_store)
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     student_files = EncoderSpec.read(
@@ -330,7 +335,7 @@ def main(argv=None):
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # The collator holds the encoder itself (prepare() wraps the model in DDP below) for tokenising.
-    collate = ClickCollator(student, ad_store, ad_texts, args.num_hard_negatives, args.seed)
+    collate = ClickCollator(student, ad_store, args.num_hard_negatives, args.seed)
     dataloader = DataLoader(
         clicks,
         batch_size=args.per_device_train_batch_size,
@@ -373,7 +378,7 @@ def main(argv=None):
                 args, len(ad_store), progress.epoch, progress.batch_in_epoch, accelerator
             )
             random_vectors = torch.from_numpy(ad_store.read(random_rows))  # host memory: moved in the loss
-            loss, accuracy = refinement_loss(model, batch, random_vectors, ad_keys(ad_texts, random_rows), args)
+            loss, accuracy = refinement_loss(model, batch, random_vectors, ad_keys(ad_store, random_rows), args)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common.retrieval import IndexSpec, build_index, overlap_at_k, search  # noqa: E402
-from common.store import EmbeddingStore, finish_store, write_shard  # noqa: E402
+from common.store import EmbeddingStore, write_store  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -73,23 +73,20 @@ class PeakSampler(threading.Thread):
         return max(self.peak, anon_mb())
 
 
-def write_store(folder, size, dim, seed=0):
-    """A clustered fp16 store of `size` normalised vectors, written in pieces (never whole in memory)."""
+def write_synthetic_store(folder, size, dim, seed=0):
+    """A clustered fp16 store of `size` normalised vectors, written chunk by chunk (never whole in memory)."""
     if os.path.exists(os.path.join(folder, "metadata.json")):
         return
     rng = np.random.default_rng(seed)
     topics = rng.standard_normal((1000, dim)).astype(np.float32)
-    partial, pieces, counts = folder + ".partial", 4, []
-    os.makedirs(partial, exist_ok=True)
-    for rank in range(pieces):
-        count = size // pieces + (rank < size % pieces)
-        vectors = topics[rng.integers(0, 1000, count)] + 0.8 * rng.standard_normal((count, dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        write_shard(partial, rank, pieces, vectors, [f"ad{rank}-{i}" for i in range(count)], "float16")
-        counts.append(count)
-    metadata = {"kind": "ad", "dim": dim, "dtype": "float16", "model_fingerprint": "synthetic",
-                "data_fingerprint": f"synthetic-{size}-{seed}", "pooling": "mean", "normalized": True}  # fmt: skip
-    finish_store(partial, folder, metadata, counts)
+
+    def vectors(start, stop):
+        block = topics[rng.integers(0, 1000, stop - start)]
+        block = block + 0.8 * rng.standard_normal((stop - start, dim)).astype(np.float32)
+        return block / np.linalg.norm(block, axis=1, keepdims=True)
+
+    metadata = {"kind": "ad", "model_fingerprint": "synthetic", "pooling": "mean", "normalized": True}
+    write_store(folder, vectors, [f"ad{i}" for i in range(size)], metadata=metadata, dtype="float16")
 
 
 def queries_for(store, count, seed=1):
@@ -126,7 +123,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     table = []
     for size in args.sizes:
-        write_store(os.path.join(args.output_dir, f"store-{size}"), size, args.dim)
+        write_synthetic_store(os.path.join(args.output_dir, f"store-{size}"), size, args.dim)
         for kind in args.kinds:
             if kind == "hnsw" and size > args.hnsw_max_size:
                 print(f"{size} ads, hnsw: skipped (--hnsw_max_size {args.hnsw_max_size})")

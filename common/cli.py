@@ -196,8 +196,9 @@ def add_stream_filter_args(group):
     group.add_argument(
         "--chunk_rows",
         type=positive_int,
-        default=100_000,
-        help="Streaming: rows per chunk of a chunked teacher store (the unit a killed encode resumes at).",
+        default=None,
+        help="Rows per chunk of a teacher store built here (the unit a killed build resumes at, and what one process "
+        "holds while encoding); default: about 256 MB of float32 vectors (16,384 rows at 4096-d).",
     )
 
 

@@ -202,6 +202,30 @@ def scan_corpus(source, id_column, text_column, batch_rows=65536):
     return ids, digest.hexdigest()
 
 
+def iter_corpus(source, id_column, text_column, split="train", ids_optional=False, batch_rows=8192):
+    """(id, text) of every row of a corpus or query file, read in Arrow batches of `batch_rows` rows and checked
+    as read_texts checks them: only one batch of texts is in memory (a store build streams 50M ads through).
+    Uniqueness of the ids is checked by the store's index instead (common/store.py)."""
+    table = load_table(source, split=split)
+    has_ids = id_column in (table.column_names or [])
+    columns = [text_column] if ids_optional and not has_ids else [id_column, text_column]
+    require_columns(table, columns, source, "--id_column/--text_column")
+    row = 0
+    for batch in table.select_columns(columns).iter(batch_size=batch_rows):
+        for position, text in enumerate(batch[text_column]):
+            item_id = check_id(batch[id_column][position], source, row, id_column) if has_ids else str(row)
+            yield item_id, check_text(text, source, row, text_column)
+            row += 1
+
+
+def corpus_fingerprint(source, id_column, text_column, split="train", ids_optional=False):
+    """data_fingerprint(*read_texts(...)) computed in one streamed pass, holding neither ids nor texts."""
+    digest = hashlib.sha256()
+    for item_id, text in iter_corpus(source, id_column, text_column, split, ids_optional):
+        _fingerprint_row(digest, item_id, text)
+    return digest.hexdigest()
+
+
 def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_column="relevance"):
     """{query_id: {doc_id: grade}} from a tsv/csv/jsonl of graded judgments."""
     table = load_table(source)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -413,6 +414,49 @@ class EncoderSpec:
         self._loaded = None
 
 
+class SafetensorsFile:
+    """A safetensors file read by plain reads (its header is JSON; tensors are contiguous bytes): rows of one
+    tensor at a time land in a buffer of their own, so a cut reads only what it keeps and the file's pages are
+    never mapped into the process (a memory-mapped read counts every touched page in its resident memory)."""
+
+    DTYPES: ClassVar[dict] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            self.header = json.loads(handle.read(size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+
+    def names(self):
+        return list(self.header)
+
+    def shape(self, name):
+        return list(self.header[name]["shape"])
+
+    def dtype(self, name):
+        return self.DTYPES[self.header[name]["dtype"]]
+
+    def read_rows(self, name, start, stop):
+        """Rows [start, stop) of the first dimension of tensor `name` (the whole tensor for a scalar)."""
+        entry = self.header[name]
+        shape, dtype = entry["shape"], self.DTYPES[entry["dtype"]]
+        row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        item_bytes = torch.empty((), dtype=dtype).element_size()
+        begin = entry["data_offsets"][0]
+        if not shape:
+            start, stop = 0, 1
+        buffer = bytearray((stop - start) * row_items * item_bytes)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_start + begin + start * row_items * item_bytes)
+            handle.readinto(buffer)
+        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        return tensor.reshape([stop - start, *shape[1:]] if shape else [])
+
+
 def _weight_files(folder):
     """{tensor name: safetensors file} of a model folder (single file or sharded with an index); None without."""
     index = _read_json(folder, "model.safetensors.index.json")
@@ -421,13 +465,10 @@ def _weight_files(folder):
     path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return {name: path for name in handle.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+    return {name: path for name in SafetensorsFile(path).names()}
 
 
-_BLOCK_ROWS_BYTES = 64 << 20  # a large tensor (the vocabulary) is copied in row blocks of about this size
+_BLOCK_BYTES = 64 << 20  # a large tensor (the vocabulary) is copied in row blocks of about this size
 
 
 def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
@@ -435,8 +476,6 @@ def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
     safetensors files: an 8B teacher cut to 4 blocks reads those 4 blocks and the embeddings, never the whole
     model (the peak is the kept weights in `dtype` plus one block of rows). None when the files do not name
     every tensor the cut needs (then the caller loads the whole model and cuts it)."""
-    from safetensors import safe_open
-
     files = _weight_files(folder)
     if files is None:
         return None
@@ -447,69 +486,47 @@ def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
+    readers = {path: SafetensorsFile(path) for path in set(files.values())}
     if dtype is None:  # the checkpoint's own dtype (its weights' header says it), as a whole load gives it
-        dtype = _stored_dtype(files) or torch.float32
+        floating = [readers[path].dtype(name) for name, path in files.items()]
+        dtype = next((kind for kind in floating if kind.is_floating_point), torch.float32)
     model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     _, owner, attribute = _find_layers(model)
     prefix_of_blocks = next(
         name.rsplit(f"{attribute}.0.", 1)[0] + f"{attribute}." for name, _ in model.named_parameters()
         if f"{attribute}.0." in name
     )  # fmt: skip
+    state, buffers = model.state_dict(), dict(model.named_buffers())
     sources = {}
-    for name in model.state_dict():
+    for name, target in state.items():
         source = name
         if name.startswith(prefix_of_blocks):
             index, rest = name[len(prefix_of_blocks) :].split(".", 1)
             source = f"{prefix_of_blocks}{layers[int(index)]}.{rest}"
         found = _find_checkpoint_name(source, files, model.base_model_prefix)
         if found is None:
-            if name in dict(model.named_buffers()):
+            if name in buffers:
                 continue  # a buffer the checkpoint does not store (rotary frequencies, position ids)
             return None
+        if readers[files[found]].shape(found) != list(target.shape):
+            return None
         sources[name] = found
-    state = model.state_dict()
-    handles = {}
-    try:
+    with torch.no_grad():
         for name, source in sources.items():
-            path = files[source]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            piece = handles[path].get_slice(source)
-            target = state[name]
-            if list(piece.get_shape()) != list(target.shape):
-                return None
-            rows = max(1, _BLOCK_ROWS_BYTES // max(target[0].numel() * 4, 1)) if target.ndim else 1
-            with torch.no_grad():
-                if target.ndim == 0:
-                    target.copy_(handles[path].get_tensor(source))
-                else:
-                    for start in range(0, target.shape[0], rows):
-                        target[start : start + rows].copy_(piece[start : start + rows])
-    finally:
-        handles.clear()
-    attention_layers = getattr(owner, attribute)
-    for new_index, layer in enumerate(attention_layers):
+            reader, target = readers[files[source]], state[name]
+            if target.ndim == 0:
+                target.copy_(reader.read_rows(source, 0, 1))
+                continue
+            rows = max(1, _BLOCK_BYTES // max(target[0].numel() * target.element_size(), 1))
+            for start in range(0, target.shape[0], rows):
+                stop = min(start + rows, target.shape[0])
+                target[start:stop].copy_(reader.read_rows(source, start, stop))
+    for new_index, layer in enumerate(getattr(owner, attribute)):
         attention = getattr(layer, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = new_index
     model.eval()
     return model
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def _stored_dtype(files):
-    """The floating dtype of a checkpoint's first floating tensor, read from the safetensors header."""
-    from safetensors import safe_open
-
-    name, path = next(iter(files.items()))
-    with safe_open(path, framework="pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-            dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
-            if dtype is not None:
-                return dtype
-    return None
 
 
 def _find_checkpoint_name(name, files, base_prefix):

@@ -7,11 +7,11 @@ any epoch, which is what a resumed run needs):
   memory does not grow with the stream), optionally shuffled through a seeded buffer. Starting at row n of an
   epoch replays the epoch's first n rows (texts only, no model), so the filters and the shuffle buffer are
   exactly those of the uninterrupted run.
-- `ChunkedStore`: the teacher's vectors of such a stream written by `build_chunked_store` (encode.py --streaming,
-  or distill_student.py --streaming when the store is missing): chunks of --chunk_rows rows, each a folder
-  with the texts, the vectors (fp16 or fp32, memory-mapped) and its fingerprint, written atomically, so a
-  killed encode resumes at the first missing chunk. Each epoch reads chunks in a seeded order and the rows of
-  a chunk in a seeded order (a block shuffle: one chunk's texts in memory); starting at row n is arithmetic.
+- `common.store.StoreStream`: the teacher's store of such a stream (`open_or_build_stream_store`: encode.py
+  --streaming, or distill_student.py --streaming when the store is missing), the one store format of
+  common/store.py written with the chunks' texts; a killed encode resumes at the first missing chunk. Each epoch
+  reads chunks in a seeded order and the rows of a chunk in a seeded order (a block shuffle: one chunk's texts
+  in memory); starting at row n is arithmetic.
 
 `MixedStream` interleaves a general-text source into the queries at a ratio (one seeded draw per row; the
 general source cycles). `StreamBatches` cuts the mixed stream into global micro-batches of per-device batch x
@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 
@@ -32,7 +31,6 @@ from common.data import _BUILDERS, check_context, with_context
 from common.errors import UserError
 
 SHARD_TYPES = _BUILDERS  # the file types load_table reads, and their datasets builders
-CHUNKED_FORMAT = "harness-chunked-store"
 
 
 # ---------------------------------------------------------------------------- sources
@@ -181,237 +179,44 @@ class TextStream:
         self.stats = stats
 
 
-# ---------------------------------------------------------------------------- chunked stores
-def _chunk_name(index):
-    return f"chunk_{index:06d}"
-
-
-def _rows_fingerprint(rows):
-    digest = hashlib.sha256()
-    for text, teacher_text in rows:
-        digest.update(text.encode("utf-8") + b"\x00" + teacher_text.encode("utf-8") + b"\x01")
-    return digest.hexdigest()
-
-
-def build_chunked_store(accelerator, encoder, stream, folder, chunk_rows, batch_size=128, dtype="float32"):
-    """The teacher's vectors of `stream` (epoch 0, unshuffled) in chunks of `chunk_rows` rows: chunk c is
-    encoded by process c % N (every process reads the texts, only its chunks go through the model), written to
-    <folder>/chunk_c.partial and renamed when whole. A chunk already there is checked against the stream's
-    rows (same fingerprint, else refused) and skipped: a killed build resumes where it stopped. metadata.json,
-    written last, makes the store usable."""
-    from common.cli import lock_folder, unlock_folder
-
-    module = accelerator.unwrap_model(encoder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"The store path {folder} is a file; choose a folder path.")
-    if os.path.isdir(folder) and os.listdir(folder) and not _is_chunked_store_folder(folder):
-        raise UserError(f"{folder} exists and is not a chunked store; choose another store path.")
-    os.makedirs(folder, exist_ok=True)
-    if accelerator.is_main_process:
-        lock_folder(folder, "the store")  # a second builder would write the same chunks
-    accelerator.wait_for_everyone()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    chunks, pending = [], []
-
-    def flush(index, rows):
-        name, fingerprint = _chunk_name(index), _rows_fingerprint(rows)
-        chunks.append({"name": name, "rows": len(rows), "fingerprint": fingerprint})
-        path = os.path.join(folder, name)
-        if os.path.exists(os.path.join(path, "chunk.json")):
-            with open(os.path.join(path, "chunk.json")) as handle:
-                if json.load(handle)["fingerprint"] != fingerprint:
-                    raise UserError(
-                        f"{path} was encoded from other rows than {stream.source} gives now (the source or a "
-                        "filter changed); build the store in a new folder."
-                    )
-            return
-        if index % world != rank:
-            return
-        with accelerator.autocast():  # bf16 on GPUs when the run uses mixed precision
-            vectors = module.encode([teacher for _, teacher in rows], "query", batch_size, device=accelerator.device)
-        partial = path + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-        np.save(os.path.join(partial, "vectors.npy"), vectors.astype(dtype))
-        with open(os.path.join(partial, "texts.json"), "w", encoding="utf-8") as handle:
-            json.dump([text for text, _ in rows], handle, ensure_ascii=False)
-        with open(os.path.join(partial, "chunk.json"), "w") as handle:
-            json.dump({"rows": len(rows), "fingerprint": fingerprint, "dim": int(vectors.shape[1])}, handle)
-        os.replace(partial, path)
-
-    for text, teacher_text, _ in stream.rows(0):
-        pending.append((text, teacher_text))
-        if len(pending) == chunk_rows:
-            flush(len(chunks), pending)
-            pending = []
-    if pending:
-        flush(len(chunks), pending)
-    if not chunks:
-        raise UserError(f"{stream.source} gives no row after the filters; check the column and the length bounds.")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metadata = {
-            "format": CHUNKED_FORMAT,
-            "kind": "query",
-            "dim": int(module.embedding_dim),
-            "dtype": dtype,
-            "normalized": bool(module.config.normalize),
-            "prompt": module.prompt_for("query"),
-            "pooling": module.config.pooling,
-            "max_length": module.config.max_length,
-            "model": str(module.config.base_model),
-            "model_fingerprint": module.fingerprint,
-            "stream": stream.describe(),
-            "stream_stats": stream.stats,
-            "chunk_rows": chunk_rows,
-            "rows": sum(chunk["rows"] for chunk in chunks),
-            "chunks": chunks,
-        }
-        with open(os.path.join(folder, "metadata.json.partial"), "w") as handle:
-            json.dump(metadata, handle, indent=2)
-        os.replace(os.path.join(folder, "metadata.json.partial"), os.path.join(folder, "metadata.json"))
-        unlock_folder(folder)
-    accelerator.wait_for_everyone()
-    return ChunkedStore.open(folder)
-
-
-def open_or_build_chunked_store(
-    accelerator, encoder, stream, path, store_dir, model_path, chunk_rows, batch_size=128, dtype="float32", seed=0
-):
-    """The chunked store of the teacher's vectors of `stream`: opened at `path` (default: a path under
-    `store_dir` named after the model and the stream's description) when finished and made from the same
-    stream by the same teacher, refused when not, else built (or its build resumed)."""
+# ---------------------------------------------------------------------------- the teacher's store of a stream
+def open_or_build_stream_store(
+    accelerator, encoder, stream, path, store_dir, model_path, chunk_rows, batch_size=128, dtype="float32", seed=0,
+    dim=None,
+):  # fmt: skip
+    """The teacher's store of `stream` (epoch 0, unshuffled; with the texts), read as a StoreStream: opened at
+    `path` (default: a path under `store_dir` named after the model and the stream's description) when finished
+    and made from the same stream by the same teacher, refused when not, else built (or its build resumed: a
+    chunk is the unit). `dim`: the Matryoshka width the rows are read at."""
     from common.encoder import EncoderSpec
-    from common.store import check_store_matches, shared_decision
+    from common.store import StoreStream, open_or_build_store
 
     module = encoder if isinstance(encoder, EncoderSpec) else accelerator.unwrap_model(encoder)
     description = stream.describe()
+    tag = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     if path is None:
-        tag = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:10]
         name = os.path.basename(os.path.abspath(str(model_path)).rstrip("/"))
-        path = os.path.join(store_dir, f"{name}-query-stream-{module.fingerprint[:10]}-{tag}")
-    if not shared_decision(accelerator, os.path.exists(os.path.join(path, "metadata.json"))):
-        builder = module.load_once() if isinstance(module, EncoderSpec) else module
-        build_chunked_store(accelerator, builder, stream, path, chunk_rows, batch_size, dtype)
-    store = ChunkedStore.open(path, module.fingerprint, shuffle=True, seed=seed)
-    check_store_matches(store, module, "query")
-    recorded = store.metadata["stream"]
+        path = os.path.join(store_dir, f"{name}-query-stream-{module.fingerprint[:10]}-{tag[:10]}")
+
+    def rows():
+        for number, (text, teacher_text, _) in enumerate(stream.rows(0)):
+            yield str(number), text, teacher_text
+
+    store = open_or_build_store(
+        accelerator, module, rows, "query", data_fp=tag, path=path, store_dir=store_dir, model_path=model_path,
+        batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows, keep_texts=True,
+        description=lambda: {**description, "stream_stats": stream.stats},  # the stats once the stream was read
+    )  # fmt: skip
+    recorded = store.metadata.get("description")
+    if recorded is None or not store.metadata.get("texts"):
+        raise UserError(f"The store {path} was not built from a stream; pass a store from encode.py --streaming.")
     for key, value in description.items():
         if recorded.get(key) != value:
             raise UserError(
-                f"The chunked store {path} was built with {key} = {recorded.get(key)!r} but this run has {value!r}; "
+                f"The store {path} was built with {key} = {recorded.get(key)!r} but this run has {value!r}; "
                 "pass the same data flags, or another store path."
             )
-    return store
-
-
-def _is_chunked_store_folder(folder):
-    names = set(os.listdir(folder)) - {".lock", "metadata.json", "metadata.json.partial"}
-    return all(name.startswith("chunk_") for name in names)
-
-
-def is_chunked_store(folder):
-    path = os.path.join(str(folder), "metadata.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as handle:
-        return json.load(handle).get("format") == CHUNKED_FORMAT
-
-
-class ChunkedStore:
-    """A chunked store read as a stream: per epoch a seeded order of chunks and of the rows in each chunk."""
-
-    def __init__(self, folder, metadata, shuffle=True, seed=0):
-        self.folder, self.metadata, self.shuffle, self.seed = folder, metadata, shuffle, seed
-        self.source = folder
-        self.chunks = metadata["chunks"]
-        self.sizes = np.array([chunk["rows"] for chunk in self.chunks], dtype=np.int64)
-        self.rows_per_epoch = int(self.sizes.sum())
-        self.dim = int(metadata["dim"])
-        self._cached = (None, None)
-
-    @classmethod
-    def open(cls, folder, model_fingerprint=None, shuffle=True, seed=0):
-        if not os.path.exists(os.path.join(folder, "metadata.json")):
-            raise UserError(
-                f"{folder} is not a finished chunked store (no metadata.json); run encode.py --streaming again "
-                "with the same flags to finish it."
-            )
-        with open(os.path.join(folder, "metadata.json")) as handle:
-            metadata = json.load(handle)
-        if metadata.get("format") != CHUNKED_FORMAT:
-            raise UserError(f"{folder} is an in-memory store, not a chunked one; build it with encode.py --streaming.")
-        if model_fingerprint and metadata["model_fingerprint"] != model_fingerprint:
-            raise UserError(
-                f"The chunked store {folder} was encoded by another teacher (or other teacher weights); build it "
-                "again with this teacher (encode.py --streaming)."
-            )
-        for chunk in metadata["chunks"]:
-            if not os.path.exists(os.path.join(folder, chunk["name"], "chunk.json")):
-                raise UserError(f"{folder}/{chunk['name']} is missing; rebuild the store with encode.py --streaming.")
-        return cls(folder, metadata, shuffle, seed)
-
-    def _orders(self, epoch):
-        if not self.shuffle:
-            return np.arange(len(self.chunks))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
-
-    def _rows_of(self, epoch, chunk):
-        size = int(self.sizes[chunk])
-        if not self.shuffle:
-            return np.arange(size)
-        return np.random.default_rng([self.seed, epoch, chunk]).permutation(size)
-
-    def _texts(self, chunk):
-        if self._cached[0] != chunk:
-            with open(os.path.join(self.folder, self.chunks[chunk]["name"], "texts.json"), encoding="utf-8") as handle:
-                self._cached = (chunk, json.load(handle))
-        return self._cached[1]
-
-    def rows(self, epoch=0, start=0):
-        """(text, None, (store, chunk, row)) of the epoch from row `start` on; the start is found without reading."""
-        order = self._orders(epoch)
-        ends = np.cumsum(self.sizes[order])
-        first = int(np.searchsorted(ends, start, side="right"))
-        for position in range(first, len(order)):
-            chunk = int(order[position])
-            offset = start - (int(ends[position - 1]) if position else 0) if position == first else 0
-            texts = self._texts(chunk)
-            for row in self._rows_of(epoch, chunk)[offset:]:
-                yield texts[row], None, (self, chunk, int(row))
-
-    def vectors(self, references):
-        """float32 vectors of (chunk, row) references, read from the memory-mapped chunk files."""
-        output = np.empty((len(references), self.dim), dtype=np.float32)
-        by_chunk = {}
-        for position, (chunk, row) in enumerate(references):
-            by_chunk.setdefault(chunk, []).append((position, row))
-        for chunk, items in by_chunk.items():
-            array = np.load(os.path.join(self.folder, self.chunks[chunk]["name"], "vectors.npy"), mmap_mode="r")
-            positions, rows = zip(*items)
-            order = np.argsort(rows)
-            rows_sorted = np.asarray(rows)[order]
-            output[np.asarray(positions)[order]] = array[rows_sorted].astype(np.float32)
-        if not np.isfinite(output).all():
-            raise UserError(f"The chunked store {self.folder} holds NaN or inf; rebuild it.")
-        return output
-
-
-def chunked_vectors(references, dim=None):
-    """float32 vectors of (store, chunk, row) references (rows of one or more chunked stores), cut to the first
-    `dim` coordinates and re-normalised when given (a Matryoshka student's targets)."""
-    output = np.empty((len(references), references[0][0].dim), dtype=np.float32)
-    by_store = {}
-    for position, (store, chunk, row) in enumerate(references):
-        by_store.setdefault(id(store), (store, []))[1].append((position, (chunk, row)))
-    for store, items in by_store.values():
-        positions = [position for position, _ in items]
-        output[positions] = store.vectors([reference for _, reference in items])
-    if dim and dim < output.shape[1]:
-        output = output[:, :dim]
-        if references[0][0].metadata.get("normalized"):
-            output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(output)
+    return StoreStream(store.truncated(dim) if dim else store, shuffle=True, seed=seed)
 
 
 # ---------------------------------------------------------------------------- mixing and batching

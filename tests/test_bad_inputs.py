@@ -85,7 +85,7 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
     nan_store = str(tmp / "nan-store")
     shutil.copytree(ws["store"], nan_store)
     meta = json.loads(Path(nan_store, "metadata.json").read_text())
-    vectors_path = Path(nan_store, meta["shards"][0]["vectors"])
+    vectors_path = Path(nan_store, meta["chunks"][0]["name"], "vectors.npy")
     vectors = np.load(vectors_path)
     vectors[3, 1] = np.inf
     np.save(vectors_path, vectors)
@@ -540,7 +540,7 @@ def test_a_second_writer_of_an_output_folder_or_store_is_refused(small_data, tin
     from accelerate import Accelerator
 
     from common.encoder import Encoder
-    from common.store import build_store
+    from common.store import build_store, rows_of_lists
 
     output = tmp_path / "teacher"
     output.mkdir()
@@ -550,12 +550,13 @@ def test_a_second_writer_of_an_output_folder_or_store_is_refused(small_data, tin
             train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "1"))
     assert os.listdir(output) == [".lock"]
     store = tmp_path / "store"
-    (tmp_path / "store.partial").mkdir()
-    with open(tmp_path / "store.partial" / ".lock", "a+") as held:
+    store.mkdir()
+    with open(store / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="Another process is writing the store"):
-            build_store(Accelerator(), Encoder.from_pretrained(tiny_bert), ["a"], ["rent a boat"], "ad", str(store))
-    assert not store.exists()
+            build_store(Accelerator(), Encoder.from_pretrained(tiny_bert), rows_of_lists(["a"], ["rent a boat"]), "ad",
+                        str(store))  # fmt: skip
+    assert os.listdir(store) == [".lock"]
     # Once the first writer is done, the folder is free again.
     train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], output, "--max_train_steps", "1"))
     assert (output / "training_args.json").exists()

@@ -22,7 +22,7 @@ from common.alignment import parse_objectives
 from common.data import read_texts
 from common.encoder import Encoder
 from common.grad_cache import embed_without_graph
-from common.store import open_or_build_store
+from common.store import build_store, rows_of_lists
 
 DEVICE = torch.device("meta")
 
@@ -60,22 +60,19 @@ def encoder(tiny_bert):
 def ad_store(encoder, small_data, tmp_path_factory):
     ids, texts = read_texts(small_data["ads"], "id", "text")
     folder = str(tmp_path_factory.mktemp("stores") / "ads")
-    store = open_or_build_store(
-        Accelerator(cpu=True), encoder, ids, texts, "ad", path=folder, store_dir=None, model_path=None
-    )
-    return store, texts
+    return build_store(Accelerator(cpu=True), encoder, rows_of_lists(ids, texts), "ad", folder)
 
 
 def test_refinement_step_moves_store_reads_to_the_device(encoder, ad_store):
-    store, ad_texts = ad_store
+    store = ad_store
     args = refine_contrastive.parse_args(["--num_hard_negatives", "2"])
     clicks = [{"query": f"query {i}", "positive": i, "negatives": [i + 1], "group": i} for i in range(4)]
-    collate = refine_contrastive.ClickCollator(encoder, store, ad_texts, args.num_hard_negatives, args.seed)
+    collate = refine_contrastive.ClickCollator(encoder, store, args.num_hard_negatives, args.seed)
     batch = send_to_device(collate(clicks), DEVICE)
     random_rows = np.arange(5, 13)
     random_vectors = torch.from_numpy(store.read(random_rows))  # what the step reads, in host memory
     loss, accuracy = refine_contrastive.refinement_loss(
-        OnDevice(encoder), batch, random_vectors, refine_contrastive.ad_keys(ad_texts, random_rows), args
+        OnDevice(encoder), batch, random_vectors, refine_contrastive.ad_keys(store, random_rows), args
     )
     assert loss.device == DEVICE and accuracy.device == DEVICE
 
@@ -84,7 +81,7 @@ def test_refinement_step_moves_store_reads_to_the_device(encoder, ad_store):
     "mode", ["teacher vectors from a store", "with ranked ads", "teacher in the loop", "token loss"]
 )
 def test_distillation_step_moves_host_tensors_to_the_device(mode, encoder, ad_store):
-    store, _ = ad_store
+    store = ad_store
     args = distill_student.parse_args([])
     args.alignment_loss = parse_objectives("l2+kl" if mode == "with ranked ads" else "l2")
     args.token_loss_weight = 1.0 if mode == "token loss" else 0.0

@@ -484,14 +484,11 @@ def test_query_store_from_encode_py_is_used_by_distillation(small_data, tiny_ber
 
 def test_refinement_groups_and_duplicate_ads(tmp_path):
     """A click without a group masks only its own ad's text; an ad text under another id is the positive."""
-    from common.store import EmbeddingStore, finish_store, write_shard
+    from common.store import write_store
 
     texts = ["Boats for rent", "Used laptops", "Boats for rent", "Fix my phone"]  # a3 duplicates a1's text
-    partial = str(tmp_path / "ads.partial")
-    os.makedirs(partial)
-    write_shard(partial, 0, 1, np.eye(4, dtype=np.float32), ["a1", "a2", "a3", "a4"])
-    finish_store(partial, str(tmp_path / "ads"), {"kind": "ad", "dim": 4, "model_fingerprint": "m",
-                                                 "data_fingerprint": "d"}, [4])  # fmt: skip
+    store = write_store(str(tmp_path / "ads"), np.eye(4, dtype=np.float32), ["a1", "a2", "a3", "a4"], texts,
+                        metadata={"kind": "ad", "model_fingerprint": "m"}, chunk_rows=3)  # fmt: skip
     clicks_file = tmp_path / "clicks.jsonl"
     rows = [{"query": "rent a boat", "positive_id": "a1", "group": None},
             {"query": "cheap laptop", "positive_id": "a2", "group": None},
@@ -499,11 +496,11 @@ def test_refinement_groups_and_duplicate_ads(tmp_path):
             {"query": "phone repair", "positive_id": "a4", "group": "boats"}]  # fmt: skip
     clicks_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = refine_contrastive.parse_args(["--train_file", str(clicks_file)])
-    clicks = refine_contrastive.read_clicks(args, EmbeddingStore.open(str(tmp_path / "ads")), texts)
+    clicks = refine_contrastive.read_clicks(args, store)
     groups = [click["group"] for click in clicks]
     assert groups[0] != groups[1]  # two clicks without a group are not one group
     assert groups[2] == groups[3] and groups[2] != groups[0]
-    keys = refine_contrastive.ad_keys(texts, np.arange(4)).tolist()
+    keys = refine_contrastive.ad_keys(store, np.arange(4)).tolist()
     assert keys[0] == keys[2] and len(set(keys)) == 3  # the duplicate text shares the positive's key
 
 

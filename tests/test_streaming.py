@@ -1,5 +1,5 @@
 """Phase 2 at the scale of logged traffic (common/streaming.py, encode.py / distill_student.py --streaming):
-streamed sources with on-the-fly filters, chunked resumable teacher stores, mixing, and a position in the
+streamed sources with on-the-fly filters, resumable teacher stores of a stream, mixing, and a position in the
 stream that a resumed run restarts from. (SIGKILL and resume: tests/test_resume.py; 2 processes:
 tests/test_multiprocess.py.)"""
 
@@ -14,13 +14,13 @@ import distill_student
 import encode
 from common.encoder import Encoder
 from common.errors import UserError
+from common.store import EmbeddingStore, vectors_of
 from common.streaming import (
     BloomFilter,
-    ChunkedStore,
     MixedStream,
     StreamBatches,
     TextStream,
-    build_chunked_store,
+    open_or_build_stream_store,
     resolve_shards,
 )
 
@@ -97,44 +97,48 @@ def test_bloom_filter_never_misses_a_duplicate_and_rarely_drops_a_new_text():
     assert all(bloom.add(f"text {i}") for i in range(0, 20_000, 2))
 
 
-def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, tiny_bert, tmp_path, monkeypatch):
-    """Chunks of 20 rows; a build killed after 2 chunks resumes to the uninterrupted store; each epoch reads
+def test_a_streams_store_is_built_resumably_and_read_in_a_seeded_order(streams, tiny_bert, tmp_path, monkeypatch):
+    """Chunks of 20 rows; a build killed in its third chunk resumes to the uninterrupted store; each epoch reads
     every row once (chunk order and rows within a chunk seeded); a start lands on the same row without reading
     the earlier ones; the vectors are the teacher's of the rows' texts; a changed source is refused."""
     encoder = Encoder.from_pretrained(tiny_bert).eval()
     stream = TextStream(streams["queries"], "query", dedupe_capacity=1000)
-    straight = build_chunked_store(one_process(), encoder, stream, str(tmp_path / "straight"), chunk_rows=20)
 
-    import common.streaming as streaming
+    def store_of(folder, source=stream, seed=0):
+        return open_or_build_stream_store(one_process(), encoder, source, str(folder), None, None, 20, seed=seed)
+
+    straight = store_of(tmp_path / "straight")
+
+    import common.store
 
     real_save, saved = np.save, []
 
     def save_then_die(path, array):
         real_save(path, array)
         saved.append(path)
-        if len(saved) == 3:
-            raise KeyboardInterrupt  # killed while writing the third chunk
+        if len(saved) == 7:  # three arrays per chunk: killed while writing the third chunk
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(streaming.np, "save", save_then_die)
+    monkeypatch.setattr(common.store.np, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        build_chunked_store(one_process(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
-    monkeypatch.setattr(streaming.np, "save", real_save)
+        store_of(tmp_path / "resumed")
+    monkeypatch.setattr(common.store.np, "save", real_save)
     names = sorted(os.listdir(tmp_path / "resumed"))
     assert "chunk_000001" in names and "chunk_000002.partial" in names and "metadata.json" not in names
-    with pytest.raises(UserError, match="not a finished chunked store"):
-        ChunkedStore.open(str(tmp_path / "resumed"))
-    resumed = build_chunked_store(one_process(), encoder, stream, str(tmp_path / "resumed"), chunk_rows=20)
-    assert resumed.metadata["chunks"] == straight.metadata["chunks"] and len(straight.chunks) == 5
+    with pytest.raises(UserError, match="has not finished"):
+        EmbeddingStore.open(str(tmp_path / "resumed"))
+    resumed = store_of(tmp_path / "resumed")
+    assert resumed.metadata["chunks"] == straight.metadata["chunks"] and len(straight.sizes) == 5
 
-    store = ChunkedStore.open(str(tmp_path / "resumed"), encoder.fingerprint, shuffle=True, seed=1)
+    store = store_of(tmp_path / "resumed", seed=1)
     epoch0 = list(store.rows(0))
     texts = [text for text, _ in rows_of(stream)]
     assert sorted(text for text, _, _ in epoch0) == sorted(texts) and [t for t, _, _ in epoch0] != texts
     assert [t for t, _, _ in store.rows(1)] != [t for t, _, _ in epoch0]
     for start in (0, 19, 20, 21, 57, len(texts)):
-        assert [(t, r[1:]) for t, _, r in store.rows(0, start)] == [(t, r[1:]) for t, _, r in epoch0[start:]]
+        assert [(t, r[1]) for t, _, r in store.rows(0, start)] == [(t, r[1]) for t, _, r in epoch0[start:]]
     sample = epoch0[:13]
-    vectors = store.vectors([reference[1:] for _, _, reference in sample])
+    vectors = vectors_of([reference for _, _, reference in sample])
     np.testing.assert_allclose(vectors, encoder.encode([t for t, _, _ in sample], "query"), atol=1e-5)
 
     # An unfinished build of the same folder from rows that are no longer the stream's is refused, not mixed in.
@@ -142,7 +146,7 @@ def test_chunked_store_is_built_resumably_and_read_in_a_seeded_order(streams, ti
     os.remove(tmp_path / "unfinished" / "metadata.json")
     changed = TextStream(streams["queries"], "query")  # without dedupe: other rows in the chunks
     with pytest.raises(UserError, match="other rows"):
-        build_chunked_store(one_process(), encoder, changed, str(tmp_path / "unfinished"), chunk_rows=20)
+        store_of(tmp_path / "unfinished", changed)
 
 
 def test_mixing_and_a_saved_position_continue_the_same_stream(streams):
@@ -208,7 +212,7 @@ def test_encode_writes_the_chunked_store_that_phase_2_streams(streams, tiny_bert
     data = ["--dedupe_capacity", "1000", "--chunk_rows", "20"]
     folder = encode.main(["--model_name_or_path", tiny_bert, "--input_file", streams["queries"], "--kind", "query",
                           "--text_column", "query", "--streaming", "--store_dir", stores, *data])  # fmt: skip
-    assert ChunkedStore.open(folder).rows_per_epoch == streams["distinct"]
+    assert len(EmbeddingStore.open(folder)) == streams["distinct"]
     results = distill_student.main(["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming",
                                     *data, "--student_num_layers", "1", "--store_dir", stores, "--num_train_epochs",
                                     "1", "--per_device_train_batch_size", "8",

@@ -14,7 +14,7 @@ import encode
 import evaluate
 import refine_contrastive
 from common.alignment import token_state_loss
-from common.data import LengthGroupedSampler, read_qrels
+from common.data import LengthGroupedSampler, read_qrels, text_key
 from common.encoder import Encoder, keep_layers, truncate_output
 from common.errors import UserError
 from common.retrieval import retrieval_metrics
@@ -129,11 +129,11 @@ def test_pseudo_clicks_are_first_sentences_of_the_ads():
         "Hi. Too short a first sentence.",
         "A b c? Rest.",
     ]
-    clicks = refine_contrastive.pseudo_clicks(texts)
+    clicks = refine_contrastive.pseudo_clicks(enumerate(texts))  # (id, text) as the corpus is streamed
     assert [(click["query"], click["positive"]) for click in clicks] == [("Cheap boats for rent.", 0), ("A b c?", 3)]
-    assert clicks[0]["group"] == refine_contrastive.group_key(None, texts[0])  # masks only ads of the same text
+    assert clicks[0]["group"] == text_key(texts[0])  # masks only ads of the same text
     with pytest.raises(UserError, match="makes no click"):
-        refine_contrastive.pseudo_clicks(["One sentence only."])
+        refine_contrastive.pseudo_clicks([("x", "One sentence only.")])
 
 
 def test_refinement_on_pseudo_clicks_without_a_train_file(small_data, tiny_bert, tmp_path):

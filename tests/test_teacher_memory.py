@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import safetensors
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -19,41 +18,27 @@ FAST = ["--per_device_train_batch_size", "8", "--max_train_steps", "2", "--loggi
 
 
 class WeightReads:
-    """Records every whole-model load (AutoModel.from_pretrained) and every tensor read by name from a
-    safetensors file, by folder."""
+    """Records every whole-model load (AutoModel.from_pretrained), by folder, and every tensor the cut reads by
+    name from a safetensors file."""
 
     def __init__(self, monkeypatch):
+        import common.encoder
+
         self.whole, self.tensors = [], []
-        real_from_pretrained, real_safe_open = transformers.AutoModel.from_pretrained, safetensors.safe_open
+        real_from_pretrained = transformers.AutoModel.from_pretrained
+        real_read_rows = common.encoder.SafetensorsFile.read_rows
         reads = self
 
         def from_pretrained(folder, *args, **kwargs):
             reads.whole.append(os.path.abspath(str(folder)))
             return real_from_pretrained(folder, *args, **kwargs)
 
-        class Recording:
-            def __init__(self, path, *args, **kwargs):
-                self.path, self.handle = path, real_safe_open(path, *args, **kwargs)
-
-            def __getattr__(self, name):
-                return getattr(self.handle, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def get_slice(self, name):
-                reads.tensors.append(name)
-                return self.handle.get_slice(name)
-
-            def get_tensor(self, name):
-                reads.tensors.append(name)
-                return self.handle.get_tensor(name)
+        def read_rows(self, name, start, stop):
+            reads.tensors.append(name)
+            return real_read_rows(self, name, start, stop)
 
         monkeypatch.setattr("common.encoder.AutoModel.from_pretrained", from_pretrained)
-        monkeypatch.setattr(safetensors, "safe_open", Recording)
+        monkeypatch.setattr(common.encoder.SafetensorsFile, "read_rows", read_rows)
 
     def loaded_whole(self, folder):
         return os.path.abspath(str(folder)) in self.whole
