@@ -37,7 +37,14 @@ from common.data import _fingerprint_row, read_contexts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.store import EmbeddingStore, build_store, check_store_matches, default_store_path, rows_of_corpus
+from common.store import (
+    EmbeddingStore,
+    build_store,
+    check_store_matches,
+    default_store_path,
+    rows_of_corpus,
+    shared_decision,
+)
 from common.streaming import TextStream, open_or_build_stream_store
 
 
@@ -112,12 +119,13 @@ def main(argv=None):
     store_path = args.output_dir or default_store_path(
         args.store_dir, args.model_name_or_path, args.kind, encoder, data_fp
     )
-    if os.path.exists(os.path.join(store_path, "metadata.json")) and not args.overwrite_output_dir:
+    exists = shared_decision(accelerator, os.path.exists(os.path.join(store_path, "metadata.json")))  # one for all
+    if exists and not args.overwrite_output_dir:
         store = EmbeddingStore.open(store_path, encoder.fingerprint, data_fp, encoder.embedding_dim)  # refuses stale
         check_store_matches(store, encoder, args.kind)
         logger.info(f"{store_path} is current ({len(store)} vectors); pass --overwrite_output_dir to rebuild it.")
         return store_path
-    if args.overwrite_output_dir and os.path.exists(os.path.join(store_path, "metadata.json")):
+    if args.overwrite_output_dir and exists:
         remove_store(accelerator, store_path)
     store = build_store(
         accelerator, encoder, rows, args.kind, store_path, batch_size=args.encode_batch_size, dtype=args.dtype,

@@ -96,6 +96,7 @@ def build_index(ad_vectors, use_gpu=True, chunk_rows=65536, spec=None):
         index = faiss.index_cpu_to_all_gpus(index)
     for chunk in _chunks(ad_vectors, chunk_rows):
         index.add(_finite(chunk))
+        del chunk  # freed before the next block is read
     return index
 
 
@@ -138,6 +139,7 @@ class ShardedIndex:
             best_scores = np.take_along_axis(scores, order, axis=1)
             best_rows = np.take_along_axis(rows, order, axis=1)
             offset += len(chunk)
+            del chunk, scores, rows  # freed before the next block is read: one block in memory, not two
         return best_scores, best_rows
 
 
