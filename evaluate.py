@@ -44,7 +44,7 @@ from common.cli import (
     positive_float,
     positive_int,
 )
-from common.data import read_contexts, read_qrels, read_texts, scan_corpus, with_context
+from common.data import corpus_summary, read_contexts, read_qrels, read_texts, with_context
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -412,13 +412,14 @@ def main(argv=None):
 
     # The ads' ids and fingerprint in one streamed pass; their texts are read only if a store must be built
     # (a baseline's own ads, or a teacher without --ad_store), so 50M ads scored against stores keep ids only.
-    ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
+    qrels = read_qrels(args.qrels_file) if args.qrels_file else None
+    judged_ads = {doc for grades in (qrels or {}).values() for doc in grades}
+    ads_fp, num_ads, known_ads = corpus_summary(args.corpus_file, args.id_column, args.text_column, judged_ads)
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     teacher_query_texts = query_texts  # the teacher reads the queries with their teacher-only context, if any
     if args.query_context_column:
         contexts = read_contexts(args.queries_file, args.query_context_column)
         teacher_query_texts = [with_context(q, c, args.context_template) for q, c in zip(query_texts, contexts)]
-    qrels = read_qrels(args.qrels_file) if args.qrels_file else None
     if qrels is not None:
         unknown_queries = set(qrels) - set(query_ids)
         if unknown_queries:
@@ -426,8 +427,7 @@ def main(argv=None):
                 f"{args.qrels_file} judges query '{sorted(unknown_queries)[0]}' that is not in "
                 f"{args.queries_file}; use the matching judgments file."
             )
-        known_ads = set(ad_ids)
-        unknown_ads = {doc for grades in qrels.values() for doc in grades if doc not in known_ads}
+        unknown_ads = judged_ads - known_ads
         if unknown_ads:
             raise UserError(
                 f"{args.qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {args.corpus_file}; "
@@ -452,7 +452,7 @@ def main(argv=None):
         "num_queries": len(query_ids),
         "num_queries_scored": len(judged),  # the metrics average over queries with a relevant judgment
         "num_queries_skipped": len(query_ids) - len(judged),
-        "num_ads": len(ad_ids),
+        "num_ads": num_ads,
         "index": args.index,  # auto is resolved on the teacher's store below
         "models": {},
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -499,7 +499,7 @@ def main(argv=None):
         texts = teacher_query_texts if role == "teacher" else query_texts
         query_vectors = encoder.encode(texts, "query", batch_size=args.encode_batch_size, device=device)
         _, rows = search(index, query_vectors, max(args.k))
-        ranked[name] = {qid: [ad_ids[r] for r in row if r >= 0] for qid, row in zip(query_ids, rows)}
+        ranked[name] = dict(zip(query_ids, store.ranked_ids(rows)))  # ids from the store, not held here
         entry = {"path": str(path), "role": role, "parameters": sum(p.numel() for p in encoder.parameters())}
         if qrels is not None:
             per_query[name] = per_query_metrics(ranked[name], qrels, args.k)

@@ -39,7 +39,7 @@ from common.cli import (
     parse_with_config,
     positive_int,
 )
-from common.data import read_qrels, read_texts, scan_corpus
+from common.data import corpus_summary, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import STAGING, Encoder
 from common.errors import UserError, run_cli
@@ -123,7 +123,7 @@ def main(argv=None):
         paths = demo_paths()
         args.corpus_file, args.queries_file, args.qrels_file = paths["ads"], paths["test_queries"], paths["qrels"]
     # ids and fingerprint streamed; the ads' texts are read only if the teacher's store must be built
-    ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
+    ads_fp, _, _ = corpus_summary(args.corpus_file, args.id_column, args.text_column)
     query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     qrels = read_qrels(args.qrels_file) if args.qrels_file else None
     load = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle_weights}
@@ -160,7 +160,7 @@ def main(argv=None):
         """The encoder's vectors, top-k ad ids per query and recall@k (with judgments)."""
         vectors = encoder.encode(query_texts, "query", batch_size=args.encode_batch_size)
         _, rows = search(index, vectors, k)
-        lists = [[ad_ids[r] for r in row if r >= 0] for row in rows]
+        lists = store.ranked_ids(rows)
         entry = {}
         if qrels is not None:
             entry[f"recall@{k}"] = retrieval_metrics(dict(zip(query_ids, lists)), qrels, [k])[f"recall@{k}"]

@@ -226,6 +226,19 @@ def corpus_fingerprint(source, id_column, text_column, split="train", ids_option
     return digest.hexdigest()
 
 
+def corpus_summary(source, id_column, text_column, watch=()):
+    """(data fingerprint, row count, the ids of `watch` that the corpus holds) in one streamed pass, holding
+    neither the ids nor the texts: a scorer of 50M ads checks its judgments against the corpus with a set of
+    the judged ids only, and maps search results to ids through the store."""
+    digest, count, watch, found = hashlib.sha256(), 0, set(watch), set()
+    for item_id, text in iter_corpus(source, id_column, text_column):
+        _fingerprint_row(digest, item_id, text)
+        count += 1
+        if item_id in watch:
+            found.add(item_id)
+    return digest.hexdigest(), count, found
+
+
 def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_column="relevance"):
     """{query_id: {doc_id: grade}} from a tsv/csv/jsonl of graded judgments."""
     table = load_table(source)

@@ -250,6 +250,13 @@ class EmbeddingStore:
             )
         return rows
 
+    def ranked_ids(self, rows):
+        """Search results as ids: for each query's row numbers (-1: no result), the ids of its ads in order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ids = self.ids_of(np.where(rows >= 0, rows, 0).ravel()) if rows.size else []
+        width = rows.shape[1] if rows.ndim == 2 else 0
+        return [[ids[q * width + j] for j in range(width) if rows[q, j] >= 0] for q in range(len(rows))]
+
     def rows_of_texts(self, texts):
         """The first row holding each text (by its key); -1 for a text not in the store."""
         return self._lookup("key", [text_key(text) for text in texts])
