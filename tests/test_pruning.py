@@ -173,3 +173,47 @@ def test_a_progressive_run_stopped_in_its_first_stage_is_an_unfinished_run_to_re
     check_output_dir(args(overwrite_output_dir=True), "distill_student.py")
     with pytest.raises(UserError, match=r"holds a run of distill_student\.py, not of refine_contrastive\.py"):
         check_output_dir(args(resume_from_checkpoint="latest"), "refine_contrastive.py")
+
+
+def test_stages_are_never_pushed_keep_the_runs_flags_and_continue_the_trackers_steps(small_data, tmp_path, monkeypatch):
+    """The progressive default's stage 0 is an intermediate model: only the final student is pushed under
+    --hub_model_id. A finished stage reloaded on resume trains as the run asked (gradient checkpointing, the run's
+    remote-code permission), and the trackers' steps run on across stages instead of restarting at 1."""
+    import accelerate
+    from conftest import make_tiny_bert
+
+    import common.hub
+
+    teacher = make_tiny_bert(tmp_path / "teacher6", layers=6)  # the default: 4 layers aligned, pruned to 2
+    pushed, tracker_steps, checkpointing, loads = [], [], [], []
+    monkeypatch.setattr(common.hub, "push_to_hub", lambda folder, *args, **kwargs: pushed.append(folder))
+    real_log = accelerate.Accelerator.log
+    monkeypatch.setattr(accelerate.Accelerator, "log",
+                        lambda self, values, step=None, **kw: (tracker_steps.append(step),
+                                                               real_log(self, values, step=step, **kw)))  # fmt: skip
+    real_align, real_from_pretrained = distill_student.align, Encoder.from_pretrained
+
+    def align(accelerator, args, student, *rest, **kwargs):
+        checkpointing.append(student.backbone.is_gradient_checkpointing)
+        return real_align(accelerator, args, student, *rest, **kwargs)
+
+    def from_pretrained(path, **kwargs):
+        loads.append((os.path.basename(str(path)), kwargs.get("trust_remote_code")))
+        return real_from_pretrained(path, **kwargs)
+
+    monkeypatch.setattr(distill_student, "align", align)
+    monkeypatch.setattr(Encoder, "from_pretrained", from_pretrained)
+    output = str(tmp_path / "student")
+    run = ["--teacher_model", teacher, "--query_file", small_data["queries"], "--student_num_layers", "2",
+           "--per_device_train_batch_size", "8", "--max_train_steps", "6", "--calibration_queries", "16",
+           "--logging_steps", "1", "--gradient_checkpointing", "--output_dir", output]  # fmt: skip
+    distill_student.main([*run, "--push_to_hub", "--hub_model_id", "you/student"])
+    assert pushed == [output]  # not stages/stage0
+    assert tracker_steps == [1, 2, 3, 4]  # 2 steps a stage (each 2 / (4 + 2) of the 6), numbered on (not 1, 2, 1, 2)
+    assert checkpointing == [True, True]
+    # Resumed: the finished stage 0 is loaded from its folder, as the run loads its models.
+    checkpointing.clear()
+    loads.clear()
+    distill_student.main([*run, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
+    assert ("stage0", False) in loads
+    assert checkpointing == [True]  # the final stage trains the reloaded stage with checkpointing on
