@@ -220,18 +220,15 @@ def iter_corpus(source, id_column, text_column, split="train", ids_optional=Fals
 
 def corpus_fingerprint(source, id_column, text_column, split="train", ids_optional=False):
     """data_fingerprint(*read_texts(...)) computed in one streamed pass, holding neither ids nor texts."""
-    digest = hashlib.sha256()
-    for item_id, text in iter_corpus(source, id_column, text_column, split, ids_optional):
-        _fingerprint_row(digest, item_id, text)
-    return digest.hexdigest()
+    return corpus_summary(source, id_column, text_column, split=split, ids_optional=ids_optional)[0]
 
 
-def corpus_summary(source, id_column, text_column, watch=()):
+def corpus_summary(source, id_column, text_column, watch=(), split="train", ids_optional=False):
     """(data fingerprint, row count, the ids of `watch` that the corpus holds) in one streamed pass, holding
     neither the ids nor the texts: a scorer of 50M ads checks its judgments against the corpus with a set of
     the judged ids only, and maps search results to ids through the store."""
     digest, count, watch, found = hashlib.sha256(), 0, set(watch), set()
-    for item_id, text in iter_corpus(source, id_column, text_column):
+    for item_id, text in iter_corpus(source, id_column, text_column, split, ids_optional):
         _fingerprint_row(digest, item_id, text)
         count += 1
         if item_id in watch:

@@ -377,7 +377,7 @@ def _check_folder(folder):
             raise UserError(f"{folder} exists and is not an embedding store; choose another store path.")
 
 
-def _wait_for(paths, what):
+def _wait_for(paths):
     """Poll the file system until every path exists: ranks wait for each other's chunks without a collective,
     whose timeout a long build would exceed (a rank that died ends the launch anyway)."""
     delay = 0.05
@@ -446,7 +446,7 @@ def build_store(
         raise UserError("The data gives no row to encode; check the file, the column and the filters.")
     if data_fp is not None and digest.hexdigest() != data_fp:
         raise UserError("The data changed while the store was being built; build it again.")
-    _wait_for([os.path.join(folder, chunk["name"], "chunk.json") for chunk in chunks], "chunks")
+    _wait_for([os.path.join(folder, chunk["name"], "chunk.json") for chunk in chunks])
     metadata_path = os.path.join(folder, "metadata.json")
     if accelerator.is_main_process:
         metadata = {
@@ -467,7 +467,7 @@ def build_store(
         }
         _finish_store(folder, chunks, metadata)
         unlock_folder(folder)
-    _wait_for([metadata_path], "metadata")
+    _wait_for([metadata_path])
     accelerator.wait_for_everyone()
     return EmbeddingStore.open(folder)
 
