@@ -37,6 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_texts", type=int, default=6000, help="texts per set (the first N)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--results_json", default=None, help="also write the measured numbers to this file")
     return parser.parse_args(argv)
 
 
@@ -74,10 +75,11 @@ def main(argv=None):
         ),
         "Encoder.encode": lambda texts, batch: ours.encode(texts, "query", batch_size=batch, device=device),
     }
-    rows = []
+    rows, differences = [], {}
     for set_name, texts in text_sets(args.max_texts).items():
         reference = contenders["sentence-transformers"](texts[:256], 32)
-        difference = np.abs(contenders["Encoder.encode"](texts[:256], 32) - reference).max()
+        difference = float(np.abs(contenders["Encoder.encode"](texts[:256], 32) - reference).max())
+        differences[set_name] = difference
         print(f"{set_name}: {len(texts)} texts; max |ours - sentence-transformers| = {difference:.2e}")
         for batch in args.batch_sizes:
             rates = {name: [] for name in contenders}
@@ -101,6 +103,13 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for set_name, batch, st, mine in rows:
         print(f"| {set_name} | {batch} | {st:.0f} | {mine:.0f} | {mine / st:.2f}x |")
+    results = {"device": device_name, "dtype": args.dtype, "repeats": args.repeats, "max_abs_difference": differences,
+               "rows": [{"texts": name, "batch": batch, "sentence_transformers": st, "ours": mine}
+                        for name, batch, st, mine in rows]}  # fmt: skip
+    if args.results_json:
+        with open(args.results_json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ A tiny Qwen3 teacher in the Qwen3-Embedding convention (last-token pooling, left
 trained, then a student distilled from it (the progressive default, and streamed with the teacher in the loop),
 refined, its stores encoded, evaluated and exported, each script with --mixed_precision bf16 on the GPU. Each
 output must be a complete model whose vectors, reloaded on the CPU, are finite and normalised; evaluation and
-the export gate must report numbers. `benchmarks/gpu_check.py` runs this file with the GPU benchmarks.
+the export gate must report numbers. The README's phase-1 command also runs as written, under the production
+DeepSpeed ZeRO-3 config (bf16 from ds_zero3.json) on one GPU, where deepspeed is installed.
+`benchmarks/gpu_check.py` runs this file with the GPU benchmarks.
 """
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -27,6 +31,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 BF16 = ["--mixed_precision", "bf16", "--logging_steps", "1"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERIES = ["rent a boat", "fix my broken laptop", "cheap used tractor for sale"]
 
 
@@ -83,3 +88,21 @@ def test_distill_refine_encode_evaluate_export_on_the_gpu(runs, small_data, stre
                             "--store_dir", runs["stores"], "--output_dir", runs["serving"], "--speed_queries", "16",
                             "--min_overlap", "0.9"])  # fmt: skip
     assert "onnx fp32" in exported["models"]
+
+
+def test_readme_teacher_command_under_the_production_zero3_config_on_one_gpu(tmp_path, small_data, tiny_qwen):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    output = str(tmp_path / "teacher-zero3")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               "accelerate_configs/deepspeed_zero3.yaml", "--num_processes", "1", "train_teacher.py",
+               "--model_name_or_path", tiny_qwen, "--train_file", small_data["train"],
+               "--query_prompt", "Instruct: Given a web search query, retrieve relevant ads\nQuery:",
+               "--temperature", "0.01", "--per_device_train_batch_size", "16", "--gradient_checkpointing",
+               "--checkpointing_steps", "2", "--max_train_steps", "4", "--logging_steps", "1",
+               "--output_dir", output]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_model(output)
+    with open(os.path.join(output, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    assert len(state["log_history"]) == 4 and all(np.isfinite(entry["loss"]) for entry in state["log_history"])

@@ -284,3 +284,47 @@ def test_scanning_a_corpus_gives_read_texts_ids_and_fingerprint_in_batches(exten
 def write_sharded_store(folder, shards, dtype="float16"):
     """A store of the given vectors, a chunk each (for the retrieval and alignment tests)."""
     return synthetic(folder, [np.asarray(shard) for shard in shards], dtype=dtype)
+
+
+def _decision_worker(rank, world, port, out_dir):
+    """One rank of test_ranks_that_see_the_store_differently_take_the_main_process_path: opens or builds the store
+    at the relative path "store", from its own folder."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from common.encoder import EncoderSpec
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.chdir(os.path.join(out_dir, f"rank{rank}"))
+    with open(os.path.join(out_dir, "model.txt"), encoding="utf-8") as handle:
+        spec = EncoderSpec.read(handle.read())
+    gloo = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=60))
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[gloo])
+    rows, data_fp = rows_of_lists(IDS, TEXTS), data_fingerprint(IDS, TEXTS)
+    store = open_or_build_store(accelerator, spec, rows, "ad", data_fp=data_fp, path="store", store_dir=None,
+                                model_path=None, batch_size=2, chunk_rows=2)  # fmt: skip
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"built": spec._loaded is not None, "ids": store.ids}, handle)
+    accelerator.wait_for_everyone()
+
+
+def test_ranks_that_see_the_store_differently_take_the_main_process_path(tiny_bert, tmp_path):
+    """A store another job is finishing can be seen unfinished by one rank and finished by the next (a shared
+    file system's caches, or a moment apart). Each rank deciding alone, rank 0 would build (waiting in a
+    collective) while rank 1 opened and went on: a hang. Here rank 0's folder holds the store without its
+    metadata (a build killed after its last chunk) and rank 1's the finished store, under the same relative
+    path: both must follow rank 0 and build (resuming: nothing is encoded again)."""
+    from conftest import run_on_two_gloo_ranks
+
+    finished = build(Encoder.from_pretrained(tiny_bert), str(tmp_path / "finished"), chunk_rows=2)
+    shutil.copytree(finished.folder, tmp_path / "rank1" / "store")
+    shutil.copytree(finished.folder, tmp_path / "rank0" / "store")
+    os.remove(tmp_path / "rank0" / "store" / "metadata.json")
+    (tmp_path / "model.txt").write_text(tiny_bert)
+    run_on_two_gloo_ranks(_decision_worker, tmp_path)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [result["built"] for result in results] == [True, True]
+    assert all(result["ids"] == IDS for result in results)
+    assert EmbeddingStore.open(str(tmp_path / "rank0" / "store")).metadata["count"] == len(IDS)
