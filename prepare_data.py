@@ -1,4 +1,4 @@
-"""Convert the public data sets a user tries first into the project's files (see README, "Data formats").
+"""Convert the public data sets a user tries first into the project's files (see docs/recipes.md).
 
     esci: Amazon Shopping Queries (ESCI), the two parquet files of github.com/amazon-science/esci-data
           (shopping_queries_dataset_examples.parquet, shopping_queries_dataset_products.parquet). One locale

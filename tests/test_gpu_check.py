@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py's plumbing on the CPU: what it installs from the wheels beside it, and a dry run of
 its benchmark step on random weights of the default's architecture, which must end in one well-formed table.
-(The GPU itself runs it with `python benchmarks/gpu_check.py`; see the README's "GPU check".)"""
+(The GPU itself runs it with `python benchmarks/gpu_check.py`; see benchmarks/README.md, "GPU check".)"""
 
 import os
 import subprocess

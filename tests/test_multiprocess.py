@@ -10,7 +10,7 @@ For each script, with dropout off and the same seed and steps:
 - distill_student.py (its default objective: L2 plus the KL of the teacher's ranking of ads drawn once per
   optimiser step): accumulating 2 x B/2 on one process equals one batch of B (a loss per query).
   The contrastive scripts differ there by design (a micro-batch's queries only see its own candidates):
-  the README says so.
+  docs/design.md says so.
 """
 
 import contextlib

@@ -1,14 +1,14 @@
 """The README's multi-GPU commands are the test: each phase's documented command, run as written on 2 CPU processes.
 
-The commands are read from the README's "Running on your data and models" block, so the test fails when the
-README documents a command that does not run. Only what cannot exist here is substituted: the models (a tiny
-Qwen3 on the real Qwen vocabulary in place of Qwen3-Embedding-8B, read in the Qwen3-Embedding convention with the
-command's instruction prompt; a narrower tiny Qwen3 in place of Qwen3-0.6B, so the student gets a projection
-head), the data paths (the small built-in data), the accelerate configs (their CPU twins: ZeRO-3 and DDP on
-gloo), the run length (2 optimiser steps), a Bloom filter sized for a billion queries (sized for the data), the
-Hub push (no network), and the export gate's bars (a student of 2 steps on a random tiny model). Commands the
-tiny models cannot take (pruning 14 -> 7 -> 4 blocks) are listed and skipped by name, so a new command is run
-unless it is skipped on purpose.
+The commands are read from the README's "Running on your data and models" block and from docs/recipes.md's
+block of variants, so the test fails when either documents a command that does not run. Only what cannot exist
+here is substituted: the models (a tiny Qwen3 on the real Qwen vocabulary in place of Qwen3-Embedding-8B, read
+in the Qwen3-Embedding convention with the command's instruction prompt; a narrower tiny Qwen3 in place of
+Qwen3-0.6B, so the student gets a projection head), the data paths (the small built-in data), the accelerate
+configs (their CPU twins: ZeRO-3 and DDP on gloo), the run length (2 optimiser steps), a Bloom filter sized for
+a billion queries (sized for the data), the Hub push (no network), and the export gate's bars (a student of 2
+steps on a random tiny model). Commands the tiny models cannot take (pruning 14 -> 7 -> 4 blocks) are listed and
+skipped by name, so a new command is run unless it is skipped on purpose.
 """
 
 import codecs
@@ -29,11 +29,14 @@ SKIPPED = {"--prune_schedule 14,7,4": "the tiny student has 2 blocks"}
 TRAINING = ("train_teacher.py", "distill_student.py", "refine_contrastive.py")
 
 
-def readme_commands():
-    """The shell commands of the README's first bash block under "Running on your data and models"."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+RECIPES_MARKER = "<!-- every command of this block is run by tests/test_readme_commands.py -->"
+
+
+def bash_block_commands(path, marker):
+    """The shell commands of the first bash block after `marker` in the markdown file at `path`."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
         text = handle.read()
-    section = text[text.index("## Running on your data and models") :]
+    section = text[text.index(marker) :]
     block = section[section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 7)]
     commands, current = [], ""
     for line in block.splitlines():
@@ -41,9 +44,18 @@ def readme_commands():
             continue
         current += " " + line.strip().removesuffix("\\")
         if not line.rstrip().endswith("\\"):
-            commands.append(current.strip())
+            commands.append(" ".join(current.split()))
             current = ""
     return commands
+
+
+def readme_commands():
+    """The README's commands ("Running on your data and models"), then those of docs/recipes.md's block that the
+    README does not give (the recipes repeat the README's plain commands beside their variants)."""
+    readme = bash_block_commands("README.md", "## Running on your data and models")
+    recipes = bash_block_commands(os.path.join("docs", "recipes.md"), RECIPES_MARKER)
+    assert set(readme) <= set(recipes), "the README's commands are also the recipes' (the same text)"
+    return readme + [command for command in recipes if command not in readme]
 
 
 def make_models(root):
