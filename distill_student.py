@@ -15,10 +15,9 @@ scored against the teacher's ad index as they are (--teacher_dim: against its fi
 The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers). A student
 cut from the teacher is made progressively by default: min(2K, depth) evenly spaced teacher layers are aligned,
 pruned to the K blocks that turn the hidden state most (1 - cos(input, output) on calibration queries) and
-re-aligned, the two stages together at the compute of one alignment of the K-block student. On the real
-collections of benchmarks/distill_study.py, 4 -> 2 blocks kept 98.2% nDCG@10 / 98.3% R@100 of the teacher
-against the one-shot cut's 95.5% / 100.3% (--progressive_from none: the one-shot cut of K evenly spaced
-layers; --progressive_from P: another start).
+re-aligned, the two stages together at the compute of one alignment of the K-block student
+(--progressive_from none: the one-shot cut of K evenly spaced layers; --progressive_from P: another start;
+the comparison on real collections is in benchmarks/README.md).
 
 With --prune_schedule 14,7,4 any student is pruned step by step instead: at each step the most important
 blocks (--layer_importance norm_ratio for the paper's ||output||/||input||, first_last to keep the ends) are
@@ -290,8 +289,7 @@ def plan_progressive(args):
     K / (P + K) of the epochs (and of --max_train_steps), so that P x share + K x share = K passes-of-a-block:
     the compute of aligning the K-block student once. A P-layer cut that is the whole teacher is already
     aligned: its one stage (pruning to K) gets the whole budget. auto: P = min(2K, depth) for a student cut
-    by --student_num_layers alone (benchmarks/distill_study.py: 4 -> 2 blocks keeps 98.2% / 98.3% of the
-    teacher's nDCG@10 / R@100 where the one-shot cut keeps 95.5% / 100.3%); nothing for any other student."""
+    by --student_num_layers alone (the study in benchmarks/README.md); nothing for any other student."""
     if args.progressive_from == "none":
         return
     depth, blocks = model_depth(args.teacher_model, args.trust_remote_code), args.student_num_layers
