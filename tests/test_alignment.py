@@ -42,14 +42,21 @@ def test_kl_by_hand():
     assert alignment_loss(TEACHER, TEACHER, parse_objectives("kl")).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def dot(u, v):
+    return sum(a * b for a, b in zip(u, v))
+
+
 def test_kernel_alignment_by_hand():
-    student_kernel = [[1.0, 0.6], [0.6, 1.0]]
-    teacher_kernel = [[1.0, 0.6], [0.6, 1.0]]
+    """mean_ij (<s_i, s_j> - <t_i, t_j>)^2, the Gram matrices written out from the vectors."""
+    # STUDENT and TEACHER differ in coordinates but not in structure: <s1, s2> = 0.6 = <t1, t2>.
     assert alignment_loss(STUDENT, TEACHER, parse_objectives("kernel")).item() == pytest.approx(0.0, abs=1e-7)
-    rotated = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # kernel [[1, 0], [0, 1]]
-    expected = sum((a - b) ** 2 for row_a, row_b in zip([[1, 0], [0, 1]], teacher_kernel) for a, b in zip(row_a, row_b))
-    assert alignment_loss(rotated, TEACHER, parse_objectives("kernel")).item() == pytest.approx(expected / 4)
-    assert student_kernel == teacher_kernel  # STUDENT and TEACHER differ in coordinates, not in structure
+    student = [[1.0, 0.0], [0.0, 1.0], [0.6, -0.8]]
+    teacher = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+    expected = sum((dot(s_i, s_j) - dot(t_i, t_j)) ** 2 for s_i, t_i in zip(student, teacher)
+                   for s_j, t_j in zip(student, teacher)) / 9  # fmt: skip
+    assert expected > 0.1  # (0 - 0.6)^2, (0.6 - 0.8)^2, (-0.8 - 0)^2, each twice: 2.08 / 9
+    loss = alignment_loss(torch.tensor(student), torch.tensor(teacher), parse_objectives("kernel"))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("bad", ["l3", "0*l2", "-1*kl", "l2+l2", "x*kl", ""])

@@ -519,6 +519,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tiny_bert
     assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
 
 
+@pytest.mark.parametrize("checkpointing_steps", ["1", "100"])
+def test_nan_parameters_are_never_saved(checkpointing_steps, small_data, tiny_bert, tmp_path):
+    """A parameter the loss never reads (BERT's pooler, unused by mean pooling) holds NaN, as in a damaged
+    checkpoint: training runs with finite losses and gradients, and the save is refused with one sentence and
+    nothing written, for a periodic checkpoint (at step 1) and for the final model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-pooler"
+    shutil.copytree(tiny_bert, model)
+    weights = load_file(str(model / "model.safetensors"))
+    (pooler,) = [name for name in weights if name.endswith("pooler.dense.weight")]
+    weights[pooler][0, 0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    output = tmp_path / "o"
+    with pytest.raises(UserError, match=r"Parameter .*pooler\.dense\.weight holds NaN/inf; nothing was written"):
+        train_teacher.main(tiny_teacher_run(str(model), small_data["train"], output, "--max_train_steps", "2",
+                                            "--checkpointing_steps", checkpointing_steps))  # fmt: skip
+    assert not (output / "model.safetensors").exists()
+    assert not (output / "checkpoints").exists() or not os.listdir(output / "checkpoints")
+    assert torch.isnan(load_file(str(model / "model.safetensors"))[pooler]).any()  # the input is left as it was
+
+
 def test_hub_token_never_reaches_logs_or_files(small_data, tiny_bert, tmp_path, capsys, caplog):
     secret = "hf_DoNotLeakThisToken123"
     output = tmp_path / "o"

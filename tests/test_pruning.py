@@ -76,8 +76,13 @@ def test_progressive_pruning_with_realignment(small_data, tiny_bert, tiny_qwen, 
     assert Encoder.from_pretrained(str(output / "stages" / "stage0")).backbone.config.num_hidden_layers == 2
     st = SentenceTransformer(str(output), device="cpu")
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), student.encode(QUERIES, "query"), atol=1e-5)
-    # Resuming skips the finished stage and reproduces the pruned student.
+    # Resuming skips the finished stage (its files are not written again: a retrained stage of the same seed
+    # would give the same weights, so the weights alone cannot tell) and reproduces the pruned student.
+    stage0 = sorted((output / "stages" / "stage0").rglob("*"))
+    written = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in stage0 if path.is_file()}
     distill_student.main([*args, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
+    assert sorted((output / "stages" / "stage0").rglob("*")) == stage0
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in written} == written
     again = Encoder.from_pretrained(str(output)).encode(QUERIES, "query")
     np.testing.assert_allclose(again, student.encode(QUERIES, "query"), atol=1e-5)
 

@@ -141,3 +141,31 @@ def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_one_line(stop, small_data
     straight = Encoder.from_pretrained(str(tmp_path / "straight")).encode(QUERIES, "query")
     resumed = Encoder.from_pretrained(str(stopped)).encode(QUERIES, "query")
     np.testing.assert_allclose(resumed, straight, atol=1e-5)
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from argparse import Namespace
+from accelerate import Accelerator
+from common.loop import Progress, TrainLoop
+
+loop = TrainLoop(Accelerator(cpu=True), Namespace(), [0, 1], Progress(), "train_teacher")
+with loop._stop_handlers():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs: the stop is recorded for the end of the step
+    print("first signal recorded:", loop.stop_signal == signal.SIGTERM, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+print("survived the second signal", flush=True)
+"""
+
+
+def test_a_second_signal_stops_at_once():
+    """The first SIGTERM is recorded and acted on at the end of the step; a second one, while the run finishes
+    its step and writes the checkpoint, ends the process at once (the default action), as the user asked."""
+    started = time.time()
+    finished = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)  # fmt: skip
+    assert "first signal recorded: True" in finished.stdout, finished.stdout + finished.stderr[-2000:]
+    assert finished.returncode == -signal.SIGTERM and "survived" not in finished.stdout
+    assert time.time() - started < 60

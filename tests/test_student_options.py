@@ -202,6 +202,14 @@ def test_kl_ranks_ads_of_the_teachers_ad_store(small_data, tiny_bert, tiny_bert_
     results = distill_student.main([*common, "--alignment_loss", "l2+kl", "--ad_store", ad_store,
                                     "--num_ranked_ads", "64", "--output_dir", str(tmp_path / "s")])  # fmt: skip
     assert np.isfinite(results["train_alignment_loss"]) and results["train_alignment_loss"] > 0
+    # A batch of one query: the KL over the batch's own teacher vectors ranks a single item and is exactly 0,
+    # the KL over the store's ads is not, so only ads drawn from the store can give a loss here.
+    single = [*common, "--alignment_loss", "kl", "--per_device_train_batch_size", "1"]
+    in_batch = distill_student.main([*single, "--output_dir", str(tmp_path / "in-batch")])
+    assert in_batch["train_alignment_loss"] == 0
+    over_ads = distill_student.main([*single, "--ad_store", ad_store, "--num_ranked_ads", "64",
+                                     "--output_dir", str(tmp_path / "over-ads")])  # fmt: skip
+    assert over_ads["train_alignment_loss"] > 1e-6
     with pytest.raises(UserError, match="add kl to --alignment_loss"):
         distill_student.main(
             [*common, "--alignment_loss", "l2", "--ad_store", ad_store, "--output_dir", str(tmp_path / "x")]
