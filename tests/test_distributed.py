@@ -161,20 +161,24 @@ def test_encode_script_reuses_a_current_store_and_refuses_a_stale_one(tmp_path, 
 def test_gradient_caching_gives_the_plain_batchs_weights_under_ddp_and_zero3(tmp_path, small_data):
     """--grad_cache_chunk_size: the batch's 2 x 8 x (1 + 1 + 1) rows embedded 5 at a time on each of 2 processes,
     the loss on the cached vectors (gathered across processes), then each chunk back-propagated: the weights of
-    the plain 2-process run, under DDP and under DeepSpeed ZeRO-3 (dropout off: the plain pass draws its masks
-    for the whole batch at once, the cached one per chunk)."""
+    the plain batch of 16 on one process (which 2 processes of 8 give, tests/test_multiprocess.py), under DDP and
+    under DeepSpeed ZeRO-3 (dropout off: the plain pass draws its masks for the whole batch at once, the cached
+    one per chunk)."""
     from conftest import make_tiny_bert
     from safetensors.torch import load_file
 
+    import train_teacher
+
     model = make_tiny_bert(tmp_path / "model", dropout=0.0)
-    script = ["train_teacher.py", "--model_name_or_path", model, "--train_file", small_data["train"],
-              "--per_device_train_batch_size", "8", "--max_train_steps", "3", "--learning_rate", "1e-3",
-              "--weight_decay", "0", "--num_hard_negatives", "1", "--num_warmup_steps", "1"]  # fmt: skip
+    flags = ["--model_name_or_path", model, "--train_file", small_data["train"], "--max_train_steps", "3",
+             "--learning_rate", "1e-3", "--weight_decay", "0", "--num_hard_negatives", "1",
+             "--num_warmup_steps", "1"]  # fmt: skip
+    script = ["train_teacher.py", *flags, "--per_device_train_batch_size", "8"]
     cached = ["--grad_cache_chunk_size", "5"]
+    train_teacher.main([*flags, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "plain")])
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
         ddp = ["--multi_gpu", "--num_processes", "2"]
-        launch(ddp, [*script, "--output_dir", str(tmp_path / "plain")], tmp_path, "plain")
         launch(ddp, [*script, *cached, "--output_dir", str(tmp_path / "ddp")], tmp_path, "ddp")
     finally:
         del os.environ["ACCELERATE_USE_CPU"]
