@@ -103,6 +103,7 @@ from common.store import (
     EmbeddingStore,
     check_store_matches,
     default_store_dir,
+    matryoshka_cut,
     open_or_build_store,
     rows_of_corpus,
     rows_of_lists,
@@ -632,7 +633,7 @@ def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_v
     if "teacher_inputs" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
         with torch.no_grad(), accelerator.autocast():
             teacher_targets = teacher(**batch.pop("teacher_inputs").to(device)).float()
-        teacher_targets = cut_targets(teacher_targets, args.teacher_dim, teacher.config.normalize)
+        teacher_targets = matryoshka_cut(teacher_targets, args.teacher_dim, teacher.config.normalize)
     else:
         teacher_targets = batch.pop("teacher_vectors").to(device)
     student_vectors, student_states = model(**batch, return_token_states=True)
@@ -646,15 +647,6 @@ def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_v
         loss = loss + args.token_loss_weight * token_loss
         logs["token_loss"] = token_loss.detach()
     return loss, logs
-
-
-def cut_targets(vectors, dim, normalized):
-    """The teacher's vectors as a --teacher_dim (Matryoshka) student is aligned to them: the first `dim`
-    coordinates, re-normalised when the teacher normalises (as a truncated store view gives them)."""
-    if not dim or dim >= vectors.shape[-1]:
-        return vectors
-    vectors = vectors[..., :dim]
-    return torch.nn.functional.normalize(vectors, dim=-1) if normalized else vectors
 
 
 def prune(student, keep_layers_count, args, calibration):

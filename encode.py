@@ -33,7 +33,7 @@ from common.cli import (
     parse_with_config,
     positive_int,
 )
-from common.data import _fingerprint_row, read_contexts, with_context
+from common.data import fingerprint_row, read_contexts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -150,7 +150,7 @@ def data_fingerprint_of(rows):
     """data_fingerprint over (id, what the model encodes) of the rows, in one streamed pass."""
     digest = hashlib.sha256()
     for item_id, _, encoded in rows():
-        _fingerprint_row(digest, item_id, encoded)
+        fingerprint_row(digest, item_id, encoded)
     return digest.hexdigest()
 
 

@@ -43,7 +43,7 @@ from common.data import corpus_summary, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import STAGING, Encoder
 from common.errors import UserError, run_cli
-from common.loop import _move_into_place, save_run_files
+from common.loop import move_into_place, save_run_files
 from common.onnx_export import INT8_FILE, INT8_SCHEMES, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from common.retrieval import IndexSpec, build_index, overlap_at_k, retrieval_metrics, search
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
@@ -220,7 +220,7 @@ def main(argv=None):
         )
     results["passed_gate"] = True
     save_run_files(staging, args, SCRIPT, results)
-    _move_into_place(staging, args.output_dir, last="training_args.json")
+    move_into_place(staging, args.output_dir, last="training_args.json")
     logger.info(f"Saved the student and its ONNX exports to {args.output_dir}")
     return results
 

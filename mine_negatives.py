@@ -45,7 +45,7 @@ from common.data import check_text, load_table, require_columns, scan_corpus, te
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import STAGING, Encoder
 from common.errors import UserError, run_cli
-from common.loop import _move_into_place, save_run_files
+from common.loop import move_into_place, save_run_files
 from common.retrieval import IndexSpec, build_index, search
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus
 
@@ -206,7 +206,7 @@ def main(argv=None):
     with open(os.path.join(staging, "mining_stats.json"), "w", encoding="utf-8") as handle:
         json.dump(stats, handle, indent=2)
     save_run_files(staging, args, SCRIPT, stats)
-    _move_into_place(staging, args.output_dir, last="training_args.json")
+    move_into_place(staging, args.output_dir, last="training_args.json")
     logger.info(f"Wrote {os.path.join(args.output_dir, 'clicks.parquet')}")
     return stats
 

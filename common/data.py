@@ -195,7 +195,7 @@ def scan_corpus(source, id_column, text_column, batch_rows=65536):
     for batch in table.select_columns([id_column, text_column]).iter(batch_size=batch_rows):
         for item_id, text in zip(batch[id_column], batch[text_column]):
             item_id, text = check_id(item_id, source, row, id_column), check_text(text, source, row, text_column)
-            _fingerprint_row(digest, item_id, text)
+            fingerprint_row(digest, item_id, text)
             ids.append(item_id)
             row += 1
     check_unique_ids(ids, source, id_column)
@@ -229,7 +229,7 @@ def corpus_summary(source, id_column, text_column, watch=(), split="train", ids_
     the judged ids only, and maps search results to ids through the store."""
     digest, count, watch, found = hashlib.sha256(), 0, set(watch), set()
     for item_id, text in iter_corpus(source, id_column, text_column, split, ids_optional):
-        _fingerprint_row(digest, item_id, text)
+        fingerprint_row(digest, item_id, text)
         count += 1
         if item_id in watch:
             found.add(item_id)
@@ -283,14 +283,14 @@ def text_key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def _fingerprint_row(digest, item_id, text):
+def fingerprint_row(digest, item_id, text):
     digest.update(item_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
 
 
 def data_fingerprint(ids, texts):
     digest = hashlib.sha256()
     for item_id, text in zip(ids, texts):
-        _fingerprint_row(digest, item_id, text)
+        fingerprint_row(digest, item_id, text)
     return digest.hexdigest()
 
 

@@ -491,7 +491,7 @@ def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
         floating = [readers[path].dtype(name) for name, path in files.items()]
         dtype = next((kind for kind in floating if kind.is_floating_point), torch.float32)
     model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    _, owner, attribute = _find_layers(model)
+    _, owner, attribute = find_layers(model)
     prefix_of_blocks = next(
         name.rsplit(f"{attribute}.0.", 1)[0] + f"{attribute}." for name, _ in model.named_parameters()
         if f"{attribute}.0." in name
@@ -741,7 +741,7 @@ def keep_layers(encoder, layer_indices):
 
 def keep_layers_of(backbone, layer_indices):
     """keep_layers on a bare transformers backbone."""
-    layers, owner, attribute = _find_layers(backbone)
+    layers, owner, attribute = find_layers(backbone)
     if not layer_indices or max(layer_indices) >= len(layers) or min(layer_indices) < 0:
         raise UserError(f"Layer indices {layer_indices} are out of range for a {len(layers)}-layer model.")
     setattr(owner, attribute, nn.ModuleList([layers[i] for i in layer_indices]))
@@ -765,7 +765,7 @@ def evenly_spaced_layers(total, keep):
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def _find_layers(backbone):
+def find_layers(backbone):
     for owner_name in ("encoder", ""):
         owner = getattr(backbone, owner_name, None) if owner_name else backbone
         for attribute in ("layer", "layers"):

@@ -437,7 +437,7 @@ def save_run_files(output_dir, args, script, results=None, log_history=None):
             handle.write("\n  ]\n}\n")
 
 
-def _move_into_place(staging, folder, last):
+def move_into_place(staging, folder, last):
     """Move every entry of `staging` into `folder` (replacing entries of the same name), `last` last, then
     remove the empty staging folder. A stale model file of an earlier run that the new save does not have
     (say, the head of a student that now has none) is removed first."""
@@ -477,7 +477,7 @@ def save_final_model(accelerator, args, model, script, role, results, log_histor
         encoder.save_pretrained(staging, state_dict=state_dict)
         write_model_card(staging, encoder, role, script, results, args=args)
         save_run_files(staging, args, script, results, log_history)
-        _move_into_place(staging, args.output_dir, last="training_args.json")
+        move_into_place(staging, args.output_dir, last="training_args.json")
         logger.info(f"Saved the {role} to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)

@@ -19,7 +19,7 @@ import contextlib
 import torch
 from torch import nn
 
-from common.encoder import _find_layers, keep_layers
+from common.encoder import find_layers, keep_layers
 from common.errors import UserError
 
 
@@ -45,7 +45,7 @@ def importance(encoder, texts, batch_size=32, criterion="block_influence"):
     """Per-layer importance (list of floats) and per-layer FFN unit importance (list of 1-d tensors)."""
     if criterion not in LAYER_CRITERIA:
         raise UserError(f"Unknown layer importance '{criterion}'; use one of {', '.join(LAYER_CRITERIA)}.")
-    layers, _, _ = _find_layers(encoder.backbone)
+    layers, _, _ = find_layers(encoder.backbone)
     layer_scores = torch.zeros(len(layers), dtype=torch.float64)
     unit_scores = [None] * len(layers)
     state = {"mask": None, "tokens": 0}
@@ -106,7 +106,7 @@ def prune_layers(encoder, layer_scores, keep):
 
 def prune_ffn(encoder, unit_scores, keep_units):
     """Keep the `keep_units` most important FFN units in every layer."""
-    layers, _, _ = _find_layers(encoder.backbone)
+    layers, _, _ = find_layers(encoder.backbone)
     for layer, scores in zip(layers, unit_scores):
         if scores is None:
             raise UserError(f"No FFN activations were recorded for {type(layer).__name__}; use --ffn_keep_ratio 1.")

@@ -37,7 +37,7 @@ from collections import OrderedDict
 import numpy as np
 
 from common.cli import lock_folder, unlock_folder
-from common.data import _fingerprint_row, text_key
+from common.data import fingerprint_row, text_key
 from common.encoder import EncoderSpec
 from common.errors import UserError
 
@@ -59,6 +59,23 @@ def _hashes(values):
         [int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little") for value in values],
         dtype=np.uint64,
     )
+
+
+def matryoshka_cut(vectors, dim, normalized):
+    """The first `dim` coordinates of each vector (a numpy array or a torch tensor), re-normalised when the
+    vectors are normalised: what a Matryoshka-trained embedder's truncated vector is. The one place the cut is
+    made, for a store's view (EmbeddingStore.truncated) and for the teacher's vectors of phase 2 alike."""
+    if not dim or dim >= vectors.shape[-1]:
+        return vectors
+    vectors = vectors[..., :dim]
+    if not normalized:
+        return vectors
+    if isinstance(vectors, np.ndarray):
+        vectors = vectors.astype(np.float32)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    import torch
+
+    return torch.nn.functional.normalize(vectors, dim=-1)
 
 
 class EmbeddingStore:
@@ -114,13 +131,8 @@ class EmbeddingStore:
         return view
 
     def _finish(self, vectors):
-        """float32 rows cut to this view's width (re-normalised after a cut when the store is normalised); the one
-        place a Matryoshka cut of stored vectors is made."""
-        if self.width < self.metadata["dim"]:
-            vectors = vectors[:, : self.width]
-            if self.metadata.get("normalized"):
-                norms = np.linalg.norm(vectors.astype(np.float32), axis=1, keepdims=True)
-                vectors = vectors / np.maximum(norms, 1e-12)
+        """float32 rows cut to this view's width (matryoshka_cut)."""
+        vectors = matryoshka_cut(vectors, self.width, bool(self.metadata.get("normalized")))
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _by_part(self, rows):
@@ -434,7 +446,7 @@ def build_store(
         _write_chunk(path, vectors, batch, fingerprint, module.fingerprint, dtype, keep_texts)
 
     for row in rows():
-        _fingerprint_row(digest, str(row[0]), row[2])  # what the model encodes (a query with its context)
+        fingerprint_row(digest, str(row[0]), row[2])  # what the model encodes (a query with its context)
         pending.append(row)
         seen += 1
         if len(pending) == chunk_rows:
@@ -515,7 +527,7 @@ def write_store(folder, vectors, ids, texts=None, *, metadata, chunk_rows=None, 
     for index, start in enumerate(range(0, len(ids), chunk_rows)):
         rows = [(str(i), t, t) for i, t in zip(ids[start : start + chunk_rows], texts[start : start + chunk_rows])]
         for item_id, text, _ in rows:
-            _fingerprint_row(digest, item_id, text)
+            fingerprint_row(digest, item_id, text)
         name = _chunk_name(index)
         chunk_vectors = block(start, start + len(rows))
         model = metadata.get("model_fingerprint")

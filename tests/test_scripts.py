@@ -514,7 +514,7 @@ def test_a_final_save_cut_short_is_refused_and_finished_by_resuming(small_data, 
     def crash(staging, folder, last):
         raise KeyboardInterrupt  # the process dies between writing the model and moving it into place
 
-    monkeypatch.setattr(common.loop, "_move_into_place", crash)
+    monkeypatch.setattr(common.loop, "move_into_place", crash)
     with pytest.raises(KeyboardInterrupt):
         train_teacher.main(args)
     monkeypatch.undo()
