@@ -169,3 +169,38 @@ def test_a_second_signal_stops_at_once():
     assert "first signal recorded: True" in finished.stdout, finished.stdout + finished.stderr[-2000:]
     assert finished.returncode == -signal.SIGTERM and "survived" not in finished.stdout
     assert time.time() - started < 60
+
+
+LAUNCHED_EXIT = """
+import atexit, os, signal, socket, sys
+import torch.distributed as dist
+from common.errors import UserError, run_cli
+
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+# What a C++ object destroyed at interpreter shutdown with its thread still running does: abort.
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGABRT))
+
+
+def main():
+    print("work done", flush=True)
+    if sys.argv[1] == "refused":
+        raise UserError("a refusal")
+
+
+run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("outcome, code", [("done", 0), ("refused", 2)])
+def test_a_launched_process_ends_without_the_interpreters_shutdown(outcome, code):
+    """A process of a multi-process launch (here one with a gloo process group) ends right after its work and
+    the group's teardown, with its exit code, before the interpreter's shutdown, where torch.distributed's C++
+    objects can abort the process (and fail the launch) after the model was saved."""
+    finished = subprocess.run([sys.executable, "-c", LAUNCHED_EXIT, outcome], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)  # fmt: skip
+    assert "work done" in finished.stdout and finished.returncode == code, finished.stderr[-2000:]
+    assert ("error: a refusal" in finished.stderr) == (outcome == "refused")
