@@ -38,6 +38,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 WHEELS = os.path.join(ROOT, ".gpu_wheels")
 MODEL_FILES = "all-MiniLM-L6-v2-without-weights"
 # Distributions a GPU image with torch, transformers, accelerate, sentence-transformers, peft and onnx may
@@ -117,7 +118,6 @@ def download_wheels(folder, python_version):
 
 def copy_model_files(destination):
     """The embedded default's configuration, vocabulary and sentence-transformers files, without weights."""
-    sys.path.insert(0, ROOT)
     from common.demo_data import demo_base_model
 
     weights = shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "*.h5", "onnx", "openvino")
@@ -158,7 +158,7 @@ def run_step(command, limit, log_path, env):
     return code, time.perf_counter() - start
 
 
-def test_rows(junit_path):
+def junit_rows(junit_path):
     """(test name, outcome, seconds, detail) for each test case in a junit file."""
     rows = []
     for case in ElementTree.parse(junit_path).getroot().iter("testcase"):
@@ -175,7 +175,6 @@ def benchmark_models(output_dir, wheels, random_weights=False):
     """(teacher, student, note): the embedded default's real weights where installed (unless
     `random_weights`), else random weights of its architecture from the model files in `wheels`; the student
     keeps 2 of the teacher's 6 layers."""
-    sys.path.insert(0, ROOT)
     from common.demo_data import demo_base_model
     from common.encoder import Encoder, evenly_spaced_layers
     from common.errors import UserError
@@ -234,7 +233,7 @@ def main(argv=None):
                    f"--junitxml={junit}"]  # fmt: skip
         code, seconds = run_step(command, limit("tests"), os.path.join(args.output_dir, "tests.log"), env)
         if os.path.exists(junit):
-            rows += [(f"test {name}", outcome, secs, detail) for name, outcome, secs, detail in test_rows(junit)]
+            rows += [(f"test {name}", outcome, secs, detail) for name, outcome, secs, detail in junit_rows(junit)]
         else:
             rows.append(("tests", "TIMEOUT" if code is None else f"exit {code}", seconds, "see tests.log"))
     for step in ("encode", "serving"):
