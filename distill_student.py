@@ -37,21 +37,19 @@ Progressive pruning of the 28-layer Qwen3-0.6B student to 4 blocks, re-aligning 
 """
 
 import argparse
-import copy
 import gc
-import itertools
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from common.alignment import alignment_loss, parse_objectives, token_state_loss
-from common.cli import (
+from common.args import (
     add_common_training_args,
     add_context_args,
     add_stream_filter_args,
@@ -60,20 +58,14 @@ from common.cli import (
     check_stream_filters_need_streaming,
     fraction,
     layer_list,
-    log_banner,
-    log_truncation,
-    logger,
-    make_accelerator,
     non_negative_float,
     non_negative_int,
     parse_with_config,
     positive_float,
     positive_int,
     shrinking_schedule,
-    tracker_config,
 )
 from common.data import (
-    LengthGroupedSampler,
     corpus_fingerprint,
     data_fingerprint,
     read_contexts,
@@ -81,14 +73,7 @@ from common.data import (
     with_context,
 )
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import (
-    Encoder,
-    EncoderSpec,
-    evenly_spaced_layers,
-    freeze_input_embeddings,
-    model_depth,
-    truncate_output,
-)
+from common.encoder import Encoder, EncoderSpec
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -98,7 +83,10 @@ from common.loop import (
     resume_from_checkpoint,
     save_final_model,
 )
+from common.model_files import model_depth
 from common.pruning import importance, prune_ffn, prune_layers
+from common.run_folder import tracker_config
+from common.runtime import log_banner, log_truncation, logger, make_accelerator
 from common.store import (
     EmbeddingStore,
     check_store_matches,
@@ -107,9 +95,10 @@ from common.store import (
     open_or_build_store,
     rows_of_corpus,
     rows_of_lists,
-    vectors_of,
 )
-from common.streaming import MixedStream, StreamBatches, TextStream, open_or_build_stream_store
+from common.streaming import TextStream, open_or_build_stream_store
+from common.surgery import evenly_spaced_layers, freeze_input_embeddings, truncate_output
+from common.targets import InMemoryTargets, StreamTargets
 
 SCRIPT = "distill_student.py"
 
@@ -269,7 +258,7 @@ def parse_args(argv=None):
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-aligned"))
     group.add_argument("--overwrite_output_dir", action="store_true")
     add_common_training_args(parser)
-    # lr 1e-3: best of 2e-4, 5e-4, 1e-3, 2e-3 for the 2-layer MiniLM cut in benchmarks/distill_study.py; a
+    # lr 1e-3: the best of the learning rates benchmarks/distill_study.py tried for the 2-layer MiniLM cut; a
     # student of hundreds of millions of parameters (Qwen3-0.6B) wants a smaller one (e.g. 1e-4).
     parser.set_defaults(learning_rate=1e-3, per_device_train_batch_size=64, num_train_epochs=4.0)
     return parse_with_config(parser, argv)
@@ -285,42 +274,62 @@ def progressive_start(text):
         raise argparse.ArgumentTypeError(f"{text!r} must be auto, none or an integer >= 1") from None
 
 
-def plan_progressive(args):
-    """--progressive_from P with K = --student_num_layers: a cut of P layers pruned to K, each stage given
-    K / (P + K) of the epochs (and of --max_train_steps), so that P x share + K x share = K passes-of-a-block:
-    the compute of aligning the K-block student once. A P-layer cut that is the whole teacher is already
-    aligned: its one stage (pruning to K) gets the whole budget. auto: P = min(2K, depth) for a student cut
-    by --student_num_layers alone (the study in benchmarks/README.md); nothing for any other student."""
-    if args.progressive_from == "none":
-        return
-    depth, blocks = model_depth(args.teacher_model, args.trust_remote_code), args.student_num_layers
+@dataclass
+class Stage:
+    """One alignment run of the distillation, as plain values: the student (pruned to `prune_to` blocks first,
+    unless None) is aligned for this budget and saved to `output_dir`."""
+
+    number: int
+    prune_to: int | None
+    output_dir: str
+    num_train_epochs: float
+    max_train_steps: int | None
+    final: bool
+
+
+def plan_stages(args, teacher_depth):
+    """(teacher layers the student is cut to, the stages). One stage without pruning; with --prune_schedule one
+    more stage per step, each with the whole budget. A plain cut of K layers (--student_num_layers K alone) is
+    progressive by default: --progressive_from P (auto: P = min(2K, depth)) cuts P layers, aligns them, prunes to
+    K blocks and re-aligns, each stage given K / (P + K) of the epochs (and of --max_train_steps), so that
+    P x share + K x share = K passes-of-a-block: the compute of aligning the K-block student once. A P-layer cut
+    that is the whole teacher is already aligned: its one stage (pruning to K) gets the whole budget. Every stage
+    but the last goes to <output_dir>/stages/stageN."""
+    blocks, schedule, share = args.student_num_layers, args.prune_schedule or [], 1.0
+    cut = len(args.student_layers) if args.student_layers else blocks
     plain_cut = not (args.student_model or args.student_layers or args.prune_schedule)
+    start = None  # the layers a progressive run starts from; None: not progressive
     if args.progressive_from == "auto":
-        start = min(2 * blocks, depth)
-        if not plain_cut or start <= blocks:
-            return  # not a plain cut, or one as deep as the teacher (refused by check_depths)
-    else:
+        if plain_cut and min(2 * blocks, teacher_depth) > blocks:  # not: a cut as deep as the teacher (refused)
+            start = min(2 * blocks, teacher_depth)
+    elif args.progressive_from != "none":
         start = args.progressive_from
         if not plain_cut:
             raise UserError(
                 "--progressive_from cuts the teacher and prunes the cut to --student_num_layers; drop "
                 "--student_model, --student_layers and --prune_schedule, or drop --progressive_from."
             )
-        if not blocks < start <= depth:
+        if not blocks < start <= teacher_depth:
             raise UserError(
                 f"--progressive_from {start} must be more than --student_num_layers {blocks} and at most the "
-                f"teacher's {depth} layers."
+                f"teacher's {teacher_depth} layers."
             )
-    share = blocks / (start + blocks) if start < depth else 1.0
-    logger.info(
-        f"Progressive: {start} teacher layers pruned to {blocks} blocks, "
-        + (f"each stage {share:.3f} of the budget" if share < 1 else "one stage with the whole budget")
-        + " (--progressive_from none: the one-shot cut)"
-    )
-    args.student_num_layers, args.prune_schedule = start, [blocks]
-    args.num_train_epochs *= share
-    if args.max_train_steps:
-        args.max_train_steps = max(1, round(args.max_train_steps * share))
+    if start is not None:
+        cut, schedule = start, [blocks]
+        share = blocks / (start + blocks) if start < teacher_depth else 1.0
+        logger.info(
+            f"Progressive: {start} teacher layers pruned to {blocks} blocks, "
+            + (f"each stage {share:.3f} of the budget" if share < 1 else "one stage with the whole budget")
+            + " (--progressive_from none: the one-shot cut)"
+        )
+    epochs = args.num_train_epochs * share
+    steps = max(1, round(args.max_train_steps * share)) if args.max_train_steps else None
+    stages = []
+    for number, prune_to in enumerate([None, *schedule]):
+        final = number == len(schedule)
+        folder = args.output_dir if final else os.path.join(args.output_dir, "stages", f"stage{number}")
+        stages.append(Stage(number, prune_to, folder, epochs, steps, final))
+    return cut, stages
 
 
 def check_depths(args):
@@ -406,7 +415,6 @@ def check_streaming_args(args):
             "A stream's length is unknown before it is read: pass --max_train_steps with --teacher_in_loop (or train "
             "from a chunked store, whose length is known)."
         )
-    args.group_by_length = False  # streamed batches come in stream order (shuffled by buffer or by chunk)
 
 
 def stream_of(args, source, context):
@@ -446,8 +454,54 @@ def open_stream_sources(accelerator, args, teacher):
     return sources
 
 
-def make_student(args, teacher):
-    """A student in the teacher's output space: same prompts; a linear head when the widths differ."""
+def open_training_rows(accelerator, args, teacher):
+    """The rows phase 2 trains on (common/targets.py) and the folder of the teacher's query store (None with the
+    teacher in the loop). Without --streaming the label-free texts are read whole and the teacher's vectors of
+    them come from stores (opened, or built once); with --streaming nothing is read whole: the rows come from
+    chunked stores of the streams (opened, or built resumably) or, with --teacher_in_loop, from the streams."""
+    if not args.streaming:
+        sources = read_label_free_texts(args)
+        stores = []
+        for ids, texts, teacher_texts, store_path in sources:
+            store = open_or_build_store(
+                accelerator, teacher, rows_of_lists(ids, texts, teacher_texts), "query",
+                data_fp=data_fingerprint(ids, teacher_texts), path=store_path, store_dir=default_store_dir(args),
+                model_path=args.teacher_model, batch_size=args.encode_batch_size,
+            )  # fmt: skip
+            stores.append(store)
+        store = EmbeddingStore.stack(stores)
+        if args.teacher_dim:
+            store = store.truncated(args.teacher_dim)
+        texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
+        rows = InMemoryTargets(texts, store, args.seed, args.group_by_length, args.dataloader_num_workers)
+        return rows, stores[0].folder
+    queries, general = open_stream_sources(accelerator, args, teacher)
+    rows = StreamTargets(queries, general, args.general_text_ratio or 0.0, args.seed)
+    return rows, None if args.teacher_in_loop else queries.folder
+
+
+def open_ad_store(accelerator, args, teacher):
+    """The teacher's ad vectors whose ranking the kl objective teaches, or None: --ad_store opened (checked
+    against the teacher), or with --corpus_file opened or built once (the ads are streamed: a fingerprint pass,
+    then the build if the store is missing; no text is held)."""
+    if args.corpus_file:
+        ad_store = open_or_build_store(
+            accelerator, teacher, rows_of_corpus(args.corpus_file, args.ad_id_column, args.ad_text_column), "ad",
+            data_fp=corpus_fingerprint(args.corpus_file, args.ad_id_column, args.ad_text_column),
+            path=args.ad_store, store_dir=default_store_dir(args), model_path=args.teacher_model,
+            batch_size=args.encode_batch_size,
+        )  # fmt: skip
+    elif args.ad_store:
+        ad_store = EmbeddingStore.open(args.ad_store, model_fingerprint=teacher.fingerprint)
+        check_store_matches(ad_store, teacher, "ad")
+    else:
+        return None
+    return ad_store.truncated(args.teacher_dim) if args.teacher_dim else ad_store
+
+
+def make_student(args, teacher, cut_layers):
+    """A student in the teacher's output space: --student_model, or `cut_layers` evenly spaced teacher layers
+    (--student_layers: those). Same prompts as the teacher; a linear head when the widths differ."""
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     if args.student_model:
         student = Encoder.from_pretrained(
@@ -464,7 +518,7 @@ def make_student(args, teacher):
     else:
         # Only the kept blocks (and the embeddings) are read from the teacher's weight files.
         total = teacher.depth
-        layers = args.student_layers or evenly_spaced_layers(total, args.student_num_layers)
+        layers = args.student_layers or evenly_spaced_layers(total, cut_layers)
         student = teacher.load(dtype="float32", layers=layers)
         student.config.extra["teacher_layers"] = layers
         logger.info(f"Student: teacher layers {layers} of {total}")
@@ -500,59 +554,19 @@ def stage_steps(folder):
         return int(json.load(handle)["steps"])
 
 
-def align(accelerator, args, student, data, teacher=None, ad_store=None, step_offset=0):
-    """One alignment run: the training loop, then the student saved to args.output_dir. `data` is (texts, the
-    teacher's store of their vectors), or with --streaming a function that opens the row stream afresh.
-    `teacher` (frozen, on the device) is given with --token_loss_weight (its hidden states are the targets of
-    every token) and with --teacher_in_loop (its vectors are the targets)."""
-    tokenize = student.tokenize  # the encoder's own method: prepare() wraps the model in DDP below
+def align(accelerator, args, student, rows, teacher, ad_store, stage, step_offset=0):
+    """One stage: the training loop over `rows` (common/targets.py), then the student saved to the stage's
+    folder. `teacher` (frozen, on the device) is given with --token_loss_weight (its hidden states are the targets
+    of every token) and with --teacher_in_loop (its vectors are the targets); `ad_store`: the teacher's ads that
+    the kl objective ranks. `step_offset`: the optimiser steps of earlier stages (the trackers count on)."""
+    # This stage's run, which common/loop.py reads: the script's flags with the stage's folder and budget.
+    run = argparse.Namespace(**vars(args))
+    run.output_dir, run.push_to_hub = stage.output_dir, args.push_to_hub and stage.final  # stages are never pushed
+    run.num_train_epochs = stage.num_train_epochs
 
-    if args.streaming:
-        # Each global micro-batch is the stream's next per-device batch x processes rows; this process
-        # collates its slice, so N processes read exactly the rows of one process with the whole batch.
-        def collate_stream(rows):
-            batch = tokenize([text for text, _, _ in rows], "query").to(accelerator.device)
-            if args.teacher_in_loop:
-                batch["teacher_inputs"] = teacher.tokenize([target for _, target, _ in rows], "query")
-            else:  # (store, row) of each row: the store streams are already cut to --teacher_dim
-                batch["teacher_vectors"] = torch.from_numpy(vectors_of([reference for _, _, reference in rows]))
-            return batch
-
-        dataloader = StreamBatches(
-            data(), args.per_device_train_batch_size, accelerator.num_processes, accelerator.process_index,
-            collate_stream,
-        )  # fmt: skip
-        num_examples = "a stream"
-    else:
-        texts, teacher_store = data
-
-        def collate(rows):
-            batch = tokenize([texts[row] for row in rows], "query")
-            batch["teacher_vectors"] = torch.from_numpy(teacher_store.read(rows))  # only this batch's rows
-            return batch
-
-        # The rows of one optimiser step (per-device batch x processes x accumulation) are a random draw of
-        # texts, the same for any number of processes; with --group_by_length they have similar lengths, which
-        # saves the compute spent on padding.
-        global_batch_size = args.per_device_train_batch_size * accelerator.num_processes
-        sampler = (
-            LengthGroupedSampler(
-                [len(text) for text in texts], global_batch_size * args.gradient_accumulation_steps, args.seed
-            )
-            if args.group_by_length
-            else None
-        )
-        dataloader = DataLoader(
-            range(len(texts)),
-            batch_size=args.per_device_train_batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(texts) >= global_batch_size,
-            collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
-        )
-        num_examples = len(texts)
-
+    dataloader = rows.dataloader(
+        accelerator, student.tokenize, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    )  # student.tokenize: the encoder's own method (prepare() wraps the model in DDP below)
     if args.freeze_embeddings:
         logger.info(f"Input embeddings frozen: {freeze_input_embeddings(student) / 1e6:.1f}M parameters")
 
@@ -561,34 +575,28 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None, step_of
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(student, args.weight_decay, accelerator), lr=args.learning_rate
     )
-    if args.streaming:  # epochs of a known length (a chunked store), else --max_train_steps (checked in main)
-        rows = data.rows_per_epoch / (1 - (args.general_text_ratio or 0.0)) if hasattr(data, "rows_per_epoch") else 0
-        steps_per_epoch = math.ceil(
-            rows / (args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
-        )
-    else:
-        steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    args.max_train_steps = args.max_train_steps or max(math.ceil(args.num_train_epochs * steps_per_epoch), 1)
-    if args.num_warmup_steps is None:
-        args.num_warmup_steps = int(0.05 * args.max_train_steps)
+    steps_per_epoch = rows.steps_per_epoch(dataloader, accelerator.num_processes, args.gradient_accumulation_steps)
+    run.max_train_steps = stage.max_train_steps or max(math.ceil(stage.num_train_epochs * steps_per_epoch), 1)
+    if run.num_warmup_steps is None:
+        run.num_warmup_steps = int(0.05 * run.max_train_steps)
     # accelerate steps a prepared scheduler once per process at every optimiser step, so the schedule counts
     # num_processes x the optimiser steps (as in the HF *_no_trainer examples); the learning rate at each
     # optimiser step is then the same for any number of processes.
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=run.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=run.max_train_steps * accelerator.num_processes,
     )
-    if args.streaming:  # the stream is sliced per process above; accelerate must not shard it again
-        model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    else:
+    if rows.prepared_by_accelerate:
         model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
-    if not accelerator.trackers:  # once per script, also when pruning stages align again
-        accelerator.init_trackers("distill_student", config=tracker_config(args))
-    progress = resume_from_checkpoint(accelerator, args, SCRIPT)
-    loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT, tracker_step_offset=step_offset)
-    log_banner(args, accelerator, num_examples)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if not accelerator.trackers:  # once per script, also when later stages align again
+        accelerator.init_trackers("distill_student", config=tracker_config(run))
+    progress = resume_from_checkpoint(accelerator, run, SCRIPT)
+    loop = TrainLoop(accelerator, run, dataloader, progress, SCRIPT, tracker_step_offset=step_offset)
+    log_banner(run, accelerator, rows.num_examples)
 
     model.train()
     for batch in loop:
@@ -599,8 +607,8 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None, step_of
                 # micro-batch of the step ranks the same ads, and a resumed run draws them again.
                 step_in_epoch = (loop.progress.batch_in_epoch - 1) // args.gradient_accumulation_steps
                 rng = np.random.default_rng([args.seed, loop.progress.epoch, step_in_epoch])
-                rows = rng.integers(len(ad_store), size=min(args.num_ranked_ads, len(ad_store)))
-                ranked_ad_vectors = torch.from_numpy(ad_store.read(rows))  # host memory: moved in the loss
+                ad_rows = rng.integers(len(ad_store), size=min(args.num_ranked_ads, len(ad_store)))
+                ranked_ad_vectors = torch.from_numpy(ad_store.read(ad_rows))  # host memory: moved in the loss
             loss, logs = distillation_loss(accelerator, model, batch, args, teacher, ranked_ad_vectors)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
@@ -614,9 +622,9 @@ def align(accelerator, args, student, data, teacher=None, ad_store=None, step_of
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results.update(loop.speed())
     results["steps"] = loop.step
-    save_final_model(accelerator, args, model, SCRIPT, "student", results, progress.log_history)
+    save_final_model(accelerator, run, model, SCRIPT, "student", results, progress.log_history)
     student = accelerator.unwrap_model(model)
-    accelerator.free_memory()  # the next pruning stage prepares a new model and optimiser
+    accelerator.free_memory()  # the next stage prepares a new model and optimiser
     return student, results
 
 
@@ -630,9 +638,10 @@ def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_v
     averaging, N processes with B/N queries each give exactly the gradient of one batch of B (and so does
     accumulation)."""
     device = batch["input_ids"].device
-    if "teacher_inputs" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
+    if "teacher_texts" in batch:  # --teacher_in_loop: the frozen teacher's vectors of this batch
+        teacher_inputs = teacher.tokenize(batch.pop("teacher_texts"), "query").to(device)
         with torch.no_grad(), accelerator.autocast():
-            teacher_targets = teacher(**batch.pop("teacher_inputs").to(device)).float()
+            teacher_targets = teacher(**teacher_inputs).float()
         teacher_targets = matryoshka_cut(teacher_targets, args.teacher_dim, teacher.config.normalize)
     else:
         teacher_targets = batch.pop("teacher_vectors").to(device)
@@ -667,7 +676,6 @@ def prune(student, keep_layers_count, args, calibration):
 
 def main(argv=None):
     args = parse_args(argv)
-    plan_progressive(args)
     check_streaming_args(args)
     if args.query_context_column and args.token_loss_weight > 0:
         raise UserError(
@@ -675,6 +683,7 @@ def main(argv=None):
             "which --query_context_column changes for the teacher; use one or the other."
         )
     check_depths(args)  # the models' depths, read from their configs
+    cut_layers, stages = plan_stages(args, model_depth(args.teacher_model, args.trust_remote_code))
     with_ads = bool(args.corpus_file or args.ad_store or args.query_file is None)  # None: the built-in data
     if args.alignment_loss is None:  # the study in benchmarks/distill_study.py: ranking real ads adds most
         args.alignment_loss = parse_objectives("l2+kl" if with_ads else "l2")
@@ -703,15 +712,10 @@ def main(argv=None):
             args.query_file = demo_paths()["queries"]
             args.corpus_file = args.corpus_file or (None if args.ad_store else demo_paths()["ads"])
     set_seed(args.seed)
-    if args.streaming:  # nothing is read whole: the streams are opened below, once the teacher is loaded
-        sources, texts = [], None
-    else:
-        sources = read_label_free_texts(args)
-        texts = [text for _, source_texts, _, _ in sources for text in source_texts]  # what the student reads
 
     # The teacher as its files declare it (prompts, width, depth, fingerprint): enough to check its stores and
     # to cut the student. Its weights load once, in their own dtype, only where it encodes: to build a missing
-    # store, or in the loop. Each step reads only its batch's rows from the memory-mapped store shards.
+    # store, or in the loop. Each step reads only its batch's rows from the memory-mapped store chunks.
     teacher = EncoderSpec.read(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
@@ -720,58 +724,11 @@ def main(argv=None):
             f"--teacher_dim {args.teacher_dim} is wider than the teacher's {teacher.embedding_dim}-d vectors; "
             f"use at most {teacher.embedding_dim}."
         )
-    ad_store = None
-    if args.ad_store and not args.corpus_file:  # the teacher's own ad vectors, or refused
-        ad_store = EmbeddingStore.open(args.ad_store, model_fingerprint=teacher.fingerprint)
-        check_store_matches(ad_store, teacher, "ad")
-    student = make_student(args, teacher)
+    student = make_student(args, teacher, cut_layers)
     if args.token_loss_weight > 0:
         check_token_targets(student, teacher.load_once())
-    stores = [
-        open_or_build_store(
-            accelerator,
-            teacher,
-            rows_of_lists(ids, source_texts, teacher_texts),
-            "query",
-            data_fp=data_fingerprint(ids, teacher_texts),
-            path=store_path,
-            store_dir=default_store_dir(args),
-            model_path=args.teacher_model,
-            batch_size=args.encode_batch_size,
-        )
-        for ids, source_texts, teacher_texts, store_path in sources
-    ]
-    if args.streaming:
-        query_source, general_source = open_stream_sources(accelerator, args, teacher)
-
-        def data():
-            return MixedStream(query_source, general_source, args.general_text_ratio or 0.0, args.seed)
-
-        if hasattr(query_source, "rows_per_epoch"):
-            data.rows_per_epoch = query_source.rows_per_epoch
-        calibration = [text for text, _, _ in itertools.islice(query_source.rows(0), args.calibration_queries)]
-        teacher_store = None
-    else:
-        teacher_store = EmbeddingStore.stack(stores)
-        data, calibration = (texts, teacher_store), texts[: args.calibration_queries]
-    if args.corpus_file:  # the teacher's ad vectors: opened (checked against model and ads) or built once
-        # The ads are streamed (a fingerprint pass, then the build if the store is missing): no text is held.
-        ad_store = open_or_build_store(
-            accelerator,
-            teacher,
-            rows_of_corpus(args.corpus_file, args.ad_id_column, args.ad_text_column),
-            "ad",
-            data_fp=corpus_fingerprint(args.corpus_file, args.ad_id_column, args.ad_text_column),
-            path=args.ad_store,
-            store_dir=default_store_dir(args),
-            model_path=args.teacher_model,
-            batch_size=args.encode_batch_size,
-        )
-    if args.teacher_dim:
-        if teacher_store is not None:
-            teacher_store = teacher_store.truncated(args.teacher_dim)
-            data = (texts, teacher_store)
-        ad_store = ad_store.truncated(args.teacher_dim) if ad_store is not None else None
+    rows, query_store_folder = open_training_rows(accelerator, args, teacher)
+    ad_store = open_ad_store(accelerator, args, teacher)
     teacher_depth = teacher.depth
     if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
         teacher = teacher.load_once().eval().requires_grad_(False).to(accelerator.device)
@@ -781,41 +738,37 @@ def main(argv=None):
         teacher.release()  # a teacher loaded to build a store leaves memory before the student trains
         teacher = None
         gc.collect()
-    log_truncation(student, calibration if args.streaming else texts, "query", args.query_file)
+    calibration = rows.sample_texts(args.calibration_queries)
+    log_truncation(student, rows.sample_texts(100_000), "query", args.query_file)
     if args.gradient_checkpointing:
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # Progressive pruning: align, then (prune to K blocks, re-align) for each K of the schedule. Every
-    # stage but the last is saved under <output_dir>/stages/, so a resumed run skips finished stages.
-    # An intermediate stage is never pushed (only the final student goes to --hub_model_id), and its tracker
-    # steps continue those of the stages before it, so a tracker shows one run.
-    schedule = args.prune_schedule or []
+    # The stages: align, then (prune, re-align) for each step of the schedule. A finished stage of a resumed
+    # run is loaded, not trained again. Only the final student is pushed, and the trackers' steps run on across
+    # stages, so a tracker shows one run.
     steps_before = 0
-    for stage, keep in enumerate([None, *schedule]):
-        stage_args = copy.copy(args)
-        if stage < len(schedule):
-            stage_args.output_dir = os.path.join(args.output_dir, "stages", f"stage{stage}")
-            stage_args.push_to_hub = False
-        finished = os.path.exists(os.path.join(stage_args.output_dir, "training_args.json"))
-        if stage < len(schedule) and args.resume_from_checkpoint and finished:
-            logger.info(f"Stage {stage} is finished; loading {stage_args.output_dir}")
-            student = load_stage(args, stage_args.output_dir).to(accelerator.device)
-            steps_before += stage_steps(stage_args.output_dir)
+    for stage in stages:
+        finished = os.path.exists(os.path.join(stage.output_dir, "training_args.json"))
+        if not stage.final and args.resume_from_checkpoint and finished:
+            logger.info(f"Stage {stage.number} is finished; loading {stage.output_dir}")
+            student = load_stage(args, stage.output_dir).to(accelerator.device)
+            steps_before += stage_steps(stage.output_dir)
             continue
-        if stage == 0 and schedule and student.config.extra.get("teacher_layers") == list(range(teacher_depth)):
+        if (
+            stage.number == 0
+            and not stage.final
+            and student.config.extra.get("teacher_layers") == list(range(teacher_depth))
+        ):
             logger.info("Stage 0: the student is the whole teacher, already aligned; pruning starts at once.")
             student = student.to(accelerator.device)
             continue
-        set_seed(args.seed + stage)  # each stage's randomness is its own, whether earlier stages ran or loaded
-        if keep is not None:
+        set_seed(args.seed + stage.number)  # each stage's randomness is its own, whether earlier stages ran or loaded
+        if stage.prune_to is not None:
             student = student.to(accelerator.device)
-            logger.info(f"Stage {stage}: " + prune(student, keep, args, calibration))
-        student, results = align(accelerator, stage_args, student, data, teacher, ad_store, steps_before)
+            logger.info(f"Stage {stage.number}: " + prune(student, stage.prune_to, args, calibration))
+        student, results = align(accelerator, args, student, rows, teacher, ad_store, stage, steps_before)
         steps_before += results["steps"]
-    if args.streaming:
-        results["teacher_query_store"] = None if args.teacher_in_loop else query_source.folder
-    else:
-        results["teacher_query_store"] = stores[0].folder
+    results["teacher_query_store"] = query_store_folder
     accelerator.end_training()
     return results
 

@@ -23,13 +23,11 @@ import hashlib
 import os
 import shutil
 
-from common.cli import (
+from common.args import (
     add_context_args,
     add_model_safety_args,
     add_stream_filter_args,
     check_stream_filters_need_streaming,
-    logger,
-    make_accelerator,
     parse_with_config,
     positive_int,
 )
@@ -37,6 +35,7 @@ from common.data import fingerprint_row, read_contexts, with_context
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
+from common.runtime import logger, make_accelerator
 from common.store import (
     EmbeddingStore,
     build_store,

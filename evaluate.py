@@ -26,19 +26,16 @@ Logged queries without judgments, 50M ads searched exactly from the memory-mappe
 import argparse
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 
-from common.cli import (
+from common.args import (
     add_context_args,
     add_model_safety_args,
     boolean,
     fraction,
-    logger,
-    make_accelerator,
     non_negative_int,
     parse_with_config,
     positive_float,
@@ -48,7 +45,8 @@ from common.data import corpus_summary, read_contexts, read_qrels, read_texts, w
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.hub import evaluation_section, write_model_card
+from common.hub import update_model_card
+from common.report import render_report, write_atomic, write_plots
 from common.retrieval import (
     INDEX_TYPES,
     IndexSpec,
@@ -58,6 +56,7 @@ from common.retrieval import (
     per_query_metrics,
     search,
 )
+from common.runtime import logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 
@@ -225,160 +224,6 @@ def recall_curve(ranked, qrels, ks):
     return np.mean(curves, axis=0).tolist()
 
 
-def write_plots(results, curves, output_dir):
-    """recall_at_k.png (or overlap_at_k.png without judgments) and quality_vs_latency.png; names returned."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no screen
-    import matplotlib.pyplot as plt
-
-    judged = results["judged"]
-    written = []
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, (ks, values) in curves.items():
-        axes.plot(ks, values, marker=".", label=name)
-    axes.set_xscale("log")
-    axes.set_xlabel("k")
-    axes.set_ylabel("recall@k" if judged else "overlap@k with the teacher")
-    axes.set_title("Recall at k" if judged else "Agreement with the teacher at k")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    written.append(("recall_at_k.png" if judged else "overlap_at_k.png", figure))
-    quality_key = f"ndcg@{results['k'][0]}" if judged else f"overlap@{results['k'][0]}"
-    points = [
-        (name, entry["speed"]["latency_p50_ms"], entry["metrics" if judged else "overlap"].get(quality_key))
-        for name, entry in results["models"].items()
-        if entry.get("speed") and entry["metrics" if judged else "overlap"].get(quality_key) is not None
-    ]
-    if points:
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for name, latency, quality in points:
-            axes.scatter(latency, quality)
-            axes.annotate(name, (latency, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axes.set_xscale("log")
-        axes.set_xlabel("latency p50 at batch 1 (ms, log scale)")
-        axes.set_ylabel(quality_key)
-        axes.set_title(f"Quality against latency ({results['device']})")
-        axes.grid(alpha=0.3)
-        written.append(("quality_vs_latency.png", figure))
-    names = []
-    for name, figure in written:
-        figure.tight_layout()
-        path = os.path.join(output_dir, name)
-        figure.savefig(path + ".partial.png", dpi=120)
-        os.replace(path + ".partial.png", path)
-        plt.close(figure)
-        names.append(name)
-    return names
-
-
-def _number(value, digits=4):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def render_report(results):
-    ks, judged = results["k"], results["judged"]
-    k_small, k_large = ks[0], ks[-1]
-    index = results["index"]
-    lines = [
-        "# Retrieval report",
-        "",
-        f"{results['num_queries']} queries"
-        + (
-            f" ({results['num_queries_scored']} scored, {results['num_queries_skipped']} skipped for having no "
-            "relevant judgment)"
-            if judged
-            else " (no judgments: overlap with the teacher only)"
-        )
-        + f", {results['num_ads']} ads; teacher ad index: `{results['teacher']}`, {index}",
-        "",
-    ]
-    level = round(100 * results["confidence_level"])
-    if judged:
-        header = ["model", "role", f"P@{k_small}", f"MRR@{k_small}"]
-        header += [f"{name}@{k}" for k in ks for name in ("nDCG", "R")]
-        header += [f"recovery nDCG@{k_small} [{level}% CI]", f"recovery R@{k_large} [{level}% CI]"]
-    else:
-        header = ["model", "role"]
-    header += [f"overlap@{k}" for k in ks]
-    lines += ["## Quality", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, entry in results["models"].items():
-        cells = [name, entry["role"]]
-        if judged:
-            m = entry["metrics"]
-            cells += [_number(m[f"precision@{k_small}"]), _number(m[f"mrr@{k_small}"])]
-            cells += [_number(m[f"{key}@{k}"]) for k in ks for key in ("ndcg", "recall")]
-            for key in (f"ndcg@{k_small}", f"recall@{k_large}"):
-                value, interval = entry["recovery"].get(key), entry["recovery_interval"].get(key)
-                cells.append(
-                    "-"
-                    if value is None
-                    else f"{value:.1f}%" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
-                )
-        cells += [
-            "-" if entry["overlap"].get(f"overlap@{k}") is None else f"{100 * entry['overlap'][f'overlap@{k}']:.1f}%"
-            for k in ks
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Speed",
-        "",
-        "| model | params (M) | GFLOPs/query | p50 ms | p95 ms | p99 ms | "
-        f"q/s (batch {results['throughput_batch_size']}) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in results["models"].items():
-        speed, flops = entry.get("speed", {}), entry.get("flops_per_query")
-        lines.append(
-            f"| {name} | {entry['parameters'] / 1e6:.1f} | {_number(flops and flops / 1e9, 3)} | "
-            f"{_number(speed.get('latency_p50_ms'), 2)} | {_number(speed.get('latency_p95_ms'), 2)} | "
-            f"{_number(speed.get('latency_p99_ms'), 2)} | {_number(speed.get('throughput_qps'), 0)} |"
-        )
-    lines += [
-        "",
-        f"Device: {results['device']}, {results['threads']} CPU threads. Latency: batch 1, tokenisation included. "
-        f"Recovery: the model's metric over the teacher's, with a {level}% paired bootstrap interval over queries. "
-        "overlap@k: share of the teacher's top-k the model also returns."
-        + (
-            f" The teacher read each query with its teacher-only context (column `{results['teacher_query_context']}`"
-            "); the other models read the queries alone."
-            if results.get("teacher_query_context")
-            else ""
-        ),
-    ]
-    lines += [""] + [f"![{name[:-4]}]({name})" for name in results.get("plots", [])]
-    return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path, text):
-    with open(path + ".partial", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(path + ".partial", path)  # an earlier report is never left half-overwritten
-
-
-def update_model_card(folder, name, report, report_dir, args):
-    """Rewrite the card of a student folder made by one of this project's scripts with this evaluation; the
-    plots are copied beside it, so a push carries them. Other folders are left as they are."""
-    run_file = os.path.join(str(folder), "training_args.json")
-    if not os.path.isfile(run_file):
-        logger.warning(f"{folder} holds no run of this project's scripts; its model card is left as it is.")
-        return
-    with open(run_file, encoding="utf-8") as handle:
-        recorded = json.load(handle)
-    results_file = os.path.join(str(folder), "all_results.json")
-    run_results = None
-    if os.path.isfile(results_file):
-        with open(results_file, encoding="utf-8") as handle:
-            run_results = json.load(handle)
-    for plot in report.get("plots", []):
-        shutil.copyfile(os.path.join(report_dir, plot), os.path.join(str(folder), plot))
-    encoder = Encoder.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
-    write_model_card(str(folder), encoder, "student", recorded.get("script", "?"), run_results,
-                     args=argparse.Namespace(**recorded), evaluation=evaluation_section(report, name))  # fmt: skip
-    logger.info(f"Wrote the evaluation into the model card {os.path.join(str(folder), 'README.md')}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.k = sorted(set(args.k))
@@ -539,8 +384,8 @@ def main(argv=None):
         if args.plots:
             results["plots"] = write_plots(results, curves, args.output_dir)
         report = render_report(results)
-        _write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
-        _write_atomic(os.path.join(args.output_dir, "report.md"), report)
+        write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+        write_atomic(os.path.join(args.output_dir, "report.md"), report)
         print(report)
         if args.write_model_cards:
             for name, path in students:

@@ -26,14 +26,10 @@ import time
 import numpy as np
 import torch
 
-from common.cli import (
+from common.args import (
     add_model_safety_args,
     boolean,
-    check_output_dir,
     fraction,
-    lock_folder,
-    logger,
-    make_accelerator,
     non_negative_float,
     non_negative_int,
     parse_with_config,
@@ -41,11 +37,12 @@ from common.cli import (
 )
 from common.data import corpus_summary, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import STAGING, Encoder
+from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.loop import move_into_place, save_run_files
 from common.onnx_export import INT8_FILE, INT8_SCHEMES, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from common.retrieval import IndexSpec, build_index, overlap_at_k, retrieval_metrics, search
+from common.run_folder import STAGING, check_output_dir, lock_folder, move_into_place, save_run_files
+from common.runtime import logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 SCRIPT = "export.py"

@@ -29,24 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import (
-    add_model_safety_args,
-    check_output_dir,
-    finite_float,
-    fraction,
-    lock_folder,
-    logger,
-    make_accelerator,
-    non_negative_int,
-    parse_with_config,
-    positive_int,
-)
+from common.args import add_model_safety_args, finite_float, fraction, non_negative_int, parse_with_config, positive_int
 from common.data import check_text, load_table, require_columns, scan_corpus, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import STAGING, Encoder
+from common.encoder import Encoder
 from common.errors import UserError, run_cli
-from common.loop import move_into_place, save_run_files
 from common.retrieval import IndexSpec, build_index, search
+from common.run_folder import STAGING, check_output_dir, lock_folder, move_into_place, save_run_files
+from common.runtime import logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus
 
 SCRIPT = "mine_negatives.py"

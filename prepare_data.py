@@ -31,8 +31,9 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.cli import logger, non_negative_int
+from common.args import non_negative_int
 from common.errors import UserError, run_cli
+from common.runtime import logger
 
 ESCI_GRADES = {"E": 3, "S": 2, "C": 1, "I": 0}
 ESCI_FILES = ("shopping_queries_dataset_examples.parquet", "shopping_queries_dataset_products.parquet")

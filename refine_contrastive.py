@@ -25,24 +25,19 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from common.cli import (
+from common.args import (
     add_common_training_args,
     check_has_negatives,
     check_run_args,
     finite_float,
-    log_banner,
-    log_truncation,
-    logger,
-    make_accelerator,
     non_negative_int,
     parse_with_config,
     positive_float,
     positive_int,
-    tracker_config,
 )
 from common.data import check_id, check_text, corpus_fingerprint, iter_corpus, load_table, require_columns, text_key
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import EncoderSpec, evenly_spaced_layers, model_depth
+from common.encoder import EncoderSpec
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -53,7 +48,11 @@ from common.loop import (
     save_final_model,
 )
 from common.loss import contrastive_loss
+from common.model_files import model_depth
+from common.run_folder import tracker_config
+from common.runtime import log_banner, log_truncation, logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
+from common.surgery import evenly_spaced_layers
 
 SCRIPT = "refine_contrastive.py"
 

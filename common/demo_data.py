@@ -185,7 +185,7 @@ def _context(rng, product, intent):
     return f"category: {category} > {product}; intent: {INTENT_LABELS[intent]}"
 
 
-_SYLLABLES = [
+SYLLABLES = [
     "zor",
     "vik",
     "quel",
@@ -216,7 +216,7 @@ _SYLLABLES = [
 def _brands(rng, count):
     names = set()
     while len(names) < count:
-        names.add((rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize())
+        names.add((rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize())
     return sorted(names)
 
 

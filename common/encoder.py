@@ -12,11 +12,9 @@ are read through their sentence-transformers files, then through the model type.
 """
 
 import copy
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,13 +24,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from common.errors import UserError
+from common.model_files import ENCODER_CONFIG_NAME, check_model_folder, model_fingerprint, read_json, resolve_model_dir
+from common.surgery import keep_layers_of, load_layers
 
-ENCODER_CONFIG_NAME = "harness_encoder.json"
 POOLINGS = ("mean", "cls", "last")
 # Decoder LLM embedders (Qwen3-Embedding, gte-Qwen, e5-mistral, ...) pool the last (EOS) token.
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
-# What decides the vectors; a fingerprint hashes these files (weights sampled, see `model_fingerprint`).
-_FINGERPRINT_SKIP = {"README.md", ".gitattributes", "training_args.json", "all_results.json", "trainer_state.json"}
 
 
 @dataclass
@@ -103,115 +100,16 @@ def append_end_of_text(tokenizer):
     return True
 
 
-def resolve_model_dir(name_or_path, revision=None, token=None):
-    """Return a local folder for a local path or a hub id (downloaded once into the HF cache)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
-        raise UserError(f"Model path '{name_or_path}' is not a model folder; pass a folder written by save_pretrained.")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "2_Dense/*"]
-    try:
-        return snapshot_download(name_or_path, revision=revision, token=token, allow_patterns=patterns)
-    except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        raise UserError(
-            f"Could not get model '{name_or_path}' from the Hub ({type(error).__name__}); check the id and your "
-            "connection or token, or pass a local folder (offline: download it first with `hf download`)."
-        ) from None
-
-
-def model_depth(name_or_path, trust_remote_code=False):
-    """The number of transformer blocks a model folder or hub id declares (its config only; no weights)."""
-    folder = resolve_model_dir(str(name_or_path))
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{folder} holds no loadable model config ({error}); pass a Hugging Face model.") from None
-    depth = getattr(config, "num_hidden_layers", None)
-    if depth is None:
-        raise UserError(f"{folder} does not say how many layers it has (no num_hidden_layers in its config).")
-    return depth
-
-
-def _read_json(folder, *parts):
-    path = os.path.join(folder, *parts)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(
-            f"{path} is not valid JSON (a damaged or half-written file); restore or re-save the model."
-        ) from None
-
-
-STAGING = ".final.partial"  # where save_final_model writes a model before moving it into the output folder
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
-
-
-def check_model_folder(folder):
-    """Refuse a model folder that is not complete, before any library reads it: a save that did not finish,
-    a training run that did not finish, no config or tokenizer, damaged or truncated weights, a head missing."""
-    if os.path.isdir(os.path.join(folder, STAGING)):
-        raise UserError(
-            f"{folder} was being saved when its run stopped (the folder is incomplete); run the script again "
-            "with --resume_from_checkpoint latest to finish it."
-        )
-    names = set(os.listdir(folder))
-    if "checkpoints" in names and "training_args.json" not in names:
-        raise UserError(
-            f"{folder} holds a training run that has not finished (checkpoints, no final model); finish it with "
-            "--resume_from_checkpoint latest, or point at a finished model."
-        )
-    if "config.json" not in names:
-        raise UserError(f"{folder} has no config.json, so it is not a complete model folder; point at a saved model.")
-    if not names & set(_TOKENIZER_FILES):
-        raise UserError(f"{folder} has no tokenizer files; save the tokenizer with the model (save_pretrained).")
-    for name in sorted(names):
-        if name.endswith(".safetensors"):
-            _check_safetensors(os.path.join(folder, name))
-    index = _read_json(folder, "model.safetensors.index.json")
-    if index:
-        missing = sorted(set(index.get("weight_map", {}).values()) - names)
-        if missing:
-            raise UserError(f"{folder} lacks the weight shard {missing[0]} its index names; download or save it again.")
-    saved = _read_json(folder, ENCODER_CONFIG_NAME)
-    if saved and saved.get("projection_out"):
-        head = os.path.join(folder, saved.get("extra", {}).get("dense_path", "2_Dense"), "model.safetensors")
-        if not os.path.exists(head):
-            raise UserError(f"{folder} declares a projection head but {head} is missing; save the model again.")
-        _check_safetensors(head)
-
-
-def _check_safetensors(path):
-    """A safetensors file's header must parse and its tensors must end exactly where the file ends."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        try:
-            if not 0 < header_size <= size - 8:
-                raise ValueError
-            header = json.loads(handle.read(header_size))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            end = None
-    if end is None or 8 + header_size + end != size:
-        raise UserError(f"{path} is damaged or truncated; restore it, or resume or re-run the save.")
-
-
 def _config_from_sentence_transformers(folder):
     """Read pooling, prompts, max length and a Dense head from a sentence-transformers folder."""
-    modules = _read_json(folder, "modules.json")
+    modules = read_json(folder, "modules.json")
     if not modules:
         return None
     config, dense_path = EncoderConfig(normalize=False), None
     for module in modules:
         kind = module["type"].rsplit(".", 1)[-1]
         if kind == "Pooling":
-            pooling_config = _read_json(folder, module["path"], "config.json") or {}
+            pooling_config = read_json(folder, module["path"], "config.json") or {}
             mode = pooling_config.get("pooling_mode")
             if mode is None:
                 flags = {
@@ -227,49 +125,20 @@ def _config_from_sentence_transformers(folder):
             dense_path = module["path"]
         elif kind == "Normalize":
             config.normalize = True
-    st_config = _read_json(folder, "config_sentence_transformers.json") or {}
+    st_config = read_json(folder, "config_sentence_transformers.json") or {}
     prompts = st_config.get("prompts") or {}
     config.query_prompt = prompts.get("query", "")
     config.ad_prompt = prompts.get("document", prompts.get("passage", ""))
-    bert_config = _read_json(folder, "sentence_bert_config.json") or {}
+    bert_config = read_json(folder, "sentence_bert_config.json") or {}
     config.max_length = int(bert_config.get("max_seq_length") or config.max_length)
     if dense_path:
-        dense = _read_json(folder, dense_path, "config.json")
+        dense = read_json(folder, dense_path, "config.json")
         activation = dense.get("activation_function", "")
         if not activation.endswith("Identity"):
             raise UserError(f"Dense head in {folder} uses activation {activation}; only a linear head is supported.")
         config.projection_in, config.projection_out = dense["in_features"], dense["out_features"]
         config.extra["dense_path"] = dense_path
     return config
-
-
-def model_fingerprint(folder):
-    """A content hash of a model folder: configs and tokenizer in full, weight files sampled.
-
-    Weight files are hashed by their size and 64 evenly spaced 64 KiB blocks, so an 8B model is
-    fingerprinted in well under a second; any training step changes every block.
-    """
-    digest = hashlib.sha256()
-    # Top-down walk, pruned in place: checkpoints/ and stages/ (training state, rotated or deleted at will)
-    # are never entered, and sorting `dirs` fixes the order. (Sorting os.walk's generator would walk the
-    # whole tree before the pruning could act.)
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint", "stages")))
-        for name in sorted(files):
-            if name in _FINGERPRINT_SKIP or name.startswith("."):
-                continue
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, folder).encode())
-            size = os.path.getsize(path)
-            digest.update(str(size).encode())
-            with open(path, "rb") as handle:
-                if name.endswith((".safetensors", ".bin")) and size > 64 * 65536:
-                    for block in range(64):
-                        handle.seek(block * (size - 65536) // 63)
-                        digest.update(handle.read(65536))
-                else:
-                    digest.update(handle.read())
-    return digest.hexdigest()
 
 
 _DTYPES = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -310,7 +179,7 @@ class EncoderSpec:
         name_or_path = str(name_or_path)
         folder = resolve_model_dir(name_or_path, revision=revision, token=token)
         check_model_folder(folder)
-        saved = _read_json(folder, ENCODER_CONFIG_NAME)
+        saved = read_json(folder, ENCODER_CONFIG_NAME)
         try:
             model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
@@ -323,7 +192,7 @@ class EncoderSpec:
         else:
             config = _config_from_sentence_transformers(folder) or EncoderConfig()
             if model_config.model_type in DECODER_MODEL_TYPES:
-                if _read_json(folder, "modules.json") is None:
+                if read_json(folder, "modules.json") is None:
                     config.pooling = "last"
                 config.padding_side = "left"
             config.base_model = name_or_path
@@ -384,7 +253,7 @@ class EncoderSpec:
         has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(folder))
         backbone = None
         if layers is not None:
-            backbone = _load_layers(folder, self.model_config, layers, _DTYPES[dtype], self.trust_remote_code)
+            backbone = load_layers(folder, self.model_config, layers, _DTYPES[dtype], self.trust_remote_code)
         if backbone is None:
             backbone = AutoModel.from_pretrained(
                 folder, dtype=_DTYPES[dtype], trust_remote_code=self.trust_remote_code, use_safetensors=has_safetensors
@@ -412,130 +281,6 @@ class EncoderSpec:
 
     def release(self):
         self._loaded = None
-
-
-class SafetensorsFile:
-    """A safetensors file read by plain reads (its header is JSON; tensors are contiguous bytes): rows of one
-    tensor at a time land in a buffer of their own, so a cut reads only what it keeps and the file's pages are
-    never mapped into the process (a memory-mapped read counts every touched page in its resident memory)."""
-
-    DTYPES: ClassVar[dict] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
-
-    def __init__(self, path):
-        self.path = path
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            self.header = json.loads(handle.read(size))
-        self.header.pop("__metadata__", None)
-        self.data_start = 8 + size
-
-    def names(self):
-        return list(self.header)
-
-    def shape(self, name):
-        return list(self.header[name]["shape"])
-
-    def dtype(self, name):
-        return self.DTYPES[self.header[name]["dtype"]]
-
-    def read_rows(self, name, start, stop):
-        """Rows [start, stop) of the first dimension of tensor `name` (the whole tensor for a scalar)."""
-        entry = self.header[name]
-        shape, dtype = entry["shape"], self.DTYPES[entry["dtype"]]
-        row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        item_bytes = torch.empty((), dtype=dtype).element_size()
-        begin = entry["data_offsets"][0]
-        if not shape:
-            start, stop = 0, 1
-        buffer = bytearray((stop - start) * row_items * item_bytes)
-        with open(self.path, "rb") as handle:
-            handle.seek(self.data_start + begin + start * row_items * item_bytes)
-            handle.readinto(buffer)
-        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        return tensor.reshape([stop - start, *shape[1:]] if shape else [])
-
-
-def _weight_files(folder):
-    """{tensor name: safetensors file} of a model folder (single file or sharded with an index); None without."""
-    index = _read_json(folder, "model.safetensors.index.json")
-    if index:
-        return {name: os.path.join(folder, file) for name, file in index["weight_map"].items()}
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.exists(path):
-        return None
-    return {name: path for name in SafetensorsFile(path).names()}
-
-
-_BLOCK_BYTES = 64 << 20  # a large tensor (the vocabulary) is copied in row blocks of about this size
-
-
-def _load_layers(folder, model_config, layers, dtype, trust_remote_code):
-    """A backbone of only the blocks `layers` (renumbered 0..K-1), its weights read by name from the
-    safetensors files: an 8B teacher cut to 4 blocks reads those 4 blocks and the embeddings, never the whole
-    model (the peak is the kept weights in `dtype` plus one block of rows). None when the files do not name
-    every tensor the cut needs (then the caller loads the whole model and cuts it)."""
-    files = _weight_files(folder)
-    if files is None:
-        return None
-    config = copy.deepcopy(model_config)
-    total = config.num_hidden_layers
-    if not layers or max(layers) >= total or min(layers) < 0:
-        raise UserError(f"Layer indices {layers} are out of range for a {total}-layer model.")
-    config.num_hidden_layers = len(layers)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layers]
-    readers = {path: SafetensorsFile(path) for path in set(files.values())}
-    if dtype is None:  # the checkpoint's own dtype (its weights' header says it), as a whole load gives it
-        floating = [readers[path].dtype(name) for name, path in files.items()]
-        dtype = next((kind for kind in floating if kind.is_floating_point), torch.float32)
-    model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    _, owner, attribute = find_layers(model)
-    prefix_of_blocks = next(
-        name.rsplit(f"{attribute}.0.", 1)[0] + f"{attribute}." for name, _ in model.named_parameters()
-        if f"{attribute}.0." in name
-    )  # fmt: skip
-    state, buffers = model.state_dict(), dict(model.named_buffers())
-    sources = {}
-    for name, target in state.items():
-        source = name
-        if name.startswith(prefix_of_blocks):
-            index, rest = name[len(prefix_of_blocks) :].split(".", 1)
-            source = f"{prefix_of_blocks}{layers[int(index)]}.{rest}"
-        found = _find_checkpoint_name(source, files, model.base_model_prefix)
-        if found is None:
-            if name in buffers:
-                continue  # a buffer the checkpoint does not store (rotary frequencies, position ids)
-            return None
-        if readers[files[found]].shape(found) != list(target.shape):
-            return None
-        sources[name] = found
-    with torch.no_grad():
-        for name, source in sources.items():
-            reader, target = readers[files[source]], state[name]
-            if target.ndim == 0:
-                target.copy_(reader.read_rows(source, 0, 1))
-                continue
-            rows = max(1, _BLOCK_BYTES // max(target[0].numel() * target.element_size(), 1))
-            for start in range(0, target.shape[0], rows):
-                stop = min(start + rows, target.shape[0])
-                target[start:stop].copy_(reader.read_rows(source, start, stop))
-    for new_index, layer in enumerate(getattr(owner, attribute)):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index
-    model.eval()
-    return model
-
-
-def _find_checkpoint_name(name, files, base_prefix):
-    """The checkpoint's name for a model tensor: as is, under the base model's prefix (a checkpoint of a task
-    model, e.g. model.layers.0... or bert.encoder...), or with LayerNorm's legacy gamma/beta names."""
-    candidates = [name, f"{base_prefix}.{name}"] if base_prefix else [name]
-    legacy = [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
-              for c in candidates]  # fmt: skip
-    return next((candidate for candidate in candidates + legacy if candidate in files), None)
 
 
 class Encoder(nn.Module):
@@ -731,83 +476,3 @@ class Encoder(nn.Module):
 def _write_json(path, payload):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
-
-
-def keep_layers(encoder, layer_indices):
-    """Keep only the given transformer blocks of the backbone (in order); returns the encoder."""
-    keep_layers_of(encoder.backbone, layer_indices)
-    return encoder
-
-
-def keep_layers_of(backbone, layer_indices):
-    """keep_layers on a bare transformers backbone."""
-    layers, owner, attribute = find_layers(backbone)
-    if not layer_indices or max(layer_indices) >= len(layers) or min(layer_indices) < 0:
-        raise UserError(f"Layer indices {layer_indices} are out of range for a {len(layers)}-layer model.")
-    setattr(owner, attribute, nn.ModuleList([layers[i] for i in layer_indices]))
-    config = backbone.config
-    config.num_hidden_layers = len(layer_indices)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layer_indices]
-    for new_index, layer in enumerate(getattr(owner, attribute)):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index  # decoder KV-cache indexing
-    return backbone
-
-
-def evenly_spaced_layers(total, keep):
-    """`keep` layer indices spread over `total`, always including the first and the last."""
-    if keep >= total:
-        return list(range(total))
-    if keep == 1:
-        return [total - 1]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
-
-
-def find_layers(backbone):
-    for owner_name in ("encoder", ""):
-        owner = getattr(backbone, owner_name, None) if owner_name else backbone
-        for attribute in ("layer", "layers"):
-            layers = getattr(owner, attribute, None)
-            if isinstance(layers, nn.ModuleList):
-                return layers, owner, attribute
-    raise UserError(f"Cannot find the transformer blocks of {type(backbone).__name__}; pass --student_model instead.")
-
-
-def freeze_input_embeddings(encoder):
-    """Stop training the token (and, where the model has them, position and segment) embeddings.
-
-    Returns the number of parameters frozen. A student cut from the teacher then keeps the teacher's
-    token space, also for words its training text never contained; the optimiser skips the largest
-    matrix of a small model (the vocabulary: 11.7M of all-MiniLM-L6-v2's 22.7M parameters).
-    """
-    modules = [encoder.backbone.get_input_embeddings()]
-    embeddings = getattr(encoder.backbone, "embeddings", None)  # BERT-like: word, position, token type, norm
-    if isinstance(embeddings, nn.Module):
-        modules.append(embeddings)
-    frozen = {id(p): p for module in modules for p in module.parameters()}
-    for parameter in frozen.values():
-        parameter.requires_grad_(False)
-    return sum(p.numel() for p in frozen.values())
-
-
-def truncate_output(encoder, dim):
-    """Make the encoder output the first `dim` coordinates of what it outputs now (Matryoshka truncation).
-
-    Done with a linear head that keeps those coordinates: the rows of an existing head, or the identity's
-    first rows. With normalisation after the head, the output is exactly the truncated, re-normalised
-    vector, which is where a student aligned to a truncated teacher (--teacher_dim) starts.
-    """
-    if not 0 < dim <= encoder.embedding_dim:
-        raise UserError(f"Cannot cut {encoder.embedding_dim}-d outputs to {dim}; use 1 to {encoder.embedding_dim}.")
-    old = encoder.projection
-    encoder.add_projection(dim)
-    with torch.no_grad():
-        if old is not None:
-            encoder.projection.weight.copy_(old.weight[:dim])
-            encoder.projection.bias.copy_(old.bias[:dim] if old.bias is not None else 0)
-        else:
-            encoder.projection.weight.copy_(torch.eye(dim, encoder.hidden_size))
-            encoder.projection.bias.zero_()
-    return encoder

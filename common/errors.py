@@ -32,9 +32,9 @@ def run_cli(main):
 def _exit(code):
     """End the process. A process of a multi-process launch tears its process group down and then ends without
     the interpreter's shutdown: there, C++ objects of torch.distributed (gloo, DeepSpeed's groups) are destroyed
-    with threads still running and the process aborts after its work is done (measured: 1 in 12 to 1 in 28
-    DeepSpeed ZeRO-3 CPU launches under load, "terminate called without an active exception" with no Python
-    frame, after the model was saved), which fails the whole launch. Everything the run writes is written and
+    with threads still running and the process can abort after its work is done ("terminate called without an
+    active exception" with no Python frame, after the model was saved; seen in DeepSpeed ZeRO-3 CPU launches
+    under load, see docs/testing.md), which fails the whole launch. Everything the run writes is written and
     closed by then: files, checkpoints, trackers (accelerator.end_training), logs (flushed here)."""
     import logging
     import os

@@ -1,9 +1,13 @@
-"""Model cards and pushing a finished model folder to the Hub (checkpoints and stores stay local)."""
+"""Model cards (written at a save, rewritten with an evaluation) and pushing a finished model folder to the Hub
+(checkpoints and stores stay local)."""
 
+import argparse
 import json
 import os
+import shutil
 
 from common.errors import UserError
+from common.runtime import logger
 
 CARD = """---
 library_name: sentence-transformers
@@ -166,3 +170,27 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
             "and that your token can write (the model is saved locally; retry with `hf upload "
             f"{repo_id} {folder} . --exclude 'checkpoints/*' --exclude 'stages/*' --exclude training_args.json`)."
         ) from None
+
+
+def update_model_card(folder, name, report, report_dir, args):
+    """Rewrite the card of a student folder made by one of this project's scripts with this evaluation; the
+    plots are copied beside it, so a push carries them. Other folders are left as they are."""
+    run_file = os.path.join(str(folder), "training_args.json")
+    if not os.path.isfile(run_file):
+        logger.warning(f"{folder} holds no run of this project's scripts; its model card is left as it is.")
+        return
+    with open(run_file, encoding="utf-8") as handle:
+        recorded = json.load(handle)
+    results_file = os.path.join(str(folder), "all_results.json")
+    run_results = None
+    if os.path.isfile(results_file):
+        with open(results_file, encoding="utf-8") as handle:
+            run_results = json.load(handle)
+    for plot in report.get("plots", []):
+        shutil.copyfile(os.path.join(report_dir, plot), os.path.join(str(folder), plot))
+    from common.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    write_model_card(str(folder), encoder, "student", recorded.get("script", "?"), run_results,
+                     args=argparse.Namespace(**recorded), evaluation=evaluation_section(report, name))  # fmt: skip
+    logger.info(f"Wrote the evaluation into the model card {os.path.join(str(folder), 'README.md')}")

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.cli import logger, public_config, uses_deepspeed
-from common.encoder import STAGING
 from common.errors import Interrupted, UserError
+from common.run_folder import STAGING, TRAINER_STATE, move_into_place, public_config, save_run_files
+from common.runtime import logger, uses_deepspeed
 
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
-TRAINER_STATE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -51,7 +50,7 @@ class LogHistory:
     not the entries: a run of a million steps neither grows in memory nor rewrites its whole history into every
     checkpoint. A resumed run cuts the file back to its checkpoint's count (later lines were logged after it)."""
 
-    FILE = ".log_history.jsonl"  # hidden: a run's own file, like .lock (common/cli.py)
+    FILE = ".log_history.jsonl"  # hidden: a run's own file, like .lock (common/run_folder.py)
 
     def __init__(self, output_dir=None, is_main=True, count=0, initial=None):
         self.path = os.path.join(output_dir, self.FILE) if output_dir and is_main else None
@@ -407,7 +406,7 @@ def check_finite_loss(loss, step):
 def clip_and_check_gradients(accelerator, model, args, step):
     """Clip the gradients; a non-finite norm stops the run before the optimiser step. Under DeepSpeed the engine
     has already clipped and stepped inside `accelerator.backward` and this reads its norm: on a non-finite norm
-    DeepSpeed skipped that step itself (weights and optimiser state unchanged; common/cli.py refuses a config
+    DeepSpeed skipped that step itself (weights and optimiser state unchanged; common/runtime.py refuses a config
     that turns this off), so here too no NaN/inf reaches the weights (tests/test_multiprocess.py)."""
     norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     check_finite(norm, "gradient norm", step)
@@ -420,43 +419,6 @@ def _check_finite_state(state_dict, where):
 
 
 # ---------------------------------------------------------------------------- outputs
-def save_run_files(output_dir, args, script, results=None, log_history=None):
-    """training_args.json (the whole config, less secrets), all_results.json and trainer_state.json (the
-    logs of every optimiser step) next to the saved model."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-        json.dump({"script": script, **public_config(args)}, handle, indent=2, default=str)
-    if results is not None:
-        with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-    if log_history is not None:  # streamed entry by entry from the run's log file (see LogHistory)
-        with open(os.path.join(output_dir, TRAINER_STATE), "w", encoding="utf-8") as handle:
-            handle.write(f'{{\n  "script": {json.dumps(script)},\n  "log_history": [')
-            for index, entry in enumerate(log_history):
-                handle.write(("," if index else "") + "\n    " + json.dumps(entry))
-            handle.write("\n  ]\n}\n")
-
-
-def move_into_place(staging, folder, last):
-    """Move every entry of `staging` into `folder` (replacing entries of the same name), `last` last, then
-    remove the empty staging folder. A stale model file of an earlier run that the new save does not have
-    (say, the head of a student that now has none) is removed first."""
-    names = sorted(os.listdir(staging), key=lambda name: name == last)
-    stale = {"2_Dense", "3_Normalize", "model.safetensors.index.json"} - set(names)
-    for name in [*stale, last]:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)  # without the mark, the folder counts as unfinished until the move completes
-    for name in names:
-        target = os.path.join(folder, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
-    os.rmdir(staging)
-
-
 def save_final_model(accelerator, args, model, script, role, results, log_history=None, transform_state=None):
     """Gather the weights (sharded under ZeRO-3), save the encoder folder, card and run files; push.
     `transform_state` maps the gathered state dict to the one saved (e.g. LoRA adapters merged)."""

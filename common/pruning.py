@@ -19,8 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
-from common.encoder import find_layers, keep_layers
 from common.errors import UserError
+from common.surgery import find_layers, keep_layers
 
 
 def _ffn_parts(layer):

@@ -36,10 +36,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from common.cli import lock_folder, unlock_folder
 from common.data import fingerprint_row, text_key
 from common.encoder import EncoderSpec
 from common.errors import UserError
+from common.run_folder import lock_folder, unlock_folder
 
 FORMAT = "harness-store/2"
 _REQUIRED = ("format", "dim", "chunks", "model_fingerprint", "data_fingerprint")

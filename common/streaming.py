@@ -27,10 +27,10 @@ import os
 
 import numpy as np
 
-from common.data import _BUILDERS, check_context, with_context
+from common.data import FILE_BUILDERS, check_context, with_context
 from common.errors import UserError
 
-SHARD_TYPES = _BUILDERS  # the file types load_table reads, and their datasets builders
+SHARD_TYPES = FILE_BUILDERS  # the file types load_table reads, and their datasets builders
 
 
 # ---------------------------------------------------------------------------- sources

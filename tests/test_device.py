@@ -37,6 +37,7 @@ class OnDevice(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
+        self.tokenize = encoder.tokenize  # host tensors: the loss moves them to the device
 
     def forward(self, **inputs):
         host_inputs = {}
@@ -87,10 +88,10 @@ def test_distillation_step_moves_host_tensors_to_the_device(mode, encoder, ad_st
     args.token_loss_weight = 1.0 if mode == "token loss" else 0.0
     texts = ["rent a kayak", "used laptops near me", "fix my phone screen"]
     # As both collate functions leave a batch: the student's inputs on the device (moved by the prepared loader
-    # or by the streaming collate), the teacher's vectors or inputs in host memory.
+    # or by the streaming collate), the teacher's vectors in host memory, or its texts.
     batch = send_to_device(encoder.tokenize(texts, "query"), DEVICE)
     if mode == "teacher in the loop":
-        batch["teacher_inputs"] = encoder.tokenize(texts, "query")
+        batch["teacher_texts"] = texts
     else:
         batch["teacher_vectors"] = torch.from_numpy(store.read([0, 1, 2]))
     ranked = torch.from_numpy(store.read(np.arange(8))) if mode == "with ranked ads" else None

@@ -6,8 +6,10 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from common.demo_data import demo_base_model
-from common.encoder import Encoder, evenly_spaced_layers, keep_layers, model_fingerprint, pool
+from common.encoder import Encoder, pool
 from common.errors import UserError
+from common.model_files import model_fingerprint
+from common.surgery import evenly_spaced_layers, keep_layers
 
 QUERIES = ["buy a laptop", "fix my broken notebook computer screen today please", "rent a boat"]
 

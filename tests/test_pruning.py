@@ -161,8 +161,8 @@ def test_a_progressive_run_stopped_in_its_first_stage_is_an_unfinished_run_to_re
     import argparse
     import json
 
-    from common.cli import check_output_dir
     from common.errors import UserError
+    from common.run_folder import check_output_dir
 
     step = tmp_path / "student" / "stages" / "stage0" / "checkpoints" / "step_2"
     step.mkdir(parents=True)

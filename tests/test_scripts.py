@@ -17,8 +17,9 @@ import refine_contrastive
 import train_teacher
 from common.data import read_texts
 from common.demo_data import demo_base_model
-from common.encoder import Encoder, keep_layers
+from common.encoder import Encoder
 from common.errors import UserError
+from common.surgery import keep_layers
 
 QUERIES = ["rent a boat", "fix my broken laptop", "cheap used tractor for sale"]
 FAST = ["--per_device_train_batch_size", "8", "--logging_steps", "1"]

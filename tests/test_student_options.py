@@ -15,10 +15,11 @@ import evaluate
 import refine_contrastive
 from common.alignment import token_state_loss
 from common.data import LengthGroupedSampler, read_qrels, text_key
-from common.encoder import Encoder, keep_layers, truncate_output
+from common.encoder import Encoder
 from common.errors import UserError
 from common.retrieval import retrieval_metrics
 from common.store import EmbeddingStore
+from common.surgery import keep_layers, truncate_output
 from tests.test_store import write_sharded_store
 
 FAST = ["--per_device_train_batch_size", "8", "--logging_steps", "1"]

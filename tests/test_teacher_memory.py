@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import distill_student
 import refine_contrastive
-from common.encoder import Encoder, EncoderSpec, keep_layers
+from common.encoder import Encoder, EncoderSpec
+from common.surgery import keep_layers
 
 FAST = ["--per_device_train_batch_size", "8", "--max_train_steps", "2", "--logging_steps", "1"]
 
@@ -22,11 +23,11 @@ class WeightReads:
     name from a safetensors file."""
 
     def __init__(self, monkeypatch):
-        import common.encoder
+        import common.model_files
 
         self.whole, self.tensors = [], []
         real_from_pretrained = transformers.AutoModel.from_pretrained
-        real_read_rows = common.encoder.SafetensorsFile.read_rows
+        real_read_rows = common.model_files.SafetensorsFile.read_rows
         reads = self
 
         def from_pretrained(folder, *args, **kwargs):
@@ -38,7 +39,7 @@ class WeightReads:
             return real_read_rows(self, name, start, stop)
 
         monkeypatch.setattr("common.encoder.AutoModel.from_pretrained", from_pretrained)
-        monkeypatch.setattr(common.encoder.SafetensorsFile, "read_rows", read_rows)
+        monkeypatch.setattr(common.model_files.SafetensorsFile, "read_rows", read_rows)
 
     def loaded_whole(self, folder):
         return os.path.abspath(str(folder)) in self.whole

@@ -1,19 +1,16 @@
-"""Command line and config every script shares: the Hub's flag names, `--config` YAML, run checks, the Accelerator."""
+"""Argument types, the flags every phase shares, `--config` YAML files, and the checks of values that must fail
+before any work."""
 
 import argparse
 import itertools
-import json
-import logging
 import math
 import os
 import sys
 
-import torch
 import yaml
 
 from common.errors import UserError
-
-logger = logging.getLogger("harness")
+from common.run_folder import check_output_dir, lock_folder
 
 
 # ---------------------------------------------------------------------------- typed values
@@ -272,62 +269,6 @@ def parse_with_config(parser, argv=None):
     return parser.parse_args(tokens + argv)
 
 
-# ---------------------------------------------------------------------------- accelerator
-def make_accelerator(args, log_with=None):
-    """An Accelerator with gloo on CPU-only machines (DeepSpeed's gathers fail on CPU otherwise)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    report_to = None if args.report_to in (None, "none") else args.report_to
-    accelerator = Accelerator(
-        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
-        mixed_precision=args.mixed_precision,
-        log_with=log_with or report_to,
-        project_dir=args.output_dir,
-        kwargs_handlers=handlers,
-        # Seedable sampler: the shuffle order is a function of (seed, epoch) only, the same for any number of
-        # processes, so N processes see the batches one process sees, and resume can replay the order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    check_deepspeed_skips_bad_steps(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logger.setLevel(logging.WARNING)
-    _quiet_libraries()
-    return accelerator
-
-
-def _quiet_libraries():
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-
-def uses_deepspeed(accelerator):
-    return accelerator.state.deepspeed_plugin is not None
-
-
-def check_deepspeed_skips_bad_steps(accelerator):
-    """Under DeepSpeed the engine clips and steps inside `accelerator.backward`, so the scripts can only read the
-    gradient norm after the step. What keeps a NaN/inf gradient out of the weights there is DeepSpeed's own
-    check: it computes the norm first and skips the step (weights and optimiser state unchanged) when it is not
-    finite; the script then stops on that norm. In bf16 the check can be switched off: refuse that."""
-    plugin = accelerator.state.deepspeed_plugin
-    config = getattr(plugin, "deepspeed_config", None) or {}
-    bf16 = config.get("bf16") or config.get("bfloat16") or {}
-    if isinstance(bf16, dict) and bf16.get("check_grad_overflow") is False:
-        raise UserError(
-            'The DeepSpeed config sets "bf16": {"check_grad_overflow": false}, so a NaN/inf gradient would be '
-            "applied to the weights before the run can stop; remove that setting."
-        )
-
-
 def check_run_args(args, script, inputs=()):
     """Checks that must fail before any work: the output folder (see `check_output_dir`), the values that only
     make sense together, Hub push settings, DeepSpeed."""
@@ -359,139 +300,3 @@ def check_has_negatives(args, random_negatives=0):
             "With one query per step and no hard or random negatives the contrastive loss is 0 and nothing is "
             "learned; raise --per_device_train_batch_size or add negatives."
         )
-
-
-def _previous_script(folder):
-    """The script whose run a folder holds: finished (training_args.json) or not (checkpoints, or the
-    stages/stageN runs of a progressive distillation stopped before its last stage); else None."""
-    paths = [os.path.join(folder, "training_args.json")]
-    checkpoints = os.path.join(folder, "checkpoints")
-    if os.path.isdir(checkpoints):
-        paths += [os.path.join(checkpoints, name, "trainer_state.json") for name in sorted(os.listdir(checkpoints))]
-    for path in paths:
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    return json.load(handle).get("script", "an unknown script")
-            except (OSError, ValueError):
-                return "an unknown script"
-    stages = os.path.join(folder, "stages")
-    if os.path.isdir(stages):
-        for name in sorted(os.listdir(stages)):
-            found = _previous_script(os.path.join(stages, name))
-            if found:
-                return found
-    return None
-
-
-_OURS_WHEN_EMPTY = {".lock", ".final.partial", ".log_history.jsonl"}  # see common/loop.LogHistory
-
-
-def check_output_dir(args, script, inputs=()):
-    """Paths are sacred: `--output_dir` may be new, empty, or a run of this same script; it may never be (or
-    hold, or sit inside) one of the run's inputs. A finished run is replaced only with --overwrite_output_dir,
-    an unfinished one is continued with --resume_from_checkpoint or replaced with --overwrite_output_dir;
-    anything else is refused, and nothing is read or written before these checks."""
-    output = os.path.realpath(args.output_dir)
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder; choose a folder path.")
-    for given in inputs:
-        if not given or not os.path.exists(str(given)):
-            continue  # hub ids and the built-in data
-        source = os.path.realpath(str(given))
-        if source == output or source.startswith(output + os.sep) or output.startswith(source + os.sep):
-            raise UserError(
-                f"--output_dir {args.output_dir} is, holds or sits inside the input {given}; writing there could "
-                "destroy it. Choose an output folder outside every input."
-            )
-    if not os.path.isdir(output):
-        return
-    previous = _previous_script(output)
-    finished = os.path.exists(os.path.join(output, "training_args.json"))
-    if previous is None:
-        if set(os.listdir(output)) - _OURS_WHEN_EMPTY:
-            raise UserError(
-                f"--output_dir {args.output_dir} is not empty and holds no run of {script}; choose a new or empty "
-                "folder (nothing there was changed)."
-            )
-        return
-    if previous != script:
-        raise UserError(
-            f"--output_dir {args.output_dir} holds a run of {previous}, not of {script}; choose another folder."
-        )
-    if finished and not args.overwrite_output_dir:
-        raise UserError(
-            f"{args.output_dir} already holds a finished run of {previous}; pass --overwrite_output_dir to replace "
-            "it or choose another --output_dir."
-        )
-    if not finished and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        raise UserError(
-            f"{args.output_dir} holds an unfinished run of {script}; continue it with --resume_from_checkpoint "
-            "latest, or pass --overwrite_output_dir to start over."
-        )
-
-
-_HELD_LOCKS = {}
-
-
-def lock_folder(folder, what):
-    """Take `<folder>/.lock` for this process (the main one of a launch); a second writer is refused at once
-    with a sentence instead of interleaving its files with the first's. Held until the process ends."""
-    import fcntl
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    folder = os.path.realpath(folder)
-    if folder in _HELD_LOCKS:
-        return
-    os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, ".lock"), "a+")  # noqa: SIM115 (held open: the lock lives with it)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(
-            f"Another process is writing {what} {folder}; wait for it to finish or choose another folder."
-        ) from None
-    _HELD_LOCKS[folder] = handle
-
-
-def unlock_folder(folder):
-    handle = _HELD_LOCKS.pop(os.path.realpath(folder), None)
-    if handle is not None:
-        handle.close()
-
-
-# ---------------------------------------------------------------------------- recorded config
-SECRET_ARGS = {"hub_token"}
-
-
-def public_config(args):
-    """The whole config, less secrets: what checkpoints, run files and trackers record."""
-    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
-
-
-def tracker_config(args):
-    """Config for trackers: scalars only, never the token."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in public_config(args).items()}
-
-
-def log_banner(args, accelerator, num_examples):
-    total = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {num_examples}")
-    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total}")
-    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {args.max_train_steps} (warmup {args.num_warmup_steps})")
-
-
-def log_truncation(encoder, texts, kind, source):
-    """Long texts are truncated, not refused; say how many so that a too-small --max_length shows."""
-    count, checked = encoder.count_truncated(texts, kind)
-    if count:
-        logger.info(
-            f"{count} of {checked} {'queries' if kind == 'query' else 'ads'} in {source} exceed max_length "
-            f"{encoder.config.max_length} tokens and are truncated (raise --max_length to keep them whole)."
-        )
-    return count
