@@ -683,7 +683,8 @@ def main(argv=None):
             "which --query_context_column changes for the teacher; use one or the other."
         )
     check_depths(args)  # the models' depths, read from their configs
-    cut_layers, stages = plan_stages(args, model_depth(args.teacher_model, args.trust_remote_code))
+    teacher_depth = model_depth(args.teacher_model, args.trust_remote_code)
+    cut_layers, stages = plan_stages(args, teacher_depth)
     with_ads = bool(args.corpus_file or args.ad_store or args.query_file is None)  # None: the built-in data
     if args.alignment_loss is None:  # the study in benchmarks/distill_study.py: ranking real ads adds most
         args.alignment_loss = parse_objectives("l2+kl" if with_ads else "l2")
@@ -729,7 +730,6 @@ def main(argv=None):
         check_token_targets(student, teacher.load_once())
     rows, query_store_folder = open_training_rows(accelerator, args, teacher)
     ad_store = open_ad_store(accelerator, args, teacher)
-    teacher_depth = teacher.depth
     if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
         teacher = teacher.load_once().eval().requires_grad_(False).to(accelerator.device)
         if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() and args.teacher_in_loop:

@@ -17,7 +17,7 @@ import encode
 import evaluate
 import refine_contrastive
 import train_teacher
-from common import cli
+from common import args as argument_types
 from common.alignment import parse_objectives
 from common.errors import UserError
 
@@ -30,20 +30,20 @@ SCRIPTS = {
 }
 # Values each type must refuse, as a user would type them (command line) or write them (YAML).
 REFUSED = {
-    cli.positive_int: ["0", "-3", "2.5", "ten", "1e3"],
-    cli.non_negative_int: ["-1", "2.5", "x"],
-    cli.positive_float: ["0", "-1e-4", "nan", "inf", "fast"],
-    cli.non_negative_float: ["-0.1", "nan", "x"],
-    cli.finite_float: ["nan", "-inf", "x"],
-    cli.fraction: ["0", "1.5", "-0.5", "x"],
-    cli.layer_list: ["3,1", "0,0", "-1,2", "a,b"],
-    cli.shrinking_schedule: ["4,7", "7,7", "0", "4,x"],
+    argument_types.positive_int: ["0", "-3", "2.5", "ten", "1e3"],
+    argument_types.non_negative_int: ["-1", "2.5", "x"],
+    argument_types.positive_float: ["0", "-1e-4", "nan", "inf", "fast"],
+    argument_types.non_negative_float: ["-0.1", "nan", "x"],
+    argument_types.finite_float: ["nan", "-inf", "x"],
+    argument_types.fraction: ["0", "1.5", "-0.5", "x"],
+    argument_types.layer_list: ["3,1", "0,0", "-1,2", "a,b"],
+    argument_types.shrinking_schedule: ["4,7", "7,7", "0", "4,x"],
     parse_objectives: ["l3", "0*l2", "l2+l2", "x*kl"],
 }
 YAML_REFUSED = {  # typed values in YAML: a float for an integer, a string "false" for an on/off flag, ...
-    cli.positive_int: [2.5, 0, "12abc"],
-    cli.positive_float: [0, -1.0, "slow", {"a": 1}],
-    cli.fraction: [2, 0],
+    argument_types.positive_int: [2.5, 0, "12abc"],
+    argument_types.positive_float: [0, -1.0, "slow", {"a": 1}],
+    argument_types.fraction: [2, 0],
 }
 
 
