@@ -492,7 +492,7 @@ def open_ad_store(accelerator, args, teacher):
             batch_size=args.encode_batch_size,
         )  # fmt: skip
     elif args.ad_store:
-        ad_store = EmbeddingStore.open(args.ad_store, model_fingerprint=teacher.fingerprint)
+        ad_store = EmbeddingStore.open(args.ad_store, model_fingerprint=teacher.fingerprint, kind="ad")
         check_store_matches(ad_store, teacher, "ad")
     else:
         return None
@@ -521,6 +521,7 @@ def make_student(args, teacher, cut_layers):
         layers = args.student_layers or evenly_spaced_layers(total, cut_layers)
         student = teacher.load(dtype="float32", layers=layers)
         student.config.extra["teacher_layers"] = layers
+        student.config.max_length = args.max_length or student.config.max_length  # default: the teacher's
         logger.info(f"Student: teacher layers {layers} of {total}")
     target_dim = args.teacher_dim or teacher.embedding_dim
     if args.teacher_dim and not args.student_model:
@@ -533,6 +534,7 @@ def make_student(args, teacher, cut_layers):
     if args.teacher_dim:
         student.config.extra["teacher_dim"] = args.teacher_dim  # the ad index is truncated the same way
     student.config.extra["teacher"] = str(args.teacher_model)
+    student.config.extra["teacher_fingerprint"] = teacher.fingerprint  # evaluate.py and phase 3 check it
     student.config.base_model = args.student_model or f"{args.teacher_model} (layers)"
     return student
 

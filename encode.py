@@ -40,6 +40,7 @@ from common.store import (
     EmbeddingStore,
     build_store,
     check_store_matches,
+    check_store_path,
     default_store_path,
     rows_of_corpus,
     shared_decision,
@@ -106,6 +107,8 @@ def main(argv=None):
     if args.query_context_column and args.kind != "query":
         raise UserError("--query_context_column is the teacher's context of queries; use it with --kind query.")
     check_stream_filters_need_streaming(args)
+    if args.output_dir:
+        check_store_path(args.output_dir)  # before any data is read
     if args.streaming:
         return encode_stream(args, accelerator)
     # The rows are streamed from the file in batches (a fingerprint pass, then the build): no text is held whole.
@@ -120,7 +123,7 @@ def main(argv=None):
     )
     exists = shared_decision(accelerator, os.path.exists(os.path.join(store_path, "metadata.json")))  # one for all
     if exists and not args.overwrite_output_dir:
-        store = EmbeddingStore.open(store_path, encoder.fingerprint, data_fp, encoder.embedding_dim)  # refuses stale
+        store = EmbeddingStore.open(store_path, encoder.fingerprint, data_fp, encoder.embedding_dim, kind=args.kind)
         check_store_matches(store, encoder, args.kind)
         logger.info(f"{store_path} is current ({len(store)} vectors); pass --overwrite_output_dir to rebuild it.")
         return store_path

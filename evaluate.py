@@ -43,7 +43,7 @@ from common.args import (
 )
 from common.data import corpus_summary, read_contexts, read_qrels, read_texts, with_context
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
-from common.encoder import Encoder
+from common.encoder import Encoder, EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
 from common.hub import update_model_card
 from common.report import render_report, write_atomic, write_plots
@@ -289,6 +289,11 @@ def main(argv=None):
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
     )
+    options = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle_weights}
+    teacher_files = EncoderSpec.read(args.teacher_model, **options)
+    spec.check(num_ads, max(args.k), teacher_files.embedding_dim)
+    for name, path in students:  # their configs only: a student of another teacher is refused before any work
+        check_student_of(EncoderSpec.read(path, **options), teacher_files, name)
 
     judged = sorted(qid for qid, grades in (qrels or {}).items() if any(grade > 0 for grade in grades.values()))
     results = {
@@ -331,7 +336,7 @@ def main(argv=None):
             index = build_index(store, spec=spec) if accelerator.is_main_process else None
             if role == "teacher":
                 teacher_store, teacher_indexes = store, {store.dim: index}
-                results["index"] = spec.resolve(len(store), store.dim)
+                results["index"] = spec.describe(len(store), store.dim)
         else:
             # the teacher's ad index; for a student aligned with --teacher_dim, one of the truncated vectors
             store = store_for_student(teacher_store, encoder)

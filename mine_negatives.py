@@ -30,7 +30,15 @@ import pyarrow.parquet as pq
 import torch
 
 from common.args import add_model_safety_args, finite_float, fraction, non_negative_int, parse_with_config, positive_int
-from common.data import check_text, load_table, require_columns, scan_corpus, text_key
+from common.data import (
+    check_text,
+    has_optional_column,
+    load_table,
+    optional_key,
+    require_columns,
+    scan_corpus,
+    text_key,
+)
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
@@ -83,15 +91,17 @@ def parse_args(argv=None):
 def read_clicks(args):
     table = load_table(args.train_file)
     require_columns(table, [args.query_column, args.positive_column], args.train_file)
-    columns = table.column_names
     queries = [check_text(v, args.train_file, row, args.query_column) for row, v in enumerate(table[args.query_column])]
     positives = [
         check_text(v, args.train_file, row, args.positive_column) for row, v in enumerate(table[args.positive_column])
     ]
-    optional = {
-        name: [None if value is None else str(value) for value in table[column]] if column in columns else None
-        for name, column in (("positive_ids", args.positive_id_column), ("groups", args.group_column))
-    }
+    optional = {}
+    for name, column, default, flag in (
+        ("positive_ids", args.positive_id_column, "positive_id", "--positive_id_column"),
+        ("groups", args.group_column, "group", "--group_column"),
+    ):
+        present = has_optional_column(table, column, default, args.train_file, flag)
+        optional[name] = [optional_key(value) for value in table[column]] if present else None
     return table, queries, positives, optional["positive_ids"], optional["groups"]
 
 
@@ -112,12 +122,18 @@ def main(argv=None):
 
     table, queries, positives, positive_ids, groups = read_clicks(args)
     ad_ids, ads_fp = scan_corpus(args.corpus_file, args.id_column, args.text_column)
+    spec = IndexSpec(kind=args.index, use_gpu=torch.cuda.is_available())
+    spec.check(len(ad_ids), args.top_k + args.skip_top)
     corpus = load_table(args.corpus_file)
-    ad_groups = (
-        [None if value is None else str(value) for value in corpus[args.ad_group_column]]
-        if args.ad_group_column in corpus.column_names
-        else None
-    )
+    ad_groups = None
+    if has_optional_column(corpus, args.ad_group_column, "group", args.corpus_file, "--ad_group_column"):
+        ad_groups = [optional_key(value) for value in corpus[args.ad_group_column]]
+    if (groups is None) != (ad_groups is None):  # one side only: the same-group rule cannot apply
+        given, missing = ("clicks", "ads") if ad_groups is None else ("ads", "clicks")
+        logger.warning(
+            f"The {given} have groups but the {missing} have none, so the same-group rule is off; name the "
+            f"{missing}' group column with {'--ad_group_column' if missing == 'ads' else '--group_column'}."
+        )
     model = Encoder.from_pretrained(
         args.model_name_or_path, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     ).to(accelerator.device)
@@ -132,7 +148,7 @@ def main(argv=None):
         batch_size=args.encode_batch_size,
         data_fp=ads_fp,
     )
-    index = build_index(store, spec=IndexSpec(kind=args.index, use_gpu=torch.cuda.is_available()))
+    index = build_index(store, spec=spec)
     device = accelerator.device
     query_vectors = model.encode(queries, "query", batch_size=args.encode_batch_size, device=device, progress=True)
     positive_vectors = model.encode(positives, "ad", batch_size=args.encode_batch_size, device=device, progress=True)
@@ -178,6 +194,7 @@ def main(argv=None):
         "negatives_kept": kept_total,
         "rows_with_fewer_than_num_negatives": short_rows,
         "mean_positive_score": float(np.mean(positive_scores)),
+        "same_group_rule": bool(groups and ad_groups),
     }
     logger.info(
         f"Mined {kept_total} negatives for {len(queries)} clicks; removed "

@@ -85,6 +85,19 @@ def check_output(args):
         raise UserError(f"{args.output_dir} already holds prepared data; pass --overwrite_output_dir to replace it.")
 
 
+def parquet_file(path, columns, what):
+    """A parquet file opened by its footer, refused in one sentence when it is damaged or lacks a column."""
+    try:
+        handle = pq.ParquetFile(path)
+    except Exception as error:  # not parquet, truncated, damaged footer
+        raise UserError(f"{path} is not a readable parquet file ({type(error).__name__}); download it again.") from None
+    names = handle.schema_arrow.names
+    absent = [column for column in columns if column not in names]
+    if absent:
+        raise UserError(f"{path} has no column {absent[0]} (columns: {', '.join(names)}); is it {what}?")
+    return handle
+
+
 def need_file(path, flag):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; point {flag} at the folder that holds it.")
@@ -143,14 +156,13 @@ TEST = pa.schema([("id", pa.string()), ("text", pa.string())])
 def prepare_esci(args, out):
     examples_path, products_path = (need_file(os.path.join(args.esci_dir, name), "--esci_dir") for name in ESCI_FILES)
     fields = [field.strip() for field in args.product_fields.split(",") if field.strip()]
-    products = pq.ParquetFile(products_path)
-    absent = [field for field in ["product_id", "product_locale", *fields] if field not in products.schema_arrow.names]
-    if absent:
-        raise UserError(f"{products_path} has no column {absent[0]}; is it the ESCI products file?")
-    examples = pq.read_table(
-        examples_path,
-        columns=["query_id", "query", "product_id", "product_locale", "esci_label", "small_version", "split"],
-    ).to_pandas()
+    products = parquet_file(products_path, ["product_id", "product_locale", *fields], "the ESCI products file")
+    columns = ["query_id", "query", "product_id", "product_locale", "esci_label", "small_version", "split"]
+    examples_file = parquet_file(examples_path, columns, "the ESCI examples file")
+    try:
+        examples = examples_file.read(columns=columns).to_pandas()
+    except Exception as error:  # damaged data pages behind a readable footer
+        raise UserError(f"{examples_path} could not be read ({type(error).__name__}); download it again.") from None
     examples = examples[examples["product_locale"] == args.locale]
     if args.small_version:
         examples = examples[examples["small_version"] == 1]
@@ -367,9 +379,10 @@ def main(argv=None):
             f"--{args.dataset}_hub (a hub id); pass one of them."
         )
     check_output(args)
+    created = not os.path.exists(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     out = Outputs(args.output_dir)
-    download = None
+    download, counts = None, None
     try:
         if hub:  # the hub's rows rewritten into the local layout beside the outputs, then converted as local files
             download = os.path.join(out.partial, "download")
@@ -388,6 +401,8 @@ def main(argv=None):
         for writer in out.writers.values():
             writer.close()
         shutil.rmtree(out.partial, ignore_errors=True)
+        if counts is None and created and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # a refused conversion leaves no trace of a folder it made
     return counts
 
 

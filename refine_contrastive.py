@@ -35,9 +35,19 @@ from common.args import (
     positive_float,
     positive_int,
 )
-from common.data import check_id, check_text, corpus_fingerprint, iter_corpus, load_table, require_columns, text_key
+from common.data import (
+    check_id,
+    check_text,
+    corpus_fingerprint,
+    has_optional_column,
+    iter_corpus,
+    load_table,
+    optional_key,
+    require_columns,
+    text_key,
+)
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import EncoderSpec
+from common.encoder import EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
 from common.loop import (
     TrainLoop,
@@ -123,15 +133,18 @@ def read_clicks(args, store):
     """(query text, positive row, hard-negative rows, group key) per click; rows index the ad store, found by id
     (or by text) in the store's own on-disk index: no process holds the ads' texts or an id-to-row dict."""
     table = load_table(args.train_file, split=args.train_split)
-    columns = table.column_names
-    use_ids = args.positive_id_column in columns
+    source = args.train_file
+    use_ids = has_optional_column(table, args.positive_id_column, "positive_id", source, "--positive_id_column")
     require_columns(
         table, [args.query_column, args.positive_id_column if use_ids else args.positive_column], args.train_file
     )
     if use_ids:
         column = args.positive_id_column
         positive_rows = store.rows([check_id(v, args.train_file, r, column) for r, v in enumerate(table[column])])
-        negative_ids = table[args.negative_ids_column] if args.negative_ids_column in columns else [[]] * len(table)
+        has_negatives = has_optional_column(
+            table, args.negative_ids_column, "negative_ids", args.train_file, "--negative_ids_column"
+        )
+        negative_ids = table[args.negative_ids_column] if has_negatives else [[]] * len(table)
         negative_rows = []
         for row, ids in enumerate(negative_ids):
             if ids is not None and not isinstance(ids, list):
@@ -156,9 +169,13 @@ def read_clicks(args, store):
 
         positive_rows = [rows_of([text], row, args.positive_column)[0] for row, text in enumerate(
             table[args.positive_column])]  # fmt: skip
-        negatives = table[args.negatives_column] if args.negatives_column in columns else [[]] * len(table)
+        has_negatives = has_optional_column(
+            table, args.negatives_column, "negatives", args.train_file, "--negatives_column"
+        )
+        negatives = table[args.negatives_column] if has_negatives else [[]] * len(table)
         negative_rows = [rows_of(texts or [], row, args.negatives_column) for row, texts in enumerate(negatives)]
-    groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
+    has_groups = has_optional_column(table, args.group_column, "group", args.train_file, "--group_column")
+    groups = table[args.group_column] if has_groups else [None] * len(table)
     positive_keys = store.keys_of(np.asarray(positive_rows, dtype=np.int64))
     clicks = []
     for row, query in enumerate(table[args.query_column]):
@@ -167,7 +184,7 @@ def read_clicks(args, store):
                 "query": check_text(query, args.train_file, row, args.query_column),
                 "positive": int(positive_rows[row]),
                 "negatives": [int(r) for r in negative_rows[row]],
-                "group": group_key(groups[row], int(positive_keys[row])),
+                "group": group_key(optional_key(groups[row]), int(positive_keys[row])),
             }
         )
     if not clicks:
@@ -299,6 +316,10 @@ def main(argv=None):
     teacher = EncoderSpec.read(
         args.teacher_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
     )
+    student_files = EncoderSpec.read(
+        args.student_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
+    )
+    check_student_of(student_files, teacher, args.student_model)  # phase 3 refines in phase 2's teacher's space
     ad_store = open_or_build_store(
         accelerator,
         teacher,
@@ -311,16 +332,12 @@ def main(argv=None):
         batch_size=args.encode_batch_size,
     )
     teacher.release()
-    del teacher
     if args.pseudo_queries:
         clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column))
     else:
         clicks = read_clicks(args, ad_store)
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
-    student_files = EncoderSpec.read(
-        args.student_model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle_weights
-    )
     layers = evenly_spaced_layers(student_files.depth, args.student_num_layers) if args.student_num_layers else None
     student = student_files.load(dtype="float32", layers=layers)  # a cut reads only the blocks it keeps
     if args.student_num_layers:  # an unaligned cut, e.g. of the teacher: phase 3 alone, the paper's baseline
@@ -328,6 +345,8 @@ def main(argv=None):
         student.config.extra["teacher_layers"] = layers
         student.config.base_model = f"{args.student_model} (layers)"
         logger.info(f"Student: layers {layers} of {total} of {args.student_model}, not aligned (phase 3 only)")
+    student.config.extra["teacher"] = str(args.teacher_model)
+    student.config.extra["teacher_fingerprint"] = teacher.fingerprint  # the space of the ad vectors it learns
     ad_store = store_for_student(ad_store, student)  # truncated for a student aligned with --teacher_dim
     log_truncation(student, [click["query"] for click in clicks], "query", args.train_file or args.corpus_file)
     if args.gradient_checkpointing:

@@ -42,7 +42,9 @@ from common.data import (
     check_context,
     check_text,
     check_text_list,
+    has_optional_column,
     load_table,
+    optional_key,
     require_columns,
     text_key,
     with_context,
@@ -131,9 +133,11 @@ def read_pairs(args):
     required = [args.query_column, args.positive_column]
     require_columns(table, required + ([args.query_context_column] if args.query_context_column else []),
                     args.train_file, "--query_column/--positive_column/--query_context_column")  # fmt: skip
-    columns = table.column_names
-    negatives = table[args.negatives_column] if args.negatives_column in columns else [None] * len(table)
-    groups = table[args.group_column] if args.group_column in columns else [None] * len(table)
+    source = args.train_file
+    has_negatives = has_optional_column(table, args.negatives_column, "negatives", source, "--negatives_column")
+    has_groups = has_optional_column(table, args.group_column, "group", source, "--group_column")
+    negatives = table[args.negatives_column] if has_negatives else [None] * len(table)
+    groups = table[args.group_column] if has_groups else [None] * len(table)
     contexts = table[args.query_context_column] if args.query_context_column else [None] * len(table)
     rows = []
     for row, (query, positive, row_negatives, group, context) in enumerate(
@@ -147,7 +151,7 @@ def read_pairs(args):
                 "teacher_query": with_context(query, context, args.context_template),
                 "positive": check_text(positive, args.train_file, row, args.positive_column),
                 "negatives": check_text_list(row_negatives, args.train_file, row, args.negatives_column),
-                "group": None if group is None else str(group),
+                "group": optional_key(group),
             }
         )
     if not rows:

@@ -3,6 +3,7 @@ before any work."""
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -11,6 +12,7 @@ import yaml
 
 from common.errors import UserError
 from common.run_folder import check_output_dir, lock_folder
+from common.runtime import check_fits_in_memory
 
 
 # ---------------------------------------------------------------------------- typed values
@@ -200,9 +202,18 @@ def add_stream_filter_args(group):
 
 
 def check_stream_filters_need_streaming(args):
-    """The stream filters act on streams only; given without --streaming they would be silently ignored."""
+    """The stream filters act on streams only; given without --streaming they would be silently ignored. The
+    Bloom filter of --dedupe_capacity must fit in memory."""
     if not args.streaming and (args.min_query_chars != 1 or args.max_query_chars or args.dedupe_capacity):
         raise UserError("--min_query_chars, --max_query_chars and --dedupe_capacity filter a stream; add --streaming.")
+    if args.dedupe_capacity:
+        from common.streaming import BloomFilter
+
+        check_fits_in_memory(
+            BloomFilter.bytes_for(args.dedupe_capacity),
+            f"The Bloom filter of --dedupe_capacity {args.dedupe_capacity}",
+            "lower --dedupe_capacity (about 2.4 bytes per distinct text)",
+        )
 
 
 def _checked(check):
@@ -246,8 +257,13 @@ def parse_with_config(parser, argv=None):
     for key, value in values.items():
         action, flag = actions[key], actions[key].option_strings[0]
         if action.nargs == 0:  # on/off flags (store_true)
+            if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+                raise UserError(
+                    f"{known.config}: {key} is the text {value!r} (in quotes); write {value.strip().lower()} without "
+                    "quotes, as YAML's true or false."
+                )
             if not isinstance(value, bool):
-                raise UserError(f"{known.config}: {key} must be true or false, got {value!r}.")
+                raise UserError(f"{known.config}: {key} is an on/off flag; set it to true or false, not {value!r}.")
             tokens += [flag] if value else []
             continue
         if value is None:
@@ -289,7 +305,30 @@ def check_run_args(args, script, inputs=()):
                 "The accelerate config asks for DeepSpeed but it is not installed; `pip install deepspeed` or "
                 "launch with accelerate_configs/multi_gpu.yaml."
             ) from None
+        check_deepspeed_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
     lock_folder(args.output_dir, "the output folder")  # last: a refused run leaves nothing behind
+
+
+def check_deepspeed_config_file(path):
+    """The DeepSpeed config an accelerate config names (deepspeed_config_file) must be a readable JSON object;
+    accelerate would otherwise fail inside the Accelerator with its own traceback."""
+    if not path or path == "none":
+        return
+    if not os.path.isfile(path):
+        raise UserError(
+            f"The accelerate config's deepspeed_config_file {path} does not exist; fix the path in the accelerate "
+            "config (relative paths are read from the folder the launch starts in)."
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"The DeepSpeed config {path} is not valid JSON ({type(error).__name__}); fix the file, e.g. start "
+            "from accelerate_configs/ds_zero3.json."
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(f"The DeepSpeed config {path} must be a JSON object of DeepSpeed settings; fix the file.")
 
 
 def check_has_negatives(args, random_negatives=0):

@@ -33,14 +33,21 @@ def load_table(source, split="train", streaming=False):
         if extension != ".parquet":
             _check_utf8(source)
         kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+        if extension != ".parquet":
+            with open(source, "rb") as handle:
+                if handle.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark (spreadsheet exports): not data
+                    kwargs["encoding"] = "utf-8-sig"
         if extension in (".csv", ".tsv"):
             # Every column as text, as written: type inference would turn an id "0152" into the number 152.
             import csv
 
-            with open(source, newline="", encoding="utf-8") as handle:
+            with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not a name
                 header = next(csv.reader(handle, delimiter=kwargs.get("delimiter", ",")), [])
             if len(set(header)) == len(header) and all(header):
                 kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+            # Cells as written: pandas would turn "NA", "null", "n/a" (a query, a brand) into missing values;
+            # an empty cell is then the empty text, refused as such by the checks.
+            kwargs["na_filter"] = False
         try:
             return datasets.load_dataset(
                 FILE_BUILDERS[extension], data_files=source, split="train", streaming=streaming, **kwargs
@@ -98,8 +105,35 @@ def require_columns(table, columns, source, flag_hint="--*_column"):
         )
 
 
+def has_optional_column(table, column, default, source, flag):
+    """Whether a table has an optional column. Absent under its default name, the column is simply not given; a
+    name the user chose (not the flag's default) that the table lacks is a mistake, refused instead of switching
+    the rule that reads the column off."""
+    present = list(table.column_names or [])
+    if column in present:
+        return True
+    if column != default:
+        raise UserError(
+            f"{source} has no column '{column}' that {flag} names (columns: {', '.join(present)}); fix the name, "
+            "or drop the flag if the file has no such column."
+        )
+    return False
+
+
+MISSING = "a missing value (null in JSON, an empty cell in CSV/TSV, a null in parquet)"
+
+
+def optional_key(value):
+    """An optional id or group cell as text; None when it is missing (null, or an empty cell of a CSV/TSV)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
 def check_text(value, source, row, column):
     """A text cell must be a non-empty string; says file, row and column otherwise."""
+    if value is None:
+        raise UserError(f"{source} row {row}, column '{column}': {MISSING}; fill it in or drop the row.")
     if not isinstance(value, str):
         raise UserError(
             f"{source} row {row}, column '{column}': expected text, got {type(value).__name__}; fix or drop the row."
@@ -152,6 +186,10 @@ def read_contexts(source, column, split="train"):
 
 def check_id(value, source, row, column):
     """An id cell: a string, or an integer written without quotes; kept as text ("0152" stays "0152")."""
+    if value is None:
+        raise UserError(
+            f"{source} row {row}, column '{column}': {MISSING} where an id is needed; fill it in or drop the row."
+        )
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UserError(
             f"{source} row {row}, column '{column}': expected an id (text or integer), got "
@@ -249,8 +287,10 @@ def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_c
     qrels = {}
     for row, (qid, did, grade) in enumerate(zip(table[query_column], table[doc_column], table[relevance_column])):
         qid, did = check_id(qid, source, row, query_column), check_id(did, source, row, doc_column)
+        if optional_key(grade) is None:
+            raise UserError(f"{source} row {row}, column '{relevance_column}': {MISSING} where a grade is needed.")
         if isinstance(grade, bool) or not isinstance(grade, (int, str)):
-            grade = repr(grade)  # a float (2.5, or 2.0) or a null is not a grade
+            grade = repr(grade)  # a float (2.5, or 2.0) is not a grade
         try:
             grade = int(grade)
         except (TypeError, ValueError):

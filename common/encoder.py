@@ -283,6 +283,19 @@ class EncoderSpec:
         self._loaded = None
 
 
+def check_student_of(student, teacher, student_name):
+    """A student records the fingerprint of the teacher it was aligned to (or refined against): its vectors live
+    in that teacher's space, so it is refused beside another teacher. `student` and `teacher` are Encoders or
+    EncoderSpecs; a student with no record (a hub model, an unaligned cut) is not checked."""
+    recorded = student.config.extra.get("teacher_fingerprint")
+    if recorded and recorded != teacher.fingerprint:
+        raise UserError(
+            f"{student_name} was aligned to another teacher ({student.config.extra.get('teacher', 'not named')}), "
+            f"not to {teacher.name_or_path if hasattr(teacher, 'name_or_path') else 'this teacher'}: its vectors live "
+            "in that teacher's space; pass the teacher it was aligned to."
+        )
+
+
 class Encoder(nn.Module):
     """Backbone + pooling + optional linear head + optional L2 normalisation."""
 

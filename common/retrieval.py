@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import UserError
+from common.runtime import check_fits_in_memory
 
 INDEX_TYPES = ("auto", "flat", "sharded", "ivf", "hnsw")
 
@@ -39,6 +40,43 @@ class IndexSpec:
         if self.kind != "auto":
             return self.kind
         return "flat" if rows * dim * 4 <= self.memory_gb * 2**30 else "sharded"
+
+    def ivf_cells(self, rows):
+        """The IVF cell count for `rows` vectors: --nlist, or 4 sqrt(rows) at most rows / 39."""
+        return self.nlist or max(1, min(int(4 * math.sqrt(rows)), rows // 39 or 1))
+
+    def check(self, rows, k, dim=None):
+        """Refuse, before any work, parameters that cannot work for `rows` vectors (of width `dim`, if known)
+        searched for the top `k` (instead of clamping them silently), and an in-memory index that the machine
+        cannot hold."""
+        if dim is not None and self.resolve(rows, dim) != "sharded":
+            check_fits_in_memory(
+                rows * dim * 4,
+                f"A {self.resolve(rows, dim)} index of {rows} {dim}-d vectors",
+                "use --index sharded (exact, one chunk of the store in memory) or lower --index_memory_gb",
+            )
+        if self.kind == "ivf" and self.nlist and self.nlist > max(rows // 39, 1):
+            raise UserError(
+                f"--nlist {self.nlist} needs at least {39 * self.nlist} ads to train its cells (faiss wants 39 per "
+                f"cell) and there are {rows}; use --nlist {max(rows // 39, 1)} or less, or leave it out."
+            )
+        if self.kind == "ivf" and self.nlist and self.nprobe > self.nlist:
+            raise UserError(f"--nprobe {self.nprobe} is more than the {self.nlist} cells of --nlist; lower it.")
+        if self.kind == "hnsw" and self.ef_search < k:
+            raise UserError(
+                f"--ef_search {self.ef_search} is below k = {k}: HNSW returns at most ef_search candidates per "
+                f"query; use --ef_search {k} or more."
+            )
+
+    def describe(self, rows, dim):
+        """The kind with the parameters it searches with, for reports: e.g. 'ivf (nlist 92, nprobe 32)'."""
+        kind = self.resolve(rows, dim)
+        if kind == "ivf":
+            cells = self.ivf_cells(rows)
+            return f"ivf (nlist {cells}, nprobe {min(self.nprobe, cells)})"
+        if kind == "hnsw":
+            return f"hnsw (M {self.hnsw_m}, efConstruction {self.ef_construction}, efSearch {self.ef_search})"
+        return kind
 
 
 def _num_gpus():
@@ -85,8 +123,7 @@ def build_index(ad_vectors, use_gpu=True, chunk_rows=65536, spec=None):
         index.hnsw.efConstruction = spec.ef_construction
         index.hnsw.efSearch = spec.ef_search
     else:  # ivf: cells trained on a sample of rows read from the store, not on the whole store
-        nlist = spec.nlist or int(4 * math.sqrt(rows))
-        nlist = max(1, min(nlist, rows // 39 or 1))
+        nlist = spec.ivf_cells(rows)
         sample = np.sort(np.random.default_rng(spec.seed).choice(rows, min(rows, 256 * nlist), replace=False))
         training = ad_vectors.read(sample) if hasattr(ad_vectors, "read") else np.asarray(ad_vectors)[sample]
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)

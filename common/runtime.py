@@ -86,3 +86,45 @@ def log_truncation(encoder, texts, kind, source):
             f"{encoder.config.max_length} tokens and are truncated (raise --max_length to keep them whole)."
         )
     return count
+
+
+def available_memory_bytes():
+    """Memory this process can still take: MemAvailable, within a cgroup (v2 or v1) limit when one is set;
+    None where neither can be read (the checks that use it are then skipped)."""
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file, encoding="utf-8") as handle:
+                limit = handle.read().strip()
+            with open(usage_file, encoding="utf-8") as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            left = max(int(limit) - usage, 0)
+            available = left if available is None else min(available, left)
+        break
+    return available
+
+
+def check_fits_in_memory(needed_bytes, what, fix):
+    """Refuse before any work an option sized beyond the memory the machine has left."""
+    available = available_memory_bytes()
+    if available is not None and needed_bytes > available:
+        raise UserError(
+            f"{what} needs {_size(needed_bytes)} of memory and this machine has {_size(available)} available; {fix}."
+        )
+
+
+def _size(count):
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

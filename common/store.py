@@ -40,6 +40,7 @@ from common.data import fingerprint_row, text_key
 from common.encoder import EncoderSpec
 from common.errors import UserError
 from common.run_folder import lock_folder, unlock_folder
+from common.runtime import check_fits_in_memory
 
 FORMAT = "harness-store/2"
 _REQUIRED = ("format", "dim", "chunks", "model_fingerprint", "data_fingerprint")
@@ -287,7 +288,7 @@ class EmbeddingStore:
         return stacked
 
     @classmethod
-    def open(cls, folder, model_fingerprint=None, data_fp=None, dim=None):
+    def open(cls, folder, model_fingerprint=None, data_fp=None, dim=None, kind=None):
         path = os.path.join(folder, "metadata.json")
         if not os.path.exists(path):
             if os.path.isdir(folder) and any(name.startswith("chunk_") for name in os.listdir(folder)):
@@ -307,6 +308,11 @@ class EmbeddingStore:
             ) from None
         if metadata.get("format") != FORMAT:
             raise UserError(f"{folder} has store format {metadata.get('format')!r}, expected {FORMAT}; rebuild it.")
+        if kind and metadata.get("kind", kind) != kind:  # first: the other checks would send the user elsewhere
+            raise UserError(
+                f"The store {folder} holds {metadata['kind']} vectors, not {kind} vectors; pass a {kind} store "
+                f"(encode.py --kind {kind} writes one)."
+            )
         if model_fingerprint and metadata["model_fingerprint"] != model_fingerprint:
             raise UserError(
                 f"The store {folder} was built by another model ({metadata.get('model')}); delete it or pass "
@@ -375,6 +381,37 @@ def rows_of_corpus(source, id_column, text_column, split="train", ids_optional=F
     return rows
 
 
+def _model_folder_around(folder):
+    """The model folder that `folder` is or lies inside (config.json beside weights or an encoder config), or None."""
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path):
+            names = os.listdir(path)
+            if (
+                "harness_encoder.json" in names
+                or "modules.json" in names
+                or any(name.endswith((".safetensors", ".bin")) for name in names)
+            ):
+                return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def check_store_path(folder):
+    """Where a store may be written: a new folder, or a store (finished or not), outside every model folder; a
+    store inside a model folder would change that model's fingerprint, and every store of it would then be
+    refused as built by another model."""
+    model = _model_folder_around(folder)
+    if model is not None:
+        raise UserError(
+            f"The store path {folder} lies inside the model folder {model}; a store there changes the model's "
+            "fingerprint (its other stores would be refused). Choose a path outside the model folder."
+        )
+    _check_folder(folder)
+
+
 def _check_folder(folder):
     parent = os.path.dirname(os.path.abspath(folder))
     while not os.path.exists(parent):
@@ -411,12 +448,15 @@ def build_store(
     function called once the rows were read) is recorded: a stream's filters and counts; `keep_texts` writes
     each chunk's texts (a stream read by phase 2)."""
     module = accelerator.unwrap_model(encoder)
-    _check_folder(folder)
+    check_store_path(folder)
     if accelerator.is_main_process:
         lock_folder(folder, "the store")  # a second builder would write the same chunks
     accelerator.wait_for_everyone()
     world, rank = accelerator.num_processes, accelerator.process_index
     chunk_rows = chunk_rows or default_chunk_rows(module.embedding_dim)
+    check_fits_in_memory(  # each process holds one chunk's vectors (and texts) while it encodes
+        chunk_rows * module.embedding_dim * 4, f"A chunk of {chunk_rows} rows", "lower --chunk_rows"
+    )
     chunks, pending, digest, seen = [], [], hashlib.sha256(), 0
 
     def flush(index, batch):
@@ -614,7 +654,9 @@ def open_or_build_store(
     module = encoder if isinstance(encoder, EncoderSpec) else accelerator.unwrap_model(encoder)
     path = path or default_store_path(store_dir, model_path, kind, module, data_fp)
     if shared_decision(accelerator, os.path.exists(os.path.join(path, "metadata.json"))):
-        store = EmbeddingStore.open(path, module.fingerprint, None if description else data_fp, module.embedding_dim)
+        store = EmbeddingStore.open(
+            path, module.fingerprint, None if description else data_fp, module.embedding_dim, kind=kind
+        )
         check_store_matches(store, module, kind)
         return store
     if isinstance(module, EncoderSpec):

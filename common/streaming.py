@@ -19,15 +19,17 @@ processes rows, of which each process collates its own slice: N processes read t
 whole batch would. Its `state_dict()` (epoch, rows consumed per source, draws made) goes into the checkpoint.
 """
 
+import csv
 import glob
 import hashlib
 import json
 import math
 import os
+import random
 
 import numpy as np
 
-from common.data import FILE_BUILDERS, check_context, with_context
+from common.data import FILE_BUILDERS, with_context
 from common.errors import UserError
 
 SHARD_TYPES = FILE_BUILDERS  # the file types load_table reads, and their datasets builders
@@ -58,10 +60,107 @@ def resolve_shards(source):
     if files is None:
         return None, None
     files = [os.path.abspath(path) for path in files]
-    builders = {SHARD_TYPES.get(os.path.splitext(path)[1].lower()) for path in files}
-    if len(builders) != 1 or None in builders:
+    extensions = {os.path.splitext(path)[1].lower() for path in files}
+    extensions = {".jsonl" if extension == ".json" else extension for extension in extensions}  # one builder
+    if len(extensions) != 1 or not extensions <= set(SHARD_TYPES):
         raise UserError(f"{source}: the shards must all be of one type among .jsonl, .json, .parquet, .csv, .tsv.")
-    return builders.pop(), files
+    return SHARD_TYPES[extensions.pop()], files
+
+
+def shard_columns(path):
+    """The column names of one local shard, read from its head only (None for a .json array: not cheaply)."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_schema(path).names
+        except Exception as error:
+            raise UserError(f"{path} is not a readable parquet file ({type(error).__name__}); fix the shard.") from None
+    if extension == ".json":
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        try:
+            if extension in (".csv", ".tsv"):
+                return next(csv.reader(handle, delimiter="\t" if extension == ".tsv" else ","), [])
+            line = next((line for line in handle if line.strip()), None)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not valid UTF-8 near its start; re-encode the shard as UTF-8.") from None
+    if line is None:
+        return []
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise UserError(f"{path} line 1 is not valid JSON; fix the shard.") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} line 1 is not a JSON object of columns; fix the shard.")
+    return list(record)
+
+
+def read_shard(path, columns):
+    """(where, record) of every row of one local shard, read as load_table reads a file: a .jsonl line by line
+    (each line's own types), a CSV/TSV with every cell as written (text; "NA" is a text), parquet by batches of
+    `columns`; a UTF-8 byte-order mark is skipped. A row that cannot be parsed ends the run with one sentence
+    naming the shard and line. `where` names the row for later messages ("<shard> line 7")."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".parquet":
+        import pyarrow.parquet as pq
+
+        number = 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=columns):
+                for record in batch.to_pylist():
+                    number += 1
+                    yield f"{path} row {number}", record
+        except OSError as error:  # damaged data pages
+            raise UserError(f"{path} could not be read after row {number} ({error}); fix the shard.") from None
+        return
+    with open(path, newline="" if extension in (".csv", ".tsv") else None, encoding="utf-8-sig") as handle:
+        try:
+            if extension in (".csv", ".tsv"):
+                reader = csv.DictReader(handle, delimiter="\t" if extension == ".tsv" else ",")
+                for record in reader:
+                    if None in record:
+                        raise UserError(f"{path} line {reader.line_num} has more cells than its header; fix the line.")
+                    yield f"{path} line {reader.line_num}", record
+                return
+            if extension == ".json":  # one JSON array of records: a whole document by nature
+                records = json.load(handle)
+                if not isinstance(records, list):
+                    raise UserError(f"{path} is not a JSON array of records; write one record per line (.jsonl).")
+                for number, record in enumerate(records, 1):
+                    if not isinstance(record, dict):
+                        raise UserError(f"{path} record {number} is not a JSON object of columns; fix it.")
+                    yield f"{path} record {number}", record
+                return
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path} line {number} is not valid JSON; fix or drop that line.") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path} line {number} is not a JSON object of columns; fix that line.")
+                yield f"{path} line {number}", record
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not valid UTF-8; re-encode the shard as UTF-8.") from None
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} is not valid JSON (line {error.lineno}); fix the file.") from None
+
+
+def buffer_shuffle(records, size, rng):
+    """A seeded shuffle through a buffer of `size` rows (memory: the buffer), as streaming readers shuffle."""
+    buffer = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = record
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class BloomFilter:
@@ -69,9 +168,18 @@ class BloomFilter:
     distinct texts at false-positive rate `error_rate` (a unique text wrongly taken for a duplicate)."""
 
     def __init__(self, capacity, error_rate=1e-4):
-        self.bits = max(64, math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2))
+        self.bits = self.bits_for(capacity, error_rate)
         self.hashes = max(1, round(self.bits / capacity * math.log(2)))
         self.array = np.zeros((self.bits + 7) // 8, dtype=np.uint8)
+
+    @staticmethod
+    def bits_for(capacity, error_rate=1e-4):
+        return max(64, math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2))
+
+    @classmethod
+    def bytes_for(cls, capacity, error_rate=1e-4):
+        """The filter's memory for `capacity` distinct texts (checked against the machine before a run)."""
+        return (cls.bits_for(capacity, error_rate) + 7) // 8
 
     def add(self, text):
         """Adds the text; returns whether it was (probably) there already."""
@@ -105,6 +213,22 @@ class TextStream:
         self.min_chars, self.max_chars = min_chars, max_chars
         self.dedupe_capacity, self.shuffle_buffer, self.seed = dedupe_capacity, shuffle_buffer, seed
         self.builder, self.files = resolve_shards(self.source)
+        for path in self.files or []:  # every shard's columns, before any work: a renamed column is named at once
+            columns = shard_columns(path)
+            needed = [self.column] + ([self.context_column] if self.context_column else [])
+            missing = [name for name in needed if columns is not None and name not in columns]
+            if missing:
+                raise UserError(
+                    f"The shard {path} has no column {missing[0]!r} (columns: {', '.join(columns)}); rename it, or "
+                    "pass its name with --query_column / --query_context_column."
+                )
+            if columns is not None and self.files and os.path.splitext(path)[1].lower() in (".csv", ".tsv"):
+                first = shard_columns(self.files[0])
+                if columns != first:
+                    raise UserError(
+                        f"The shard {path} has the columns {', '.join(columns)} but {self.files[0]} has "
+                        f"{', '.join(first)}; CSV/TSV shards of one stream need one header."
+                    )
         self.stats = {"read": 0, "kept": 0, "too_short": 0, "too_long": 0, "duplicate": 0}
 
     def describe(self):
@@ -121,40 +245,61 @@ class TextStream:
             "dedupe_capacity": self.dedupe_capacity,
         }
 
-    def _dataset(self, epoch):
+    def _records(self, epoch):
+        """(where, record) of the epoch's rows in order. Local shards are read by `read_shard` (exact types, every
+        parse error named by shard and line), in a seeded order of shards and through a seeded shuffle buffer
+        with --shuffle_buffer; a hub id is read by `datasets` (shuffled by its own buffer), its parse errors
+        turned into one sentence."""
+        columns = [self.column] + ([self.context_column] if self.context_column else [])
+        if self.files is not None:
+            rng = random.Random(f"{self.seed}-{epoch}")
+            files = list(self.files)
+            if self.shuffle_buffer:
+                rng.shuffle(files)
+            rows = (row for path in files for row in read_shard(path, columns))
+            yield from buffer_shuffle(rows, self.shuffle_buffer, rng) if self.shuffle_buffer else rows
+            return
         import datasets
 
         try:
-            if self.files is not None:
-                dataset = datasets.load_dataset(self.builder, data_files=self.files, split="train", streaming=True)
-            else:
-                dataset = datasets.load_dataset(self.source, split=self.split, streaming=True)
+            dataset = datasets.load_dataset(self.source, split=self.split, streaming=True)
         except Exception as error:
             raise UserError(f"Could not stream '{self.source}' ({type(error).__name__}: {error}); check it.") from None
         if self.shuffle_buffer:
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             dataset.set_epoch(epoch)
-        return dataset
+        iterator, number = iter(dataset), 0
+        while True:
+            try:
+                record = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:  # a parse error of a later shard of the hub data set
+                text = str(error).strip().splitlines()
+                raise UserError(
+                    f"{self.source} could not be read after row {number} ({type(error).__name__}: "
+                    f"{text[0] if text else ''}); fix or drop that row."
+                ) from None
+            number += 1
+            yield f"{self.source} row {number}", record
 
     def rows(self, epoch=0, start=0):
         """The epoch's kept rows from row `start` on (the first `start` kept rows are replayed, not yielded)."""
         seen = BloomFilter(self.dedupe_capacity) if self.dedupe_capacity else None
         kept, stats = 0, {key: 0 for key in self.stats}
         columns = [self.column] + ([self.context_column] if self.context_column else [])
-        for row_number, row in enumerate(self._dataset(epoch)):
-            if row_number == 0:
-                missing = [name for name in columns if name not in row]
-                if missing:
-                    raise UserError(
-                        f"{self.source} has no column {missing[0]!r} (columns: {', '.join(row)}); pass its name "
-                        "with --query_column / --query_context_column."
-                    )
+        for where, row in self._records(epoch):
+            missing = [name for name in columns if name not in row]
+            if missing:  # a hub data set's rows, or a record of a .jsonl without the column
+                raise UserError(
+                    f"{where} has no column {missing[0]!r} (columns: {', '.join(row)}); pass its name with "
+                    "--query_column / --query_context_column."
+                )
             stats["read"] += 1
             text = row[self.column]
             if text is not None and not isinstance(text, str):
                 raise UserError(
-                    f"{self.source} row {row_number}, column '{self.column}': expected text, got "
-                    f"{type(text).__name__}; fix or drop the row."
+                    f"{where}, column '{self.column}': expected text, got {type(text).__name__}; fix or drop the row."
                 )
             length = len(text.strip()) if text else 0
             if length < max(self.min_chars, 1):
@@ -172,7 +317,13 @@ class TextStream:
                 continue
             teacher_text = text
             if self.context_column:
-                context = check_context(row[self.context_column], self.source, row_number, self.context_column)
+                context = row[self.context_column]
+                if context is not None and not isinstance(context, str):
+                    raise UserError(
+                        f"{where}, column '{self.context_column}': expected text or null, got "
+                        f"{type(context).__name__}; fix the row."
+                    )
+                context = context if context and context.strip() else None  # none: the teacher reads the query
                 teacher_text = with_context(text, context, self.context_template)
             self.stats = stats
             yield text, teacher_text, None

@@ -112,7 +112,10 @@ def test_every_typed_flag_refuses_bad_values_from_yaml(name, tmp_path):
 def test_on_off_flags_in_yaml_take_only_true_or_false(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text('overwrite_output_dir: "false"\n')  # a quoted "false" is a string, not false
-    with pytest.raises(UserError, match="overwrite_output_dir must be true or false"):
+    with pytest.raises(UserError, match=r"overwrite_output_dir is the text 'false' \(in quotes\); write false without"):
+        train_teacher.parse_args(["--config", str(config)])
+    config.write_text("overwrite_output_dir: 1\n")
+    with pytest.raises(UserError, match="overwrite_output_dir is an on/off flag; set it to true or false, not 1"):
         train_teacher.parse_args(["--config", str(config)])
     config.write_text("overwrite_output_dir: false\nmax_train_steps: 3\nlearning_rate: 2e-4\n")
     args = train_teacher.parse_args(["--config", str(config), "--max_train_steps", "4"])

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 import distill_student
+import encode
 import evaluate
+import mine_negatives
 import refine_contrastive
 import train_teacher
 from common.errors import UserError
+from common.store import write_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +92,11 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
     vectors = np.load(vectors_path)
     vectors[3, 1] = np.inf
     np.save(vectors_path, vectors)
+    ad_store = str(tmp / "ad-store")  # the teacher's ad vectors (random here: only the kind matters)
+    query_metadata = json.loads(Path(ws["store"], "metadata.json").read_text())
+    kept = {key: value for key, value in query_metadata.items() if key in ("dim", "model_fingerprint", "model")}
+    vectors = np.random.default_rng(0).normal(size=(4, query_metadata["dim"])).astype("float32")
+    write_store(ad_store, vectors, ["a0", "a1", "a2", "a3"], metadata={**kept, "kind": "ad"})
     pickle_model = str(tmp / "pickle-model")
     shutil.copytree(ws["teacher"], pickle_model)
     os.rename(os.path.join(pickle_model, "model.safetensors"), os.path.join(pickle_model, "pytorch_model.bin"))
@@ -136,7 +144,11 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
         ("wrong type", *teacher(write(tmp, "t.jsonl", jsonl(GOOD, {**GOOD, "query": 5}))), "got int"),
         ("empty query", *teacher(write(tmp, "e.jsonl", jsonl(GOOD, {**GOOD, "query": ""}))), "row 1, column 'query'"),
         ("whitespace query", *teacher(write(tmp, "w.jsonl", jsonl(GOOD, {**GOOD, "query": " \t"}))), "empty text"),
-        ("null positive", *teacher(write(tmp, "n.jsonl", jsonl(GOOD, {**GOOD, "positive": None}))), "got NoneType"),
+        (
+            "null positive",
+            *teacher(write(tmp, "n.jsonl", jsonl(GOOD, {**GOOD, "positive": None}))),
+            "a missing value (null in JSON",
+        ),
         ("negatives not a list", *teacher(write(tmp, "l.jsonl", jsonl({**GOOD, "negatives": "x"}))), "list of texts"),
         (
             "non-UTF-8 bytes",
@@ -264,6 +276,147 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             distill_student.main,
             [*distill_args, "--query_file", data["queries"], "--teacher_query_store", nan_store],
             "NaN or inf",
+        ),
+        (
+            "ad store passed as the query store",
+            distill_student.main,
+            [*distill_args, "--query_file", data["queries"], "--teacher_query_store", ad_store],
+            "holds ad vectors, not query vectors",
+        ),
+        (
+            "query store passed as the ad store",
+            distill_student.main,
+            [
+                *distill_args,
+                "--query_file",
+                data["queries"],
+                "--teacher_query_store",
+                ws["store"],
+                "--ad_store",
+                ws["store"],
+            ],
+            "holds query vectors, not ad vectors",
+        ),
+        (
+            "store written inside the teacher's folder",
+            encode.main,
+            [
+                "--model_name_or_path",
+                ws["teacher"],
+                "--input_file",
+                data["ads"],
+                "--output_dir",
+                os.path.join(ws["teacher"], "stores", "ads"),
+            ],
+            "lies inside the model folder",
+        ),
+        (
+            "store directory inside the teacher's folder",
+            distill_student.main,
+            [*distill_args, "--query_file", data["train"], "--store_dir", os.path.join(ws["teacher"], "stores")],
+            "lies inside the model folder",
+        ),
+        *[
+            (
+                f"{flag} naming a column the clicks lack",
+                *teacher(data["train"], flag, "advertiser"),
+                f"no column 'advertiser' that {flag} names",
+            )
+            for flag in ("--group_column", "--negatives_column")
+        ],
+        *[
+            (
+                f"refine: {flag} naming a column the clicks lack",
+                refine_contrastive.main,
+                [*refine_args, "--train_file", data["train"], flag, "advertiser"],
+                f"no column 'advertiser' that {flag}",
+            )
+            for flag in ("--group_column", "--positive_id_column", "--negative_ids_column")
+        ],
+        *[
+            (
+                f"mining: {flag} naming a column the file lacks",
+                mine_negatives.main,
+                [
+                    "--model_name_or_path",
+                    ws["teacher"],
+                    "--train_file",
+                    data["train"],
+                    "--corpus_file",
+                    data["ads"],
+                    "--output_dir",
+                    out,
+                    flag,
+                    "brand",
+                ],
+                f"no column 'brand' that {flag} names",
+            )
+            for flag in ("--group_column", "--ad_group_column", "--positive_id_column")
+        ],
+        (
+            "IVF with more cells than the ads can train",
+            evaluate.main,
+            [*eval_args, "--index", "ivf", "--nlist", "100000"],
+            "needs at least 3900000 ads to train its cells",
+        ),
+        (
+            "IVF probing more cells than it has",
+            evaluate.main,
+            [*eval_args, "--index", "ivf", "--nlist", "2", "--nprobe", "8"],
+            "--nprobe 8 is more than the 2 cells",
+        ),
+        (
+            "HNSW with fewer candidates than k",
+            evaluate.main,
+            [*eval_args, "--index", "hnsw", "--ef_search", "5"],
+            "--ef_search 5 is below k = 100",
+        ),
+        (
+            "student scored beside another teacher",
+            evaluate.main,
+            [*eval_args, "--teacher_model", tiny_bert, "--students", f"aligned={ws['student']}"],
+            "was aligned to another teacher",
+        ),
+        (
+            "student refined against another teacher",
+            refine_contrastive.main,
+            [*refine_args, "--teacher_model", tiny_bert, "--student_model", ws["student"]],
+            "was aligned to another teacher",
+        ),
+        (
+            "a Bloom filter larger than the machine",
+            encode.main,
+            [
+                "--model_name_or_path",
+                ws["teacher"],
+                "--input_file",
+                data["queries"],
+                "--kind",
+                "query",
+                "--streaming",
+                "--text_column",
+                "query",
+                "--dedupe_capacity",
+                str(10**13),
+                "--output_dir",
+                str(tmp / "s"),
+            ],
+            "of memory and this machine has",
+        ),
+        (
+            "store chunks larger than the machine",
+            encode.main,
+            [
+                "--model_name_or_path",
+                ws["teacher"],
+                "--input_file",
+                data["ads"],
+                "--chunk_rows",
+                str(10**12),
+                "--output_dir",
+                str(tmp / "s"),
+            ],
+            "lower --chunk_rows",
         ),
         (
             "store built on other data",
@@ -409,12 +562,12 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
         ("float grade", evaluate.main, [*eval_args, "--qrels_file", qrels_float_grade], "'2.0' is not an integer"),
         ("conflicting judgments", evaluate.main, [*eval_args, "--qrels_file", qrels_conflict], "already judged 2"),
         ("nothing relevant", evaluate.main, [*eval_args, "--qrels_file", qrels_nothing_relevant], "judges nothing"),
-        ("null query id in judgments", evaluate.main, [*eval_args, "--qrels_file", qrels_null_id], "got NoneType"),
+        ("null query id in judgments", evaluate.main, [*eval_args, "--qrels_file", qrels_null_id], "a missing value"),
         (
             "null ad id in the corpus",
             evaluate.main,
             [*eval_args, "--qrels_file", data["qrels"], "--corpus_file", null_ad_id],
-            "row 1, column 'id': expected an id",
+            "row 1, column 'id': a missing value",
         ),
         (
             "a student named teacher",
@@ -449,7 +602,7 @@ def test_bad_inputs_end_with_one_sentence_and_damage_nothing(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = snapshot(workspace["root"], os.path.dirname(small_data["train"]))
     table = cases(workspace, small_data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp_path)
-    assert len(table) >= 25
+    assert len(table) >= 71  # the classes of docs/guarantees.md, each with its siblings
     failures = []
     for name, main, argv, expected in table:
         try:
@@ -468,6 +621,45 @@ def test_deepspeed_requested_but_not_installed(small_data, tiny_bert, tmp_path, 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without DeepSpeed looks like
     with pytest.raises(UserError, match="DeepSpeed but it is not installed"):
         train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], tmp_path / "o"))
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("zero_optimization:\n  stage: 3\n", "is not valid JSON"),
+        ("[3]", "must be a JSON object"),
+        (None, "does not exist"),
+    ],
+    ids=["yaml", "a list", "missing"],
+)
+def test_a_deepspeed_config_that_is_not_a_json_object_is_refused_before_work(
+    content, expected, small_data, tiny_bert, tmp_path, monkeypatch
+):
+    pytest.importorskip("deepspeed")
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    with pytest.raises(UserError, match=expected):
+        train_teacher.main(tiny_teacher_run(tiny_bert, small_data["train"], tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_in_memory_index_the_machine_cannot_hold_is_refused_before_work(
+    small_data, tiny_bert, tmp_path, monkeypatch
+):
+    """Sized by the machine, not by a fixed rule: with 1 MiB available, a flat (in-memory) index of the ads is
+    refused before any store is built, and the sharded search (one chunk in memory) is what the message offers."""
+    import common.runtime
+
+    monkeypatch.setattr(common.runtime, "available_memory_bytes", lambda: 1 << 20)
+    ads = write(tmp_path, "ads.jsonl", jsonl(*[{"id": f"a{i}", "text": f"ad number {i}"} for i in range(10_000)]))
+    with pytest.raises(UserError, match=r"A flat index of 10000 32-d vectors needs .*use --index sharded"):
+        evaluate.main(["--teacher_model", tiny_bert, "--students", "--corpus_file", ads, "--queries_file",
+                       small_data["test_queries"], "--index", "flat", "--output_dir", str(tmp_path / "eval"),
+                       "--store_dir", str(tmp_path / "stores")])  # fmt: skip
+    assert not (tmp_path / "stores").exists()
 
 
 def test_command_line_exit_code_and_single_line(small_data, tmp_path):
@@ -603,3 +795,37 @@ def test_ids_are_read_as_written(tmp_path):
     assert read_qrels(qrels) == {"0152": {"007": 2, "7": -1}}  # a negative grade is kept: not relevant
     corpus = write(tmp_path, "ads.csv", "id,text\n007,Boats for rent\n7,Used laptops\n")
     assert read_texts(corpus, "id", "text") == (["007", "7"], ["Boats for rent", "Used laptops"])
+
+
+@pytest.mark.parametrize("extension", [".csv", ".tsv", ".jsonl", ".json"])
+def test_a_table_that_starts_with_a_byte_order_mark_reads_as_without_one(extension, tmp_path):
+    """Spreadsheet exports start CSV/TSV (and some JSON) files with the UTF-8 byte-order mark: the first column
+    keeps its name and ids keep their text."""
+    from common.data import load_table, read_texts
+
+    rows = [{"id": "0152", "text": "rent a boat"}, {"id": "7", "text": "café près de moi"}]
+    if extension in (".csv", ".tsv"):
+        separator = "," if extension == ".csv" else "\t"
+        body = "id" + separator + "text\n" + "".join(f"{r['id']}{separator}{r['text']}\n" for r in rows)
+    elif extension == ".jsonl":
+        body = jsonl(*rows)
+    else:
+        body = json.dumps(rows)
+    path = write(tmp_path, "table" + extension, b"\xef\xbb\xbf" + body.encode("utf-8"))
+    assert load_table(path).column_names == ["id", "text"]
+    assert read_texts(path, "id", "text") == (["0152", "7"], ["rent a boat", "café près de moi"])
+
+
+def test_na_and_null_cells_of_a_csv_are_read_as_written_and_missing_cells_are_named(tmp_path):
+    """pandas would read "NA", "null" and "n/a" as missing values: here a cell is its text ("NA" is a query
+    one can type), and a cell that is really missing is refused as such, naming its row and column."""
+    from common.data import read_qrels, read_texts
+
+    queries = write(tmp_path, "q.csv", "id,text\n1,NA\n2,null\n3,n/a\n")
+    assert read_texts(queries, "id", "text") == (["1", "2", "3"], ["NA", "null", "n/a"])
+    empty = write(tmp_path, "e.csv", "id,text\n1,rent a boat\n2,\n")
+    with pytest.raises(UserError, match=r"e\.csv row 1, column 'text': empty text"):
+        read_texts(empty, "id", "text")
+    qrels = write(tmp_path, "qrels.tsv", "query_id\tdoc_id\trelevance\nq1\td1\t1\nq2\td2\t\n")
+    with pytest.raises(UserError, match=r"row 1, column 'relevance': a missing value .* where a grade is needed"):
+        read_qrels(qrels)

@@ -3,6 +3,7 @@ passage), written here as small files, converted into the project's files, which
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -172,3 +173,25 @@ def test_a_beir_data_set_on_the_hub_converts_as_its_folder_does(tmp_path):
         prepare_data.main(["--dataset", "beir", "--beir_hub", str(hub), "--beir_qrels_hub", str(tmp_path / "none"),
                            "--output_dir", str(tmp_path / "x")])  # fmt: skip
     assert not os.path.exists(tmp_path / "x" / "ads.parquet")
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncated", "is not a readable parquet file"),
+        ("not parquet", "is not a readable parquet file"),
+        ("wrong schema", "has no column esci_label"),
+    ],
+)
+def test_a_damaged_or_wrong_esci_file_is_refused_in_one_sentence(damage, expected, tmp_path):
+    source = write_esci(str(tmp_path / "esci"))
+    examples = Path(source, prepare_data.ESCI_FILES[0])
+    if damage == "truncated":
+        examples.write_bytes(examples.read_bytes()[: examples.stat().st_size // 2])
+    elif damage == "not parquet":
+        examples.write_text("query_id,query\n1,a\n")
+    else:
+        pd.read_parquet(examples).drop(columns=["esci_label"]).to_parquet(examples)
+    with pytest.raises(UserError, match=expected) as refused:
+        prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", str(tmp_path / "out")])
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()

@@ -228,7 +228,7 @@ def test_a_store_made_another_way_is_refused_beyond_fingerprints(encoder, tmp_pa
     """Same model, same texts, but encoded as ads: refused as a query store (the prompt would differ too)."""
     folder = str(tmp_path / "store")
     build(encoder, folder)
-    with pytest.raises(UserError, match="has kind 'ad' but 'query' is needed"):
+    with pytest.raises(UserError, match="holds ad vectors, not query vectors"):
         open_or_build(encoder, TEXTS, folder, kind="query")
     meta = json.loads(Path(folder, "metadata.json").read_text())
     meta["max_length"] = 7

@@ -223,3 +223,34 @@ def test_encode_writes_the_chunked_store_that_phase_2_streams(streams, tiny_bert
         distill_student.main(["--teacher_model", tiny_bert, "--query_file", streams["queries"], "--streaming", *data,
                               "--min_query_chars", "5", "--teacher_query_store", folder, "--student_num_layers", "1",
                               "--store_dir", stores, "--output_dir", str(tmp_path / "other")])  # fmt: skip
+
+
+def test_tsv_shards_with_a_byte_order_mark_stream_as_text_with_tabs(tmp_path):
+    """TSV shards are split on tabs, every cell stays text (a query "2024" is not the number 2024) and a
+    spreadsheet's byte-order mark at the start of a shard is not part of the first column's name."""
+    folder = tmp_path / "tsv"
+    folder.mkdir()
+    (folder / "a.tsv").write_bytes(b"\xef\xbb\xbfquery\tcontext\nrent a boat, cheap\tboats\n2024\tyears\n")
+    (folder / "b.tsv").write_text("query\tcontext\ncafé près de moi\tfood\n", encoding="utf-8")
+    stream = TextStream(str(folder), "query", context_column="context", context_template="{query} | {context}")
+    assert rows_of(stream) == [("rent a boat, cheap", "rent a boat, cheap | boats"), ("2024", "2024 | years"),
+                               ("café près de moi", "café près de moi | food")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "second_shard, expected",
+    [
+        ('{"text": "a renamed column"}\n', r"The shard .*b\.jsonl has no column 'query' \(columns: text\)"),
+        ('{"query": "fine"}\n{"query": "fine too"}\n{"query": "cut off\n', r"b\.jsonl line 3 is not valid JSON"),
+        ('{"query": 5}\n', r"b\.jsonl line 1, column .query.: expected text, got int"),
+    ],
+    ids=["renamed column", "malformed line", "a number"],
+)
+def test_a_later_shard_that_is_wrong_is_named_in_one_sentence(second_shard, expected, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"query": f"query {i}"}) + "\n" for i in range(50)))
+    (folder / "b.jsonl").write_text(second_shard)
+    with pytest.raises(UserError, match=expected) as refused:
+        rows_of(TextStream(str(folder), "query"))
+    assert "\n" not in str(refused.value)

@@ -221,3 +221,15 @@ def test_kl_ranks_ads_of_the_teachers_ad_store(small_data, tiny_bert, tiny_bert_
     with pytest.raises(UserError, match="built by another model"):
         distill_student.main([*common, "--alignment_loss", "kl", "--ad_store", other,
                               "--output_dir", str(tmp_path / "y")])  # fmt: skip
+
+
+def test_max_length_sets_the_length_of_a_student_cut_from_the_teacher(small_data, tiny_bert, tmp_path):
+    """--max_length applies to every student: one cut from the teacher (which reads the teacher's own config)
+    included, not only --student_model."""
+    distill_student.main(["--teacher_model", tiny_bert, "--query_file", small_data["queries"], "--student_num_layers",
+                          "1", "--max_length", "9", "--output_dir", str(tmp_path / "cut"), "--max_train_steps", "1",
+                          "--store_dir", str(tmp_path / "stores"), *FAST])  # fmt: skip
+    assert Encoder.from_pretrained(tiny_bert).config.max_length != 9
+    student = Encoder.from_pretrained(str(tmp_path / "cut"))
+    assert student.config.max_length == 9
+    assert student.tokenize(["a much longer query " * 5], "query")["input_ids"].shape[1] == 9
