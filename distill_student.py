@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from transformers import get_scheduler
 
 from common.alignment import alignment_loss, parse_objectives, token_state_loss
 from common.args import (
@@ -79,6 +78,7 @@ from common.loop import (
     TrainLoop,
     check_finite_loss,
     clip_and_check_gradients,
+    get_scheduler,
     optimizer_param_groups,
     resume_from_checkpoint,
     save_final_model,

@@ -10,7 +10,9 @@ is its metric over the teacher's, in %, with a paired bootstrap confidence inter
 overlap@k is the share of the teacher's top-k that a model also returns: it needs no judgments, so
 --queries_file without --qrels_file (logged traffic) reports overlap only. Latency is per query at batch 1
 (tokenisation included, as in serving; warm-up first, device synchronised), p50/p95/p99; throughput is
-queries per second at --throughput_batch_size; forward FLOPs per query are counted on the test queries.
+queries per second at --throughput_batch_size; forward FLOPs per query are counted on the test queries. How many
+cores other work kept busy during each model's timings is measured beside them (results.json:
+other_load_cores), and the report flags timings taken on a busy machine.
 Writes results.json, report.md and the plots recall_at_k.png and quality_vs_latency.png to --output_dir.
 
 Single machine (the embedded default: untuned teacher, teacher, aligned and refined students):
@@ -56,7 +58,7 @@ from common.retrieval import (
     per_query_metrics,
     search,
 )
-from common.runtime import logger, make_accelerator
+from common.runtime import LoadProbe, cpu_features, logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 
@@ -176,24 +178,27 @@ def time_queries(encoder, texts, device, latency_queries, batch_size, throughput
     for text in texts[:10]:  # warm-up: allocator, kernels, tokenizer caches
         encoder(**encoder.tokenize([text], "query").to(device))
     timings = []
-    for i in range(latency_queries):
+    with LoadProbe() as load:  # other work on the machine during the timings: reported, flagged above 0.5 cores
+        for i in range(latency_queries):
+            sync()
+            start = time.perf_counter()
+            encoder(**encoder.tokenize([texts[i % len(texts)]], "query").to(device))
+            sync()
+            timings.append((time.perf_counter() - start) * 1000)
+        batch_texts = [texts[i % len(texts)] for i in range(throughput_queries)]
+        encoder.encode(batch_texts[:batch_size], "query", batch_size=batch_size, device=device)  # warm-up
         sync()
         start = time.perf_counter()
-        encoder(**encoder.tokenize([texts[i % len(texts)]], "query").to(device))
+        encoder.encode(batch_texts, "query", batch_size=batch_size, device=device)
         sync()
-        timings.append((time.perf_counter() - start) * 1000)
-    batch_texts = [texts[i % len(texts)] for i in range(throughput_queries)]
-    encoder.encode(batch_texts[:batch_size], "query", batch_size=batch_size, device=device)  # warm-up
-    sync()
-    start = time.perf_counter()
-    encoder.encode(batch_texts, "query", batch_size=batch_size, device=device)
-    sync()
+        throughput_seconds = time.perf_counter() - start
     return {
         "latency_p50_ms": float(np.percentile(timings, 50)),
         "latency_p95_ms": float(np.percentile(timings, 95)),
         "latency_p99_ms": float(np.percentile(timings, 99)),
-        "throughput_qps": throughput_queries / (time.perf_counter() - start),
+        "throughput_qps": throughput_queries / throughput_seconds,
         "throughput_batch_size": batch_size,
+        "other_load_cores": load.other_cores,
     }
 
 
@@ -305,7 +310,7 @@ def main(argv=None):
         "num_ads": num_ads,
         "index": args.index,  # auto is resolved on the teacher's store below
         "models": {},
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "device": cpu_features() if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "k": args.k,
         "confidence_level": args.confidence_level,

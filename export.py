@@ -7,8 +7,11 @@ backend:
     SentenceTransformer(folder, backend="onnx", model_kwargs={"file_name": "onnx/model_qint8.onnx"})
 The parity gate searches the teacher's ad index with the test queries encoded by the fp32 student and by
 each export: overlap@k with the student's top-k must be at least --min_overlap and recall@k (with
-judgments) within --max_recall_drop points, else the export is refused with the numbers and nothing is
-written. results.json gives those numbers and the speed of each at batch 1 and at --batch_size.
+judgments) within --max_recall_drop points, and a query's vector must not depend on the other queries of its
+batch (1 - cos between it alone and inside shuffled batches of 7 and 64 at most --max_batch_dependence: dynamic
+int8 quantises each activation tensor with one scale, so it fails this), else the export is refused with the
+numbers and nothing is written. results.json gives those numbers and the speed of each at batch 1 and at
+--batch_size.
 
 Single machine (the embedded default: the refined demo student against the demo teacher's ads, CPU):
     python export.py
@@ -76,6 +79,16 @@ def parse_args(argv=None):
     group.add_argument("--gate_k", type=positive_int, default=100)
     group.add_argument("--min_overlap", type=fraction, default=0.995, help="overlap@k with the fp32 student.")
     group.add_argument("--max_recall_drop", type=non_negative_float, default=0.5, help="recall@k points.")
+    group.add_argument(
+        "--max_batch_dependence",
+        type=non_negative_float,
+        default=1e-4,
+        help="Largest 1 - cos between a query's vector alone and inside shuffled batches of 7 and 64 (a server "
+        "batches requests as they come, so a query must not depend on its neighbours).",
+    )
+    group.add_argument(
+        "--batch_dependence_queries", type=positive_int, default=256, help="Gate queries the check encodes."
+    )
     group = parser.add_argument_group("Speed")
     group.add_argument("--speed_queries", type=non_negative_int, default=256, help="Queries timed; 0: skip.")
     group.add_argument("--batch_size", type=positive_int, default=64, help="Batched throughput at this size.")
@@ -83,6 +96,25 @@ def parse_args(argv=None):
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student-serving"))
     group.add_argument("--overwrite_output_dir", action="store_true")
     return parse_with_config(parser, argv)
+
+
+@torch.inference_mode()
+def batch_dependence(encoder, texts, sizes=(7, 64), seed=0):
+    """The largest 1 - cos over `texts` between a query's vector encoded alone and encoded inside a batch of each
+    size in `sizes` (the texts shuffled, then cut into consecutive batches: neighbours of any length, as a server
+    batches its requests). 0 up to float noise for a model whose ops treat rows independently; dynamic int8,
+    which quantises each activation tensor with one scale, depends on the batch."""
+    alone = np.concatenate([encoder(**encoder.tokenize([text], "query")).float().numpy() for text in texts])
+    worst = 0.0
+    for size in sizes:
+        order = np.random.default_rng([seed, size]).permutation(len(texts))
+        batched = np.zeros_like(alone)
+        for start in range(0, len(texts), size):
+            rows = order[start : start + size]
+            batched[rows] = encoder(**encoder.tokenize([texts[i] for i in rows], "query")).float().numpy()
+        cosine = (alone * batched).sum(1) / (np.linalg.norm(alone, axis=1) * np.linalg.norm(batched, axis=1))
+        worst = max(worst, float((1 - cosine).max()))
+    return worst
 
 
 @torch.inference_mode()
@@ -166,10 +198,12 @@ def main(argv=None):
             entry[f"qps_batch_{args.batch_size}"] = queries_per_second(
                 encoder, query_texts, args.batch_size, args.speed_queries
             )
+        entry["batch_dependence"] = batch_dependence(encoder, query_texts[: args.batch_dependence_queries])
         return vectors, lists, entry
 
     base_vectors, base_lists, base = score(student)
-    results = {"gate_k": k, "min_overlap": args.min_overlap, "max_recall_drop": args.max_recall_drop}
+    results = {"gate_k": k, "min_overlap": args.min_overlap, "max_recall_drop": args.max_recall_drop,
+               "max_batch_dependence": args.max_batch_dependence}  # fmt: skip
     results["models"] = {"torch fp32": base}
 
     def gate(name, path):
@@ -183,6 +217,11 @@ def main(argv=None):
         failures = (
             [] if overlap >= args.min_overlap else [f"overlap@{k} {100 * overlap:.2f}% < {100 * args.min_overlap:.2f}%"]
         )
+        if entry["batch_dependence"] > args.max_batch_dependence:
+            failures.append(
+                f"a query's vector depends on its batch (1 - cos up to {entry['batch_dependence']:.2e} > "
+                f"{args.max_batch_dependence:g})"
+            )
         if qrels is not None:
             entry["recall_drop_points"] = drop = 100 * (base[f"recall@{k}"] - entry[f"recall@{k}"])
             if drop > args.max_recall_drop:
@@ -213,7 +252,8 @@ def main(argv=None):
         shutil.rmtree(staging)
         raise UserError(
             "The export was refused by the parity gate: " + "; ".join(refusals) + ". Nothing was written; export "
-            "without int8 (--quantize false) or loosen --min_overlap / --max_recall_drop knowingly."
+            "without int8 (--quantize false) or loosen --min_overlap / --max_recall_drop / --max_batch_dependence "
+            "knowingly."
         )
     results["passed_gate"] = True
     save_run_files(staging, args, SCRIPT, results)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from common.args import (
     add_common_training_args,
@@ -53,6 +52,7 @@ from common.loop import (
     TrainLoop,
     check_finite_loss,
     clip_and_check_gradients,
+    get_scheduler,
     optimizer_param_groups,
     resume_from_checkpoint,
     save_final_model,

@@ -31,6 +31,7 @@ from common.data import read_texts  # noqa: E402
 from common.demo_data import DEMO_ROOT, demo_paths  # noqa: E402
 from common.encoder import Encoder  # noqa: E402
 from common.onnx_export import INT8_SCHEMES, OnnxEncoder, export_onnx, quantize_int8  # noqa: E402
+from common.runtime import cpu_features  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,7 +60,9 @@ def one_pass(encoder, texts, batch_size, device):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_features()}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):

@@ -10,9 +10,11 @@ A script keeps its own loop (forward, loss, backward, optimiser and scheduler st
 """
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -218,6 +220,40 @@ def resume_from_checkpoint(accelerator, args, script):
     count = state.get("log_history_entries", len(old_entries or []))
     history = LogHistory(args.output_dir, accelerator.is_main_process, count, old_entries)
     return Progress(state["step"], state["epoch"], state["batch_in_epoch"], history, state.get("stream"))
+
+
+# ---------------------------------------------------------------------------- schedule
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+
+
+def _linear(step, *, num_warmup_steps, num_training_steps):
+    if step < num_warmup_steps:
+        return float(step) / float(max(1, num_warmup_steps))
+    return max(0.0, float(num_training_steps - step) / float(max(1, num_training_steps - num_warmup_steps)))
+
+
+def _cosine(step, *, num_warmup_steps, num_training_steps):
+    if step < num_warmup_steps:
+        return float(step) / float(max(1, num_warmup_steps))
+    progress = float(step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def _constant_with_warmup(step, *, num_warmup_steps, num_training_steps):
+    if step < num_warmup_steps:
+        return float(step) / float(max(1.0, num_warmup_steps))
+    return 1.0
+
+
+def get_scheduler(name, optimizer, num_warmup_steps, num_training_steps):
+    """`transformers.get_scheduler` for the three schedules the scripts offer: the same LambdaLR with the same
+    factor at every step (tests/test_distributed.py compares them step by step). Written here because importing
+    transformers' own pulls in its Trainer utilities and peft: 2.5 s of every process start."""
+    if name not in SCHEDULES:
+        raise UserError(f"Unknown --lr_scheduler_type {name!r}; use one of {', '.join(SCHEDULES)}.")
+    factor = {"linear": _linear, "cosine": _cosine, "constant_with_warmup": _constant_with_warmup}[name]
+    schedule = functools.partial(factor, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 # ---------------------------------------------------------------------------- the loop

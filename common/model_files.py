@@ -121,11 +121,11 @@ def model_fingerprint(folder):
     fingerprinted in well under a second; any training step changes every block.
     """
     digest = hashlib.sha256()
-    # Top-down walk, pruned in place: checkpoints/ and stages/ (training state, rotated or deleted at will)
-    # are never entered, and sorting `dirs` fixes the order. (Sorting os.walk's generator would walk the
+    # Top-down walk, pruned in place: checkpoints/, stages/ (training state, rotated or deleted at will) and runs/
+    # (tracker logs) are never entered, and sorting `dirs` fixes the order. (Sorting os.walk's generator would walk the
     # whole tree before the pruning could act.)
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint", "stages")))
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint", "stages")) and d != "runs")
         for name in sorted(files):
             if name in FINGERPRINT_SKIP or name.startswith("."):
                 continue

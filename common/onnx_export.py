@@ -53,7 +53,9 @@ def export_onnx(encoder, path, opset=17):
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(
-            _ServingGraph(encoder, names),
+            # eval(): the exporter puts the module back in its own mode afterwards, and a new module is in
+            # training mode: without it the encoder would come back with dropout on.
+            _ServingGraph(encoder, names).eval(),
             tuple(sample[name] for name in names),
             path,
             input_names=names,

@@ -3,6 +3,8 @@
 
 import os
 
+from common.runtime import LoadProbe
+
 
 def render_report(results):
     ks, judged = results["k"], results["judged"]
@@ -56,13 +58,27 @@ def render_report(results):
         f"q/s (batch {results['throughput_batch_size']}) |",
         "|---|---|---|---|---|---|---|",
     ]
+    loaded = {}  # model: cores other work kept busy while it was timed, where that was above the flag
+    for name, entry in results["models"].items():
+        other = entry.get("speed", {}).get("other_load_cores")
+        if other is not None and other > LoadProbe.FLAG_CORES:
+            loaded[name] = other
     for name, entry in results["models"].items():
         speed, flops = entry.get("speed", {}), entry.get("flops_per_query")
         lines.append(
-            f"| {name} | {entry['parameters'] / 1e6:.1f} | {number(flops and flops / 1e9, 3)} | "
+            f"| {name}{' (loaded)' if name in loaded else ''} | {entry['parameters'] / 1e6:.1f} | "
+            f"{number(flops and flops / 1e9, 3)} | "
             f"{number(speed.get('latency_p50_ms'), 2)} | {number(speed.get('latency_p95_ms'), 2)} | "
             f"{number(speed.get('latency_p99_ms'), 2)} | {number(speed.get('throughput_qps'), 0)} |"
         )
+    if loaded:
+        lines += [
+            "",
+            "**Warning: measured while the machine was busy with other work** ("
+            + ", ".join(f"{name}: {cores:.1f} cores" for name, cores in loaded.items())
+            + " busy besides this process, on average): these latencies and throughputs are not the models'; "
+            "measure again on an idle machine.",
+        ]
     lines += [
         "",
         f"Device: {results['device']}, {results['threads']} CPU threads. Latency: batch 1, tokenisation included. "

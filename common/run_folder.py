@@ -34,7 +34,9 @@ def _previous_script(folder):
     return None
 
 
-_OURS_WHEN_EMPTY = {".lock", ".final.partial", ".log_history.jsonl"}  # see common/loop.LogHistory
+# A run's own files before its first save: the lock, the staging folder, the log (common/loop.LogHistory) and the
+# trackers' logs (common/runtime.TRACKER_FOLDER).
+_OURS_WHEN_EMPTY = {".lock", ".final.partial", ".log_history.jsonl", "runs"}
 
 
 def check_output_dir(args, script, inputs=()):

@@ -3,19 +3,21 @@ banner a training run prints."""
 
 import logging
 import os
+import time
 
 import torch
 
 from common.errors import UserError
 
 logger = logging.getLogger("harness")
+TRACKER_FOLDER = "runs"  # common/model_files.py and common/run_folder.py know it
 
 
 # ---------------------------------------------------------------------------- accelerator
 def make_accelerator(args, log_with=None):
     """An Accelerator with gloo on CPU-only machines (DeepSpeed's gathers fail on CPU otherwise)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
@@ -24,7 +26,12 @@ def make_accelerator(args, log_with=None):
         gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         mixed_precision=args.mixed_precision,
         log_with=log_with or report_to,
-        project_dir=args.output_dir,
+        # Trackers write under <output_dir>/runs/<script> (`tensorboard --logdir <output_dir>/runs`), beside the
+        # model and outside its fingerprint.
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir,
+            logging_dir=os.path.join(args.output_dir, TRACKER_FOLDER) if args.output_dir else None,
+        ),
         kwargs_handlers=handlers,
         # Seedable sampler: the shuffle order is a function of (seed, epoch) only, the same for any number of
         # processes, so N processes see the batches one process sees, and resume can replay the order.
@@ -128,3 +135,68 @@ def check_fits_in_memory(needed_bytes, what, fix):
 
 def _size(count):
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _machine_busy_seconds():
+    """CPU seconds all processes of the machine have spent busy since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadProbe:
+    """How busy the machine was with other work while a measurement ran: the machine's busy CPU time minus this
+    process's own, over the wall time, in cores. Latency measured while other work holds the cores is not the
+    model's latency; reports flag it.
+
+        with LoadProbe() as probe:
+            ...time something...
+        probe.other_cores  # e.g. 1.8: other processes kept 1.8 cores busy on average
+    """
+
+    FLAG_CORES = 0.5  # above this, a timing is reported as measured under load
+
+    def __enter__(self):
+        self.wall, self.own, self.machine = time.perf_counter(), _own_cpu_seconds(), _machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        machine = _machine_busy_seconds()
+        own = _own_cpu_seconds() - self.own
+        self.other_cores = (
+            None if machine is None or self.machine is None else max((machine - self.machine - own) / wall, 0.0)
+        )
+        return False
+
+
+def _own_cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def cpu_features():
+    """The CPU's model and the instruction sets int8 and bf16 kernels use, from /proc/cpuinfo: e.g.
+    'Intel Xeon ... (AVX2; no AVX-512, no VNNI, no AMX)'. Speed figures of int8 are meaningless without it."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        return model
+    sets = {"AVX2": {"avx2"}, "AVX-512": {"avx512f"}, "VNNI": {"avx512_vnni", "avx_vnni"},
+            "AMX": {"amx_int8", "amx_tile"}}  # fmt: skip
+    have = [name for name, names in sets.items() if flags & names]
+    missing = [name for name, names in sets.items() if not flags & names]
+    return f"{model} ({', '.join(have) or 'none of AVX2/AVX-512/VNNI/AMX'}" + (
+        f"; no {', no '.join(missing)})" if missing else ")"
+    )

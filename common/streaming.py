@@ -79,22 +79,14 @@ def shard_columns(path):
             raise UserError(f"{path} is not a readable parquet file ({type(error).__name__}); fix the shard.") from None
     if extension == ".json":
         return None
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        try:
-            if extension in (".csv", ".tsv"):
+    if extension in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            try:
                 return next(csv.reader(handle, delimiter="\t" if extension == ".tsv" else ","), [])
-            line = next((line for line in handle if line.strip()), None)
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not valid UTF-8 near its start; re-encode the shard as UTF-8.") from None
-    if line is None:
-        return []
-    try:
-        record = json.loads(line)
-    except ValueError:
-        raise UserError(f"{path} line 1 is not valid JSON; fix the shard.") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path} line 1 is not a JSON object of columns; fix the shard.")
-    return list(record)
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not valid UTF-8 near its start; re-encode the shard as UTF-8.") from None
+    first = next(read_shard(path, None), None)  # a .jsonl: the first record's keys
+    return [] if first is None else list(first[1])
 
 
 def read_shard(path, columns):

@@ -328,7 +328,7 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             (
                 f"refine: {flag} naming a column the clicks lack",
                 refine_contrastive.main,
-                [*refine_args, "--train_file", data["train"], flag, "advertiser"],
+                [*refine_args, "--student_model", ws["student"], "--train_file", data["train"], flag, "advertiser"],
                 f"no column 'advertiser' that {flag}",
             )
             for flag in ("--group_column", "--positive_id_column", "--negative_ids_column")

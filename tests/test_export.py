@@ -31,7 +31,8 @@ def projected_student(tmp_path_factory, small_data, tiny_bert, tiny_bert_narrow)
 def gate_args(student, teacher, data, out, *extra):
     return ["--model_name_or_path", student, "--teacher_model", teacher, "--corpus_file", data["ads"],
             "--queries_file", data["test_queries"], "--qrels_file", data["qrels"], "--output_dir", out,
-            "--speed_queries", "8", "--batch_size", "4", "--gate_k", "20", *extra]  # fmt: skip
+            "--speed_queries", "8", "--batch_size", "4", "--gate_k", "20", "--batch_dependence_queries", "64",
+            *extra]  # fmt: skip
 
 
 def test_export_carries_pooling_head_and_normalisation_and_passes_the_gate(
@@ -72,6 +73,29 @@ def test_the_gate_refuses_an_export_below_the_bar_and_writes_nothing(
         export.main(gate_args(projected_student, tiny_bert, small_data, str(out), "--int8_scheme", "dynamic",
                               "--min_overlap", "1.0", "--speed_queries", "0"))  # fmt: skip
     assert sorted(os.listdir(out)) == [".lock"]  # the folder was new: only the lock was made
+
+
+def test_an_export_whose_vectors_depend_on_the_batch_is_refused(
+    projected_student, tiny_bert, small_data, tmp_path, monkeypatch
+):
+    """A server batches requests as they come: a query's vector must be the same alone and beside any others.
+    Measured for real, fp32 (torch after the export, ONNX) and weight-only blockwise int8 are batch-independent
+    to float noise (the torch student once came back from the export with dropout on: 1 - cos of 7e-2 on the
+    demo student). The gate refuses an export above --max_batch_dependence (dynamic int8 quantises each
+    activation tensor with one scale: 9.9e-4 on the demo student, which this tiny model does not reproduce, so
+    here the measurement of the int8 files is replaced by that value)."""
+    loose = ["--min_overlap", "0.01", "--max_recall_drop", "100", "--speed_queries", "0"]
+    results = export.main(gate_args(projected_student, tiny_bert, small_data, str(tmp_path / "b"), "--int8_scheme",
+                                    "blockwise", *loose))  # fmt: skip
+    for name in ("torch fp32", "onnx fp32", "onnx int8 (blockwise)"):
+        assert results["models"][name]["batch_dependence"] < 1e-6, name
+    measured = export.batch_dependence
+    monkeypatch.setattr(export, "batch_dependence", lambda encoder, texts: (
+        9.9e-4 if str(getattr(encoder, "path", "")).endswith("qint8.onnx") else measured(encoder, texts)))  # fmt: skip
+    with pytest.raises(UserError, match=r"onnx int8 \(dynamic\): a query's vector depends on its batch \(1 - cos up "
+                                        r"to 9\.90e-04 > 0\.0001\).*no int8 scheme passes"):  # fmt: skip
+        export.main(gate_args(projected_student, tiny_bert, small_data, str(tmp_path / "d"), *loose))
+    assert sorted(os.listdir(tmp_path / "d")) == [".lock"]
 
 
 def test_a_qwen3_convention_student_exports_with_last_token_pooling(tiny_qwen, tmp_path):
