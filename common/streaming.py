@@ -205,17 +205,18 @@ class TextStream:
         self.min_chars, self.max_chars = min_chars, max_chars
         self.dedupe_capacity, self.shuffle_buffer, self.seed = dedupe_capacity, shuffle_buffer, seed
         self.builder, self.files = resolve_shards(self.source)
+        needed = [self.column] + ([self.context_column] if self.context_column else [])
+        first = None  # the first CSV/TSV shard's header, which every other one must repeat
         for path in self.files or []:  # every shard's columns, before any work: a renamed column is named at once
             columns = shard_columns(path)
-            needed = [self.column] + ([self.context_column] if self.context_column else [])
             missing = [name for name in needed if columns is not None and name not in columns]
             if missing:
                 raise UserError(
                     f"The shard {path} has no column {missing[0]!r} (columns: {', '.join(columns)}); rename it, or "
                     "pass its name with --query_column / --query_context_column."
                 )
-            if columns is not None and self.files and os.path.splitext(path)[1].lower() in (".csv", ".tsv"):
-                first = shard_columns(self.files[0])
+            if os.path.splitext(path)[1].lower() in (".csv", ".tsv"):
+                first = columns if first is None else first
                 if columns != first:
                     raise UserError(
                         f"The shard {path} has the columns {', '.join(columns)} but {self.files[0]} has "
