@@ -1,4 +1,4 @@
-"""Export a student query encoder for serving: ONNX (fp32) and int8 (dynamic quantisation), behind a parity gate.
+"""Export a student query encoder for serving: ONNX (fp32) and int8 (per-token W8A8), behind a parity gate.
 
 The output folder is the student's folder as it was (it still loads with Encoder and SentenceTransformer)
 plus onnx/model.onnx and onnx/model_qint8.onnx, each with the pooling, projection head and normalisation
@@ -22,6 +22,7 @@ Your student:
 """
 
 import argparse
+import itertools
 import os
 import shutil
 import time
@@ -38,14 +39,14 @@ from common.args import (
     parse_with_config,
     positive_int,
 )
-from common.data import corpus_summary, read_qrels, read_texts
+from common.data import corpus_summary, iter_corpus, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.onnx_export import INT8_FILE, INT8_SCHEMES, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from common.retrieval import IndexSpec, build_index, overlap_at_k, retrieval_metrics, search
 from common.run_folder import STAGING, check_output_dir, lock_folder, move_into_place, save_run_files
-from common.runtime import logger, make_accelerator
+from common.runtime import LoadProbe, cpu_features, logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 SCRIPT = "export.py"
@@ -63,10 +64,18 @@ def parse_args(argv=None):
         "--int8_scheme",
         choices=["auto", *INT8_SCHEMES],
         default="auto",
-        help="dynamic: per-channel weights, per-tensor activations (fastest); blockwise: blocks of 32 (closer to "
-        "fp32); auto: the first of these that passes the gate.",
+        help="per_token: W8A8, int8 weights per output channel and activations per token (batch-independent); "
+        "blockwise: 8-bit weights in blocks of 32; dynamic: activations per tensor, i.e. per batch (refused by the "
+        "batch-dependence check); auto: the first of these that passes the gate.",
     )
     group.add_argument("--opset", type=positive_int, default=17)
+    group.add_argument(
+        "--calibration_texts",
+        type=non_negative_int,
+        default=512,
+        help="per_token: smooth activations on this many ads of --corpus_file, encoded as queries (SmoothQuant); "
+        "0: no smoothing. The gate's queries are never used for it.",
+    )
     group = parser.add_argument_group("Parity gate")
     group.add_argument("--corpus_file", default=None, help="Ads (id, text); default: the built-in ads.")
     group.add_argument("--queries_file", default=None, help="Test queries (id, text).")
@@ -132,6 +141,17 @@ def queries_per_second(encoder, texts, batch_size, count):
     return len(texts) / (time.perf_counter() - start)
 
 
+def calibration_batches(student, args, batch_size=64):
+    """The first --calibration_texts ads of the corpus tokenised as queries, in batches (numpy arrays), for the
+    per_token scheme's activation smoothing; None for 0."""
+    ads = itertools.islice(iter_corpus(args.corpus_file, args.id_column, args.text_column), args.calibration_texts)
+    texts = [text for _, text in ads]
+    batches = [
+        student.tokenize(texts[start : start + batch_size], "query") for start in range(0, len(texts), batch_size)
+    ]
+    return [{name: tensor.numpy() for name, tensor in batch.items()} for batch in batches] or None
+
+
 def main(argv=None):
     args = parse_args(argv)
     demo = args.corpus_file is None and args.queries_file is None and args.qrels_file is None
@@ -194,16 +214,24 @@ def main(argv=None):
         if qrels is not None:
             entry[f"recall@{k}"] = retrieval_metrics(dict(zip(query_ids, lists)), qrels, [k])[f"recall@{k}"]
         if args.speed_queries:
-            entry["qps_batch_1"] = queries_per_second(encoder, query_texts, 1, args.speed_queries)
-            entry[f"qps_batch_{args.batch_size}"] = queries_per_second(
-                encoder, query_texts, args.batch_size, args.speed_queries
-            )
+            with LoadProbe() as load:  # other work on the machine during the timings: recorded, flagged
+                entry["qps_batch_1"] = queries_per_second(encoder, query_texts, 1, args.speed_queries)
+                entry[f"qps_batch_{args.batch_size}"] = queries_per_second(
+                    encoder, query_texts, args.batch_size, args.speed_queries
+                )
+            entry["other_load_cores"] = load.other_cores
+            if load.other_cores is not None and load.other_cores > LoadProbe.FLAG_CORES:
+                logger.warning(
+                    f"Timed while other work kept {load.other_cores:.1f} cores of this machine busy: the queries per "
+                    "second are lower than the model's; time again on an idle machine."
+                )
         entry["batch_dependence"] = batch_dependence(encoder, query_texts[: args.batch_dependence_queries])
         return vectors, lists, entry
 
     base_vectors, base_lists, base = score(student)
     results = {"gate_k": k, "min_overlap": args.min_overlap, "max_recall_drop": args.max_recall_drop,
-               "max_batch_dependence": args.max_batch_dependence}  # fmt: skip
+               "max_batch_dependence": args.max_batch_dependence,
+               "device": f"{cpu_features()}, {torch.get_num_threads()} threads"}  # fmt: skip
     results["models"] = {"torch fp32": base}
 
     def gate(name, path):
@@ -237,8 +265,9 @@ def main(argv=None):
     refusals = gate("onnx fp32", fp32_path)
     if args.quantize and not refusals:
         schemes = INT8_SCHEMES if args.int8_scheme == "auto" else [args.int8_scheme]
+        calibration = calibration_batches(student, args) if "per_token" in schemes else None
         for scheme in schemes:  # the fastest scheme that passes the gate
-            quantize_int8(fp32_path, int8_path, scheme)
+            quantize_int8(fp32_path, int8_path, scheme, calibration=calibration)
             failures = gate(f"onnx int8 ({scheme})", int8_path)
             if not failures:
                 results["int8_scheme"] = scheme

@@ -31,7 +31,7 @@ from common.data import read_texts  # noqa: E402
 from common.demo_data import DEMO_ROOT, demo_paths  # noqa: E402
 from common.encoder import Encoder  # noqa: E402
 from common.onnx_export import INT8_SCHEMES, OnnxEncoder, export_onnx, quantize_int8  # noqa: E402
-from common.runtime import cpu_features  # noqa: E402
+from common.runtime import LoadProbe, cpu_features  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,6 +65,29 @@ def device_name(device):
     return f"{cpu_features()}, {torch.get_num_threads()} threads"
 
 
+def time_contenders(contenders, texts, args):
+    """{name: {batch size: median queries per second}}, the contenders alternating within each repeat."""
+    speed = {name: {} for name in contenders}
+    for batch in args.batch_sizes:
+        for model, where_to in contenders.values():
+            one_pass(model, texts[: max(batch, 16)], batch, where_to)  # warm-up
+        rates = {name: [] for name in contenders}
+        for _ in range(args.repeats):
+            for name, (model, where_to) in contenders.items():  # alternating, so drifts hit every contender
+                if where_to.type == "cuda":
+                    torch.cuda.synchronize(where_to)
+                start = time.perf_counter()
+                one_pass(model, texts, batch, where_to)
+                if where_to.type == "cuda":
+                    torch.cuda.synchronize(where_to)
+                rates[name].append(len(texts) / (time.perf_counter() - start))
+        for name, values in rates.items():
+            speed[name][batch] = statistics.median(values)
+        print(f"batch {batch}: " + ", ".join(f"{name} {speed[name][batch]:.0f} q/s" for name in contenders))
+
+    return speed
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, cpu = torch.device(args.device), torch.device("cpu")
@@ -87,31 +110,23 @@ def main(argv=None):
         teacher.to(device=device, dtype=getattr(torch, args.dtype))
         student.to(device=device, dtype=getattr(torch, args.dtype))
     contenders["student (onnx fp32, cpu)"] = (OnnxEncoder(contenders[base][0], onnx_path), cpu)
+    # per_token smoothing calibrated on the timed queries themselves: this benchmark measures speed only
+    calibration = [{name: tensor.numpy() for name, tensor in student.tokenize(texts[i : i + 64], "query").items()}
+                   for i in range(0, len(texts), 64)]  # fmt: skip
     for scheme in INT8_SCHEMES:
         path = os.path.join(args.output_dir, f"student-int8-{scheme}.onnx")
-        quantize_int8(onnx_path, path, scheme)
+        quantize_int8(onnx_path, path, scheme, calibration=calibration if scheme == "per_token" else None)
         contenders[f"student (onnx int8 {scheme}, cpu)"] = (OnnxEncoder(contenders[base][0], path), cpu)
     flops = {teacher_name: flops_teacher, student_name: flops_student, base: flops_student}
-    speed = {name: {} for name in contenders}
-    for batch in args.batch_sizes:
-        for model, where_to in contenders.values():
-            one_pass(model, texts[: max(batch, 16)], batch, where_to)  # warm-up
-        rates = {name: [] for name in contenders}
-        for _ in range(args.repeats):
-            for name, (model, where_to) in contenders.items():  # alternating, so drifts hit every contender
-                if where_to.type == "cuda":
-                    torch.cuda.synchronize(where_to)
-                start = time.perf_counter()
-                one_pass(model, texts, batch, where_to)
-                if where_to.type == "cuda":
-                    torch.cuda.synchronize(where_to)
-                rates[name].append(len(texts) / (time.perf_counter() - start))
-        for name, values in rates.items():
-            speed[name][batch] = statistics.median(values)
-        print(f"batch {batch}: " + ", ".join(f"{name} {speed[name][batch]:.0f} q/s" for name in contenders))
-
+    with LoadProbe() as probe:  # other work on the machine during the timings: printed, flagged
+        speed = time_contenders(contenders, texts, args)
     where_measured = device_name(device) + ("" if device.type == "cpu" else f"; CPU rows: {device_name(cpu)}")
-    print(f"\n{where_measured}; {len(texts)} queries per pass, median of {args.repeats} passes\n")
+    print(f"\n{where_measured}; {len(texts)} queries per pass, median of {args.repeats} passes")
+    if probe.other_cores is not None:
+        loaded = probe.other_cores > LoadProbe.FLAG_CORES
+        print(f"Other work on the machine during the timings: {probe.other_cores:.2f} cores"
+              + (" (LOADED: these figures are low; time again on an idle machine)" if loaded else ""))  # fmt: skip
+    print()
     flops_ratio = flops_teacher / flops_student
     header = "| model | GFLOPs/query | " + " | ".join(f"q/s batch {b}" for b in args.batch_sizes)
     header += " | " + " | ".join(f"speed-up vs teacher, batch {b}" for b in args.batch_sizes) + " |"
@@ -129,7 +144,8 @@ def main(argv=None):
     print("|---" * (1 + len(args.batch_sizes)) + "|")
     for name in [n for n in contenders if "onnx" in n]:
         print(f"| {name} | " + " | ".join(f"{speed[name][b] / speed[base][b]:.2f}x" for b in args.batch_sizes) + " |")
-    results = {"device": where_measured, "queries": len(texts), "repeats": args.repeats, "flops_ratio": flops_ratio,
+    results = {"device": where_measured, "other_load_cores": probe.other_cores, "queries": len(texts),
+               "repeats": args.repeats, "flops_ratio": flops_ratio,
                "gflops": {name: value / 1e9 for name, value in flops.items()}, "queries_per_second": speed}  # fmt: skip
     if args.results_json:
         with open(args.results_json, "w", encoding="utf-8") as handle:
