@@ -43,7 +43,7 @@ from common.args import (
     positive_float,
     positive_int,
 )
-from common.data import corpus_summary, read_contexts, read_qrels, read_texts, with_context
+from common.data import check_judgments, corpus_summary, read_contexts, read_qrels, read_texts, with_context
 from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder, EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
@@ -271,18 +271,7 @@ def main(argv=None):
         contexts = read_contexts(args.queries_file, args.query_context_column)
         teacher_query_texts = [with_context(q, c, args.context_template) for q, c in zip(query_texts, contexts)]
     if qrels is not None:
-        unknown_queries = set(qrels) - set(query_ids)
-        if unknown_queries:
-            raise UserError(
-                f"{args.qrels_file} judges query '{sorted(unknown_queries)[0]}' that is not in "
-                f"{args.queries_file}; use the matching judgments file."
-            )
-        unknown_ads = judged_ads - known_ads
-        if unknown_ads:
-            raise UserError(
-                f"{args.qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {args.corpus_file}; "
-                "use the matching corpus."
-            )
+        check_judgments(qrels, args.qrels_file, query_ids, args.queries_file, known_ads, args.corpus_file)
     device = accelerator.device
     spec = IndexSpec(
         kind=args.index,

@@ -39,9 +39,9 @@ from common.args import (
     parse_with_config,
     positive_int,
 )
-from common.data import corpus_summary, iter_corpus, read_qrels, read_texts
+from common.data import check_judgments, corpus_summary, iter_corpus, read_qrels, read_texts
 from common.demo_data import DEMO_ROOT, demo_paths
-from common.encoder import Encoder
+from common.encoder import Encoder, EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
 from common.onnx_export import INT8_FILE, INT8_SCHEMES, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from common.retrieval import IndexSpec, build_index, overlap_at_k, retrieval_metrics, search
@@ -50,6 +50,7 @@ from common.runtime import LoadProbe, cpu_features, logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 
 SCRIPT = "export.py"
+MIN_OPSET = 14  # torch exports scaled_dot_product_attention from opset 14 on
 
 
 def parse_args(argv=None):
@@ -160,6 +161,11 @@ def main(argv=None):
             "The parity gate needs --corpus_file and --queries_file (and --qrels_file for the recall check), or "
             "none of them for the built-in data."
         )
+    if args.opset < MIN_OPSET:
+        raise UserError(
+            f"--opset {args.opset} cannot express the attention of transformers' models (scaled_dot_product_attention "
+            f"needs opset {MIN_OPSET}); use --opset {MIN_OPSET} or later (default 17)."
+        )
     args.resume_from_checkpoint = None
     inputs = [args.model_name_or_path, args.teacher_model, args.corpus_file, args.queries_file, args.qrels_file]
     check_output_dir(args, SCRIPT, inputs=[*inputs, args.ad_store])
@@ -172,11 +178,18 @@ def main(argv=None):
         paths = demo_paths()
         args.corpus_file, args.queries_file, args.qrels_file = paths["ads"], paths["test_queries"], paths["qrels"]
     # ids and fingerprint streamed; the ads' texts are read only if the teacher's store must be built
-    ads_fp, _, _ = corpus_summary(args.corpus_file, args.id_column, args.text_column)
-    query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
     qrels = read_qrels(args.qrels_file) if args.qrels_file else None
+    judged_ads = {doc for grades in (qrels or {}).values() for doc in grades}
+    ads_fp, num_ads, known_ads = corpus_summary(args.corpus_file, args.id_column, args.text_column, judged_ads)
+    query_ids, query_texts = read_texts(args.queries_file, args.id_column, args.text_column)
+    if qrels is not None:
+        check_judgments(qrels, args.qrels_file, query_ids, args.queries_file, known_ads, args.corpus_file)
+    if args.gate_k > num_ads:
+        raise UserError(f"--gate_k {args.gate_k} is more than the {num_ads} ads of {args.corpus_file}; lower it.")
     load = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle_weights}
+    teacher_files = EncoderSpec.read(args.teacher_model, **load)
     student = Encoder.from_pretrained(args.model_name_or_path, dtype="float32", **load).eval()
+    check_student_of(student, teacher_files, args.model_name_or_path)  # the gate searches the teacher's ad space
 
     # The export: the student's own folder, then its graphs, written into a staging folder first.
     staging = os.path.join(args.output_dir, STAGING)
@@ -189,10 +202,9 @@ def main(argv=None):
     export_onnx(student, fp32_path, opset=args.opset)
 
     # The parity gate: every export searched against the teacher's ad index beside the fp32 student.
-    teacher = Encoder.from_pretrained(args.teacher_model, **load)
     store = open_or_build_store(
         accelerator,
-        teacher,
+        teacher_files,
         rows_of_corpus(args.corpus_file, args.id_column, args.text_column),  # read only if the store is built
         "ad",
         path=args.ad_store,
@@ -201,7 +213,7 @@ def main(argv=None):
         batch_size=args.encode_batch_size,
         data_fp=ads_fp,
     )
-    del teacher
+    teacher_files.release()
     index = build_index(store_for_student(store, student), spec=IndexSpec(kind="auto", use_gpu=False))
     k = args.gate_k
 

@@ -112,6 +112,11 @@ def main(argv=None):
         args.train_file, args.corpus_file = paths["train"], paths["ads"]
     elif args.train_file is None or args.corpus_file is None:
         raise UserError("Pass both --train_file and --corpus_file, or neither for the built-in data.")
+    if args.num_negatives > args.top_k:  # every row would come back short, silently
+        raise UserError(
+            f"--num_negatives {args.num_negatives} is more than the --top_k {args.top_k} candidates searched per "
+            "query; raise --top_k or lower --num_negatives."
+        )
     args.resume_from_checkpoint = None
     check_output_dir(args, SCRIPT, inputs=[args.model_name_or_path, args.train_file, args.corpus_file, args.ad_store])
     args.gradient_accumulation_steps, args.mixed_precision, args.report_to = 1, None, "none"

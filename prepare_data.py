@@ -94,7 +94,10 @@ def parquet_file(path, columns, what):
     names = handle.schema_arrow.names
     absent = [column for column in columns if column not in names]
     if absent:
-        raise UserError(f"{path} has no column {absent[0]} (columns: {', '.join(names)}); is it {what}?")
+        raise UserError(
+            f"{path} has no column {absent[0]} (columns: {', '.join(names)}); check that it is {what} and the "
+            "column flags (--product_fields)."
+        )
     return handle
 
 
@@ -230,27 +233,45 @@ def prepare_esci(args, out):
 def read_beir_qrels(path):
     """{query_id: {doc_id: score}} from a BEIR qrels tsv (header query-id, corpus-id, score)."""
     qrels = {}
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a byte-order mark is not the header
         reader = csv.reader(handle, delimiter="\t")
-        header = next(reader, [])
-        if header[:3] != ["query-id", "corpus-id", "score"]:
-            raise UserError(f"{path}: the header must be query-id, corpus-id, score (BEIR qrels).")
-        for line, row in enumerate(reader, start=2):
-            try:
-                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-            except (IndexError, ValueError):
-                raise UserError(f"{path} line {line}: expected query-id, corpus-id and an integer score.") from None
+        line = 1
+        try:
+            header = next(reader, [])
+            if header[:3] != ["query-id", "corpus-id", "score"]:
+                raise UserError(f"{path}: the header must be query-id, corpus-id, score (BEIR qrels).")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+                except (IndexError, ValueError):
+                    raise UserError(f"{path} line {line}: expected query-id, corpus-id and an integer score.") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} near line {line + 1} is not valid UTF-8; save it as UTF-8.") from None
     return qrels
 
 
-def read_jsonl_lines(path):
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
+def read_jsonl_lines(path, required=("_id", "text")):
+    """The JSON objects of a BEIR .jsonl file, each checked for the `required` keys (a byte-order mark is
+    skipped); a line that is not an object with them, or not UTF-8, is named by its number."""
+    line_number = 0
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except ValueError:
-                    raise UserError(f"{path} line {line_number} is not JSON; is it a BEIR file?") from None
+                    raise UserError(f"{path} line {line_number} is not JSON; check that it is a BEIR file.") from None
+                missing = [key for key in required if not isinstance(record, dict) or record.get(key) is None]
+                if missing:
+                    raise UserError(
+                        f"{path} line {line_number} has no '{missing[0]}'; fix the line (BEIR rows are JSON objects "
+                        f"with {' and '.join(required)})."
+                    )
+                yield record
+        except UnicodeDecodeError:
+            raise UserError(f"{path} line {line_number + 1} is not valid UTF-8; save it as UTF-8.") from None
 
 
 def prepare_beir(args, out):
@@ -260,7 +281,7 @@ def prepare_beir(args, out):
     test = read_beir_qrels(need_file(os.path.join(args.beir_dir, "qrels", f"{args.test_split}.tsv"), "--beir_dir"))
     clicked = {doc for grades in train.values() for doc, score in grades.items() if score > 0}
     ad_text, rows, ads = {}, [], 0
-    for record in read_jsonl_lines(corpus_path):
+    for record in read_jsonl_lines(corpus_path, required=("_id",)):  # a title alone is text enough
         text = " ".join(part for part in (record.get("title") or "", record.get("text") or "") if part.strip()).strip()
         if not text:
             continue
@@ -328,7 +349,9 @@ def esci_from_hub(args, folder):
                     c for c in ("query_id", "query", "product_id", "product_locale", "esci_label") if c not in batch
                 ]
                 if missing:
-                    raise UserError(f"{args.esci_hub} has no column {missing[0]}; is it ESCI merged (tasksource/esci)?")
+                    raise UserError(
+                        f"{args.esci_hub} has no column {missing[0]}; check that it is ESCI merged (tasksource/esci)."
+                    )
                 labels = [ESCI_LABEL_NAMES.get(label, label) for label in batch["esci_label"]]
                 examples.write_table(pa.Table.from_pydict({
                     "query_id": [str(v) for v in batch["query_id"]], "query": batch["query"],

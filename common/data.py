@@ -280,6 +280,22 @@ def corpus_summary(source, id_column, text_column, watch=(), split="train", ids_
     return digest.hexdigest(), count, found
 
 
+def check_judgments(qrels, qrels_file, query_ids, queries_file, known_ads, corpus_file):
+    """Judgments that name a query of the queries file and an ad of the corpus only (`known_ads`: the judged ads
+    the corpus holds, from corpus_summary): else the metrics would silently score against the wrong files."""
+    unknown_queries = set(qrels) - set(query_ids)
+    if unknown_queries:
+        raise UserError(
+            f"{qrels_file} judges query '{sorted(unknown_queries)[0]}' that is not in {queries_file}; use the "
+            "matching judgments file."
+        )
+    unknown_ads = {doc for grades in qrels.values() for doc in grades} - set(known_ads)
+    if unknown_ads:
+        raise UserError(
+            f"{qrels_file} judges ad '{sorted(unknown_ads)[0]}' that is not in {corpus_file}; use the matching corpus."
+        )
+
+
 def read_qrels(source, query_column="query_id", doc_column="doc_id", relevance_column="relevance"):
     """{query_id: {doc_id: grade}} from a tsv/csv/jsonl of graded judgments."""
     table = load_table(source)

@@ -182,6 +182,14 @@ def quantize_per_token(model, exclude=(), input_ranges=None, smoothing=0.5):
         "last": constant("per_token/last_axis", np.array([-1], np.int64)),
         "begin": constant("per_token/begin", np.array([0], np.int64)),
     }
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 17)
+
+    def reduce_max_rows(source, target):  # ReduceMax over axis 1: an attribute up to opset 17, an input from 18
+        if opset >= 18:
+            return helper.make_node("ReduceMax", [source, shared["axis_1"]], [target], keepdims=0)
+        return helper.make_node("ReduceMax", [source], [target], axes=[1], keepdims=0)
+
+    shared["axis_1"] = constant("per_token/axis_1", np.array([1], np.int64))
     chosen = [(node, weight) for node, weight in constant_weight_matmuls(model) if node.name not in exclude]
     # MatMuls are known by their output's name (node names may be empty)
     weight_values = {node.output[0]: numpy_helper.to_array(weight).astype(np.float32) for node, weight in chosen}
@@ -226,7 +234,7 @@ def quantize_per_token(model, exclude=(), input_ranges=None, smoothing=0.5):
             helper.make_node("Shape", [x], [name("shape")]),
             helper.make_node("Reshape", [x, rows_k], [name("x2")]),
             helper.make_node("Abs", [name("x2")], [name("abs")]),
-            helper.make_node("ReduceMax", [name("abs")], [name("amax")], axes=[1], keepdims=0),
+            reduce_max_rows(name("abs"), name("amax")),
             helper.make_node("Max", [name("amax"), shared["eps"]], [name("amax_safe")]),
             helper.make_node("Div", [name("amax_safe"), shared["127"]], [name("scale")]),
             helper.make_node("Shape", [name("scale")], [name("rows")]),

@@ -15,7 +15,9 @@ import pytest
 import distill_student
 import encode
 import evaluate
+import export
 import mine_negatives
+import prepare_data
 import refine_contrastive
 import train_teacher
 from common.errors import UserError
@@ -72,6 +74,32 @@ def write(folder, name, content):
 
 def jsonl(*rows):
     return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def make_esci(folder, label="E"):
+    """The two files of an ESCI release with one train query (label `label`) and one test query."""
+    import pandas as pd
+
+    folder.mkdir()
+    pd.DataFrame({"query_id": [1, 2], "query": ["usb cable", "red kettle"], "product_id": ["P1", "P2"],
+                  "product_locale": ["us", "us"], "esci_label": [label, "E"], "small_version": [1, 1],
+                  "split": ["train", "test"]}).to_parquet(folder / prepare_data.ESCI_FILES[0])  # fmt: skip
+    pd.DataFrame({"product_id": ["P1", "P2"], "product_locale": ["us", "us"], "product_title": ["a cable", "a kettle"],
+                  "product_brand": ["b", None]}).to_parquet(folder / prepare_data.ESCI_FILES[1])  # fmt: skip
+    return str(folder)
+
+
+def make_beir(folder, corpus=None, queries=None, qrels=None):
+    """A BEIR folder (corpus.jsonl, queries.jsonl, qrels/train.tsv and test.tsv); each part replaceable."""
+    (folder / "qrels").mkdir(parents=True)
+    write(
+        folder, "corpus.jsonl", corpus if corpus is not None else jsonl({"_id": "0", "title": "", "text": "a passage"})
+    )
+    write(folder, "queries.jsonl", queries if queries is not None else jsonl({"_id": "q0", "text": "a query"}))
+    good = "query-id\tcorpus-id\tscore\nq0\t0\t1\n"
+    write(folder / "qrels", "train.tsv", qrels if qrels is not None else good)
+    write(folder / "qrels", "test.tsv", good)
+    return str(folder)
 
 
 GOOD = {"query": "rent a boat", "positive": "Boats for rent", "negatives": ["Used boats"]}
@@ -137,6 +165,30 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
     ]
     distill_args = ["--teacher_model", ws["teacher"], "--output_dir", out, "--max_train_steps", "1",
                     "--student_num_layers", "1"]  # fmt: skip
+    export_args = ["--model_name_or_path", ws["student"], "--teacher_model", ws["teacher"], "--corpus_file",
+                   data["ads"], "--queries_file", data["test_queries"], "--output_dir", str(tmp / "serving"),
+                   "--speed_queries", "0"]  # fmt: skip
+    users_folder = tmp / "users-folder"
+    users_folder.mkdir()
+    (users_folder / "notes.txt").write_text("mine")
+    a_file = write(tmp, "a-file.txt", "not a folder")
+    esci = make_esci(tmp / "esci")
+    esci_bad_label = make_esci(tmp / "esci-label", label="X")
+    beir = make_beir(tmp / "beir")
+    beir_not_json = make_beir(tmp / "beir-json", corpus="{not json\n")
+    beir_no_id = make_beir(tmp / "beir-id", corpus=jsonl({"title": "t", "text": "a passage"}))
+    beir_query_no_text = make_beir(tmp / "beir-q", queries=jsonl({"_id": "q0"}))
+    beir_bad_score = make_beir(tmp / "beir-score", qrels="query-id\tcorpus-id\tscore\nq0\t0\thigh\n")
+    beir_bad_header = make_beir(tmp / "beir-header", qrels="q\td\ts\nq0\t0\t1\n")
+    beir_latin1 = make_beir(tmp / "beir-bytes", corpus=b'{"_id": "0", "text": "caf\xe9"}\n')
+
+    def prepare(*extra):
+        return prepare_data.main, ["--output_dir", str(tmp / "prepared"), *extra]
+
+    mine_args = ["--model_name_or_path", ws["teacher"], "--train_file", data["train"], "--corpus_file", data["ads"],
+                 "--output_dir", str(tmp / "mined")]  # fmt: skip
+    encode_args = ["--model_name_or_path", ws["teacher"], "--input_file", data["queries"], "--text_column", "query",
+                   "--store_dir", str(tmp / "stores")]  # fmt: skip
     return [
         ("empty file", *teacher(write(tmp, "empty.jsonl", "")), "is empty"),
         ("missing column", *teacher(write(tmp, "c.jsonl", jsonl({"query": "a", "ad": "b"}))), "no column 'positive'"),
@@ -593,7 +645,75 @@ def cases(ws, data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp):
             ["--corpus_file", data["ads"], "--output_dir", str(tmp / "eval")],
             "Pass all of",
         ),
-    ]
+        # export.py
+        ("export with queries but no corpus", export.main,
+         ["--queries_file", data["test_queries"], "--output_dir", str(tmp / "serving")], "needs --corpus_file"),
+        ("export into the student's own folder", export.main,
+         [*export_args, "--output_dir", ws["student"], "--overwrite_output_dir"], "is, holds or sits inside the input"),
+        ("export into a folder of the user's", export.main, [*export_args, "--output_dir", str(users_folder)],
+         "holds no run of export.py"),
+        ("export gated against another teacher", export.main, [*export_args, "--teacher_model", tiny_bert],
+         "was aligned to another teacher"),
+        ("export with judgments naming an unknown query", export.main,
+         [*export_args, "--qrels_file", qrels_unknown_query], "judges query 'nope'"),
+        ("export with judgments naming an unknown ad", export.main, [*export_args, "--qrels_file", qrels_unknown_doc],
+         "judges ad 'nope'"),
+        ("export gate deeper than the ads", export.main, [*export_args, "--gate_k", "100000"], "is more than the"),
+        ("export at an opset without attention", export.main, [*export_args, "--opset", "13"],
+         "cannot express the attention"),
+        ("export queries without the text column", export.main, [*export_args, "--text_column", "title"],
+         "no column 'title'"),
+        ("export queries file missing", export.main, [*export_args, "--queries_file", str(tmp / "none.jsonl")],
+         "does not exist"),
+        ("export with a query store as the ad store", export.main, [*export_args, "--ad_store", ws["store"]],
+         "holds query vectors, not ad vectors"),
+        # prepare_data.py
+        ("prepare without a source", *prepare("--dataset", "esci"), "pass one of them"),
+        ("prepare with two sources", *prepare("--dataset", "beir", "--beir_dir", beir, "--beir_hub", "x/y"),
+         "pass one of them"),
+        ("prepare into a file", prepare_data.main, ["--dataset", "beir", "--beir_dir", beir, "--output_dir", a_file],
+         "is a file"),
+        ("prepare into a folder of the user's", prepare_data.main,
+         ["--dataset", "beir", "--beir_dir", beir, "--output_dir", str(users_folder)], "did not write"),
+        ("ESCI folder without its files", *prepare("--dataset", "esci", "--esci_dir", str(tmp)),
+         "point --esci_dir at the folder"),
+        ("ESCI product field that is not a column",
+         *prepare("--dataset", "esci", "--esci_dir", esci, "--product_fields", "product_title,colour"),
+         "has no column colour"),
+        ("ESCI label outside E, S, C, I", *prepare("--dataset", "esci", "--esci_dir", esci_bad_label),
+         "esci_label 'X' is not one of"),
+        ("BEIR corpus line that is not JSON", *prepare("--dataset", "beir", "--beir_dir", beir_not_json),
+         "line 1 is not JSON"),
+        ("BEIR corpus row without _id", *prepare("--dataset", "beir", "--beir_dir", beir_no_id),
+         "line 1 has no '_id'"),
+        ("BEIR query without text", *prepare("--dataset", "beir", "--beir_dir", beir_query_no_text),
+         "line 1 has no 'text'"),
+        ("BEIR judgment with a word for a score", *prepare("--dataset", "beir", "--beir_dir", beir_bad_score),
+         "line 2: expected query-id, corpus-id and an integer score"),
+        ("BEIR judgments with another header", *prepare("--dataset", "beir", "--beir_dir", beir_bad_header),
+         "the header must be query-id"),
+        ("BEIR corpus that is not UTF-8", *prepare("--dataset", "beir", "--beir_dir", beir_latin1),
+         "line 1 is not valid UTF-8"),
+        ("BEIR split without judgments", *prepare("--dataset", "beir", "--beir_dir", beir, "--test_split", "dev"),
+         "dev.tsv does not exist"),
+        # mine_negatives.py
+        ("mine with clicks but no corpus", mine_negatives.main,
+         ["--train_file", data["train"], "--output_dir", str(tmp / "mined")], "Pass both"),
+        ("mine more negatives than candidates", mine_negatives.main,
+         [*mine_args, "--num_negatives", "20", "--top_k", "10"], "raise --top_k"),
+        ("mine into the model's folder", mine_negatives.main, [*mine_args, "--output_dir", ws["teacher"]],
+         "is, holds or sits inside the input"),
+        ("mine clicks without the query column", mine_negatives.main, [*mine_args, "--query_column", "q"],
+         "no column 'q'"),
+        # encode.py
+        ("query context for ads", encode.main, [*encode_args, "--query_context_column", "ctx"],
+         "use it with --kind query"),
+        ("streamed ad store", encode.main, [*encode_args, "--streaming", "--output_dir", str(tmp / "s1")],
+         "use --kind query"),
+        ("streamed store with overwrite", encode.main,
+         [*encode_args, "--kind", "query", "--streaming", "--output_dir", str(tmp / "s2"), "--overwrite_output_dir"],
+         "does not apply to a streamed store"),
+    ]  # fmt: skip
 
 
 def test_bad_inputs_end_with_one_sentence_and_damage_nothing(
@@ -602,7 +722,10 @@ def test_bad_inputs_end_with_one_sentence_and_damage_nothing(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = snapshot(workspace["root"], os.path.dirname(small_data["train"]))
     table = cases(workspace, small_data, tiny_qwen, tiny_bert_narrow, tiny_bert, tmp_path)
-    assert len(table) >= 71  # the classes of docs/guarantees.md, each with its siblings
+    assert len(table) >= 103  # the classes of docs/guarantees.md, each with its siblings, over all eight scripts
+    scripts = {main.__module__ for _, main, _, _ in table}
+    assert scripts == {"train_teacher", "distill_student", "refine_contrastive", "evaluate", "encode", "export",
+                       "mine_negatives", "prepare_data"}  # fmt: skip
     failures = []
     for name, main, argv, expected in table:
         try:

@@ -103,7 +103,7 @@ def test_an_export_whose_vectors_depend_on_the_batch_is_refused(
     assert sorted(os.listdir(tmp_path / "d")) == [".lock"]
 
 
-def one_matmul_graph(path, weight):
+def one_matmul_graph(path, weight, opset=17):
     """An ONNX graph y = x @ weight over x [batch, tokens, K]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -116,15 +116,16 @@ def one_matmul_graph(path, weight):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", n])],
         [numpy_helper.from_array(weight, "w")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
 
 
-@pytest.mark.parametrize("scheme", ["per_token", "dynamic"])
-def test_per_token_int8_is_the_hand_computation_and_never_depends_on_the_batch(scheme, tmp_path):
+@pytest.mark.parametrize("scheme, opset", [("per_token", 17), ("per_token", 18), ("dynamic", 17)])
+def test_per_token_int8_is_the_hand_computation_and_never_depends_on_the_batch(scheme, opset, tmp_path):
     """per_token: each row x of the input is quantised with its own scale s = max|x| / 127 (uint8 around 128),
     each weight column with its own (max|w| / 127, int8), and the integer product rescaled: equal to that
     computation in numpy, and a row gives the same output alone and beside a row 1000 times larger. dynamic
-    (one activation scale per tensor) is checked the same way and does depend on its neighbour."""
+    (one activation scale per tensor) is checked the same way and does depend on its neighbour. Opset 18 takes
+    ReduceMax's axes as an input instead of an attribute: both forms are written."""
     import onnxruntime as ort
 
     from common.onnx_export import quantize_int8
@@ -132,7 +133,7 @@ def test_per_token_int8_is_the_hand_computation_and_never_depends_on_the_batch(s
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(48, 24)).astype(np.float32)
     source, target = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
-    one_matmul_graph(source, weight)
+    one_matmul_graph(source, weight, opset)
     quantize_int8(source, target, scheme)
     session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
     x = rng.normal(size=(1, 5, 48)).astype(np.float32)

@@ -195,3 +195,22 @@ def test_a_damaged_or_wrong_esci_file_is_refused_in_one_sentence(damage, expecte
     with pytest.raises(UserError, match=expected) as refused:
         prepare_data.main(["--dataset", "esci", "--esci_dir", source, "--output_dir", str(tmp_path / "out")])
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_beir_files_that_start_with_a_byte_order_mark_convert_as_without_one(tmp_path):
+    """A byte-order mark (Windows editors write one) is neither part of the first JSON line nor of the qrels
+    header: the files convert exactly as the same files without it."""
+    outputs = {}
+    for name, mark in (("plain", ""), ("marked", "\ufeff")):
+        source = tmp_path / name
+        (source / "qrels").mkdir(parents=True)
+        corpus = [{"_id": str(i), "title": "", "text": f"passage {i}"} for i in range(4)]
+        (source / "corpus.jsonl").write_text(mark + "".join(json.dumps(row) + "\n" for row in corpus), "utf-8")
+        (source / "queries.jsonl").write_text(mark + json.dumps({"_id": "q0", "text": "what"}) + "\n", "utf-8")
+        for split in ("train", "test"):
+            (source / "qrels" / f"{split}.tsv").write_text(mark + "query-id\tcorpus-id\tscore\nq0\t1\t1\n", "utf-8")
+        output = str(tmp_path / f"{name}-prepared")
+        outputs[name] = prepare_data.main(["--dataset", "beir", "--beir_dir", str(source), "--output_dir", output])
+        assert read_qrels(os.path.join(output, "qrels.tsv")) == {"q0": {"1": 1}}
+    assert outputs["marked"] == outputs["plain"] == {"ads": 4, "clicks": 1, "label-free queries": 1,
+                                                     "test queries": 1}  # fmt: skip
