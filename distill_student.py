@@ -85,7 +85,7 @@ from common.loop import (
 )
 from common.model_files import model_depth
 from common.pruning import importance, prune_ffn, prune_layers
-from common.run_folder import tracker_config
+from common.run_folder import tracker_config, tracker_init_kwargs
 from common.runtime import log_banner, log_truncation, logger, make_accelerator
 from common.store import (
     EmbeddingStore,
@@ -595,7 +595,11 @@ def align(accelerator, args, student, rows, teacher, ad_store, stage, step_offse
     else:
         model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if not accelerator.trackers:  # once per script, also when later stages align again
-        accelerator.init_trackers("distill_student", config=tracker_config(run))
+        accelerator.init_trackers(
+            "distill_student",
+            config=tracker_config(run),
+            init_kwargs=tracker_init_kwargs(accelerator, "distill_student"),
+        )
     progress = resume_from_checkpoint(accelerator, run, SCRIPT)
     loop = TrainLoop(accelerator, run, dataloader, progress, SCRIPT, tracker_step_offset=step_offset)
     log_banner(run, accelerator, rows.num_examples)

@@ -59,7 +59,7 @@ from common.loop import (
 )
 from common.loss import contrastive_loss
 from common.model_files import model_depth
-from common.run_folder import tracker_config
+from common.run_folder import tracker_config, tracker_init_kwargs
 from common.runtime import log_banner, log_truncation, logger, make_accelerator
 from common.store import default_store_dir, open_or_build_store, rows_of_corpus, store_for_student
 from common.surgery import evenly_spaced_layers
@@ -384,7 +384,11 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, dataloader, scheduler = accelerator.prepare(student, optimizer, dataloader, scheduler)
-    accelerator.init_trackers("refine_contrastive", config=tracker_config(args))
+    accelerator.init_trackers(
+        "refine_contrastive",
+        config=tracker_config(args),
+        init_kwargs=tracker_init_kwargs(accelerator, "refine_contrastive"),
+    )
     progress = resume_from_checkpoint(accelerator, args, SCRIPT)
     loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
     log_banner(args, accelerator, len(clicks))

@@ -63,7 +63,7 @@ from common.loop import (
 )
 from common.lora import add_lora, merge_lora
 from common.loss import contrastive_loss
-from common.run_folder import tracker_config
+from common.run_folder import tracker_config, tracker_init_kwargs
 from common.runtime import log_banner, log_truncation, make_accelerator
 
 SCRIPT = "train_teacher.py"
@@ -277,7 +277,9 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, dataloader, scheduler = accelerator.prepare(encoder, optimizer, dataloader, scheduler)
-    accelerator.init_trackers("train_teacher", config=tracker_config(args))
+    accelerator.init_trackers(
+        "train_teacher", config=tracker_config(args), init_kwargs=tracker_init_kwargs(accelerator, "train_teacher")
+    )
     progress = resume_from_checkpoint(accelerator, args, SCRIPT)
     loop = TrainLoop(accelerator, args, dataloader, progress, SCRIPT)
     log_banner(args, accelerator, len(rows))

@@ -128,6 +128,18 @@ def tracker_config(args):
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in public_config(args).items()}
 
 
+def tracker_init_kwargs(accelerator, run_name):
+    """Per-tracker arguments of init_trackers: wandb writes its run folder (offline runs too: WANDB_MODE=offline)
+    under <output_dir>/runs/<script>, where tensorboard writes its event files, instead of ./wandb."""
+    logging_dir = accelerator.project_configuration.logging_dir
+    if logging_dir is None:
+        return {}
+    folder = os.path.join(logging_dir, run_name)
+    if accelerator.is_main_process:
+        os.makedirs(folder, exist_ok=True)
+    return {"wandb": {"dir": folder}}
+
+
 def save_run_files(output_dir, args, script, results=None, log_history=None):
     """training_args.json (the whole config, less secrets), all_results.json and trainer_state.json (the
     logs of every optimiser step) next to the saved model."""
