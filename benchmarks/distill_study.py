@@ -18,7 +18,8 @@ document's first sentence or title -> that document).
 For every collection in --data_root (folders with corpus.jsonl, queries.jsonl, qrels.tsv; by default
 ../shared/data) and every recipe in --recipes, this trains the student with `distill_student.py` (and
 `refine_contrastive.py` for refined recipes), then prints one table: nDCG@10 and R@100, recovery of the
-teacher's value with a 95% bootstrap interval over queries, overlap@10 with the teacher's top 10,
+teacher's value (mean and spread over --seeds, each trained recipe once per seed; a 95% bootstrap interval over
+queries of one seed), overlap@10 with the teacher's top 10,
 p50 latency at batch 1, parameters and training time; then the mean recovery of each recipe over the
 collections. Rows accumulate in <output_dir>/rows.jsonl across runs (a recipe run again replaces its
 row), so the study can be run a few recipes at a time.
@@ -168,6 +169,9 @@ def parse_args(argv=None):
     parser.add_argument("--list", action="store_true", help="Print the recipes and exit.")
     parser.add_argument("--latency_queries", type=int, default=200)
     parser.add_argument("--bootstrap_samples", type=int, default=2000)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Each trained recipe runs once per seed (--seed)."
+    )
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "distill_study"))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.recipes or []) - set(RECIPES))
@@ -335,48 +339,53 @@ def main(argv=None):
         scorer = Scorer(collection, document_store, paths, teacher, args)
         rows.append(scorer.row("teacher", teacher, 0.0))
         print(f"{collection}: {len(scorer.doc_ids)} documents, {len(scorer.judged)} judged queries")
-        trained = {}  # recipe name -> (output folder, training seconds)
         for name in recipes:
             recipe = RECIPES[name]
-            if recipe.distill is None:  # the teacher or a cut of it, untrained (truncated for a width)
+            if recipe.distill is None:  # the teacher or a cut of it, untrained (truncated for a width): no seed
                 model = Encoder.from_pretrained(teacher_path)
                 if recipe.layers:
                     keep_layers(model, evenly_spaced_layers(model.backbone.config.num_hidden_layers, recipe.layers))
                 if recipe.dim:
                     truncate_output(model, recipe.dim)
                 rows.append(scorer.row(name, model.eval(), 0.0))
-                continue
-            base_results = os.path.join(collection_work, str(recipe.base), "all_results.json")
-            if recipe.base in trained:
-                output, train_seconds = trained[recipe.base]
-            elif recipe.base and os.path.exists(base_results):  # the base student of an earlier study run
-                with open(base_results, encoding="utf-8") as handle:
-                    output, train_seconds = os.path.dirname(base_results), json.load(handle)["train_runtime"]
-            else:
-                output = os.path.join(collection_work, recipe.base or name)
-                started = time.perf_counter()
-                distill_student.main([
-                    "--teacher_model", teacher_path, "--student_num_layers", str(recipe.layers),
-                    "--query_file", paths[recipe.text], "--teacher_query_store", text_stores[recipe.text],
-                    "--general_text_file", general_file, "--teacher_general_store", general_store,
-                    "--num_train_epochs", "1", "--per_device_train_batch_size", "64",
-                    "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100",
-                    "--progressive_from", "none",  # each recipe states its schedule (prune-*)
-                    *[flag.replace("{document_store}", document_store.folder) for flag in recipe.distill],
-                ])  # fmt: skip
-                train_seconds = time.perf_counter() - started
-                trained[recipe.base or name] = (output, train_seconds)
-            if recipe.refine is not None:
-                refined = os.path.join(collection_work, name)
-                started = time.perf_counter()
-                refine_contrastive.main([
-                    "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries", "first_sentence",
-                    "--corpus_file", paths["documents"], "--ad_store", document_store.folder,
-                    "--output_dir", refined, "--overwrite_output_dir", "--logging_steps", "100", *recipe.refine,
-                ])  # fmt: skip
-                output, train_seconds = refined, train_seconds + time.perf_counter() - started
-            trained[name] = (output, train_seconds)
-            rows.append(scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds))
+        for seed in args.seeds:
+            trained = {}  # recipe name -> (output folder, training seconds), this seed's
+            for name in [name for name in recipes if RECIPES[name].distill is not None]:
+                recipe = RECIPES[name]
+                folder = os.path.join(collection_work, "{}", f"seed{seed}")
+                base_results = os.path.join(folder.format(recipe.base), "all_results.json")
+                if recipe.base in trained:
+                    output, train_seconds = trained[recipe.base]
+                elif recipe.base and os.path.exists(base_results):  # the base student of an earlier study run
+                    with open(base_results, encoding="utf-8") as handle:
+                        output, train_seconds = os.path.dirname(base_results), json.load(handle)["train_runtime"]
+                else:
+                    output = folder.format(recipe.base or name)
+                    started = time.perf_counter()
+                    distill_student.main([
+                        "--teacher_model", teacher_path, "--student_num_layers", str(recipe.layers),
+                        "--query_file", paths[recipe.text], "--teacher_query_store", text_stores[recipe.text],
+                        "--general_text_file", general_file, "--teacher_general_store", general_store,
+                        "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--seed", str(seed),
+                        "--output_dir", output, "--overwrite_output_dir", "--logging_steps", "100",
+                        "--progressive_from", "none",  # each recipe states its schedule (prune-*)
+                        *[flag.replace("{document_store}", document_store.folder) for flag in recipe.distill],
+                    ])  # fmt: skip
+                    train_seconds = time.perf_counter() - started
+                    trained[recipe.base or name] = (output, train_seconds)
+                if recipe.refine is not None:
+                    refined = folder.format(name)
+                    started = time.perf_counter()
+                    refine_contrastive.main([
+                        "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries",
+                        "first_sentence", "--corpus_file", paths["documents"], "--ad_store", document_store.folder,
+                        "--output_dir", refined, "--overwrite_output_dir", "--logging_steps", "100",
+                        "--seed", str(seed), *recipe.refine,
+                    ])  # fmt: skip
+                    output, train_seconds = refined, train_seconds + time.perf_counter() - started
+                trained[name] = (output, train_seconds)
+                row = scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds)
+                rows.append({**row, "seed": seed})
 
     # Rows of earlier runs in the same --output_dir are kept (a recipe run again replaces its row), so a
     # study can be run recipe by recipe; the table shows them all.
@@ -385,8 +394,12 @@ def main(argv=None):
     if os.path.exists(results_file):
         with open(results_file, encoding="utf-8") as handle:
             previous = [json.loads(line) for line in handle]
-    fresh = {(row["collection"], row["model"]) for row in rows}
-    rows = [row for row in previous if (row["collection"], row["model"]) not in fresh] + rows
+
+    def key(row):
+        return row["collection"], row["model"], row.get("seed")
+
+    fresh = {key(row) for row in rows}
+    rows = [row for row in previous if key(row) not in fresh] + rows
     write_jsonl(results_file, rows)
     table = render_table(rows)
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
@@ -395,29 +408,48 @@ def main(argv=None):
     return rows
 
 
+def spread(values):
+    """'mean ± sample standard deviation' of recoveries over seeds ('mean' alone for one value)."""
+    if len(values) == 1:
+        return f"{values[0]:.1%}"
+    return f"{np.mean(values):.1%} ± {np.std(values, ddof=1):.1%}"
+
+
 def render_table(rows):
-    """One row per (collection, model), then each model's mean recovery over the collections it ran on."""
+    """One row per (collection, model): the mean over its seeds with the spread (sample standard deviation) of
+    each recovery, and the 95% bootstrap interval over queries of its first seed; then, per model, the mean
+    recovery over the collections it ran on and its worst collection."""
     order = {name: index for index, name in enumerate(["teacher", *RECIPES])}
-    rows = sorted(rows, key=lambda row: (row["collection"], order.get(row["model"], len(order))))
-    lines = [
-        "| collection | model | nDCG@10 | recovery (95% CI) | R@100 | recovery (95% CI) | overlap@10 | p50 ms "
-        "| params (M) | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    groups = {}
     for row in rows:
-        cells = [row["collection"], row["model"]]
+        groups.setdefault((row["collection"], row["model"]), []).append(row)
+    lines = [
+        "| collection | model | seeds | nDCG@10 | recovery (± sd over seeds) | 95% CI, one seed | R@100 "
+        "| recovery (± sd over seeds) | 95% CI, one seed | overlap@10 | p50 ms | params (M) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for collection, model in sorted(groups, key=lambda key: (key[0], order.get(key[1], len(order)))):
+        runs = sorted(groups[collection, model], key=lambda row: (row.get("seed") is None, row.get("seed") or 0))
+        cells = [collection, model, ",".join(str(row.get("seed", "-")) for row in runs)]
         for key in ("ndcg@10", "recall@100"):
-            low, high = row[f"interval {key}"]
-            cells += [f"{row[key]:.4f}", f"{row[f'recovery {key}']:.1%} ({low:.1%}-{high:.1%})"]
-        cells += [f"{row['overlap@10']:.3f}", f"{row['latency_ms']:.2f}", f"{row['params_m']:.1f}",
-                  f"{row['train_s']:.0f}"]  # fmt: skip
+            recoveries = [row[f"recovery {key}"] for row in runs]
+            means.setdefault(model, {}).setdefault(key, {})[collection] = float(np.mean(recoveries))
+            low, high = runs[0][f"interval {key}"]
+            cells += [f"{np.mean([row[key] for row in runs]):.4f}", spread(recoveries), f"{low:.1%}-{high:.1%}"]
+        cells += [f"{np.mean([row['overlap@10'] for row in runs]):.3f}",
+                  f"{np.median([row['latency_ms'] for row in runs]):.2f}", f"{runs[0]['params_m']:.1f}",
+                  f"{np.mean([row['train_s'] for row in runs]):.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| model | mean recovery nDCG@10 | mean recovery R@100 | collections |", "|---|---|---|---|"]
-    for name in sorted({row["model"] for row in rows}, key=lambda name: order.get(name, len(order))):
-        values = [row for row in rows if row["model"] == name]
-        ndcg = np.mean([row["recovery ndcg@10"] for row in values])
-        recall = np.mean([row["recovery recall@100"] for row in values])
-        lines.append(f"| {name} | {ndcg:.1%} | {recall:.1%} | {len(values)} |")
+    lines += ["", "| model | mean recovery nDCG@10 | worst collection | mean recovery R@100 | worst collection "
+              "| collections |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for model in sorted(means, key=lambda name: order.get(name, len(order))):
+        cells = [model]
+        for key in ("ndcg@10", "recall@100"):
+            per_collection = means[model][key]
+            worst = min(per_collection, key=per_collection.get)
+            cells += [f"{np.mean(list(per_collection.values())):.1%}", f"{worst} {per_collection[worst]:.1%}"]
+        lines.append("| " + " | ".join(cells) + f" | {len(means[model]['ndcg@10'])} |")
     return "\n".join(lines)
 
 
