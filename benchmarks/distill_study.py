@@ -96,6 +96,29 @@ BEST = ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{
 DOCS = "sentences+documents"
 OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before this study
 
+# The candidates of issue 21 in each protocol, by blocks: distill_student.py's default (progressive from
+# min(2K, depth) teacher layers pruned by block influence), the same keeping the first and last blocks, the
+# one-shot cut of K evenly spaced layers at the default learning rate and at the old 2e-4.
+CANDIDATES = {
+    "default": ["--progressive_from", "auto"],
+    "firstlast": ["--progressive_from", "auto", "--layer_importance", "first_last"],
+    "cut": [],
+    "cut-lr2e-4": OLD,
+}
+
+
+def protocol_recipes():
+    recipes = {}
+    for protocol, extra, text in (("noads", [], "sentences"), ("ads", ["--ad_store", "{document_store}"], DOCS)):
+        for blocks in (2, 3):
+            for name, flags in CANDIDATES.items():
+                recipes[f"{protocol}-{name}-{blocks}"] = Recipe(blocks, [*flags, *extra], text=text)
+            recipes[f"{protocol}-default-{blocks}+refine"] = Recipe(
+                blocks, [*CANDIDATES["default"], *extra], refine=[], base=f"{protocol}-default-{blocks}", text=text
+            )
+    return recipes
+
+
 # One pass over the label-free texts at batch 64 for every trained student (the reference budget).
 RECIPES = {
     "cut-2": Recipe(2),
@@ -154,6 +177,10 @@ RECIPES = {
         base="prune-6-3-best-0.95",
         text=DOCS,
     ),
+    # Issue 21: the two protocols, every row with seeds. noads: general text + the collection's titles and
+    # sentences, no ad corpus, so the objective is L2 alone (the paper's phase 2); ads: + whole documents, and
+    # the documents as the ad corpus (the default objective is then L2 + KL over the teacher's ad vectors).
+    **protocol_recipes(),
     # 3 layers
     "cut-3": Recipe(3),
     "l2+kl-ads-3-lr1e-3-docs": Recipe(3, BEST, text=DOCS),
@@ -173,6 +200,11 @@ def parse_args(argv=None):
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Each trained recipe runs once per seed (--seed)."
     )
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "distill_study"))
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="Train every student again (default: a student an earlier run in --output_dir finished is re-scored).",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.recipes or []) - set(RECIPES))
     if unknown:
@@ -216,6 +248,11 @@ def write_jsonl(path, rows):
             handle.write(json.dumps(row) + "\n")
 
 
+# Document-side texts per collection at most (a seeded sample of the larger collections), so that every
+# collection's pass is ~30k texts with the ~20k general ones: the reference budget (CISI and MED are below).
+MAX_DOCUMENT_SIDE_TEXTS = 10_000
+
+
 def prepare_collection(collection_dir, work_dir):
     """Documents (title. text) for the teacher's index, and two sets of document-side label-free text:
     `sentences` (titles and sentences) and `documents` (the same plus every whole document)."""
@@ -237,7 +274,7 @@ def prepare_collection(collection_dir, work_dir):
     with_documents = sentences + [doc["text"] for doc in documents]
     for key, texts in (("sentences", sentences), ("sentences+documents", with_documents)):
         random.Random(0).shuffle(texts)
-        write_jsonl(paths[key], ({"query": text} for text in texts))
+        write_jsonl(paths[key], ({"query": text} for text in texts[:MAX_DOCUMENT_SIDE_TEXTS]))
     return paths
 
 
@@ -348,15 +385,16 @@ def main(argv=None):
                 if recipe.dim:
                     truncate_output(model, recipe.dim)
                 rows.append(scorer.row(name, model.eval(), 0.0))
+        save_rows(work, rows)
         for seed in args.seeds:
             trained = {}  # recipe name -> (output folder, training seconds), this seed's
             for name in [name for name in recipes if RECIPES[name].distill is not None]:
                 recipe = RECIPES[name]
                 folder = os.path.join(collection_work, "{}", f"seed{seed}")
-                base_results = os.path.join(folder.format(recipe.base), "all_results.json")
+                base_results = os.path.join(folder.format(recipe.base or name), "all_results.json")
                 if recipe.base in trained:
                     output, train_seconds = trained[recipe.base]
-                elif recipe.base and os.path.exists(base_results):  # the base student of an earlier study run
+                elif os.path.exists(base_results) and not args.retrain:  # a student an earlier study run trained
                     with open(base_results, encoding="utf-8") as handle:
                         output, train_seconds = os.path.dirname(base_results), json.load(handle)["train_runtime"]
                 else:
@@ -373,8 +411,14 @@ def main(argv=None):
                     ])  # fmt: skip
                     train_seconds = time.perf_counter() - started
                     trained[recipe.base or name] = (output, train_seconds)
-                if recipe.refine is not None:
-                    refined = folder.format(name)
+                refined = folder.format(name)
+                if (
+                    recipe.refine is not None
+                    and os.path.exists(os.path.join(refined, "all_results.json"))
+                    and not args.retrain
+                ):
+                    output = refined  # refined by an earlier study run
+                elif recipe.refine is not None:
                     started = time.perf_counter()
                     refine_contrastive.main([
                         "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries",
@@ -386,9 +430,18 @@ def main(argv=None):
                 trained[name] = (output, train_seconds)
                 row = scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds)
                 rows.append({**row, "seed": seed})
+                save_rows(work, rows)
+    rows = save_rows(work, rows)
+    table = render_table(rows)
+    with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    print(table)
+    return rows
 
-    # Rows of earlier runs in the same --output_dir are kept (a recipe run again replaces its row), so a
-    # study can be run recipe by recipe; the table shows them all.
+
+def save_rows(work, rows):
+    """rows.jsonl: the rows of earlier runs in the same --output_dir, a row measured again replaced (so a study
+    can be run a few recipes at a time, and a stopped one keeps what it measured); returns them all."""
     results_file = os.path.join(work, "rows.jsonl")
     previous = []
     if os.path.exists(results_file):
@@ -400,11 +453,8 @@ def main(argv=None):
 
     fresh = {key(row) for row in rows}
     rows = [row for row in previous if key(row) not in fresh] + rows
-    write_jsonl(results_file, rows)
-    table = render_table(rows)
-    with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    print(table)
+    write_jsonl(results_file + ".tmp", rows)
+    os.replace(results_file + ".tmp", results_file)
     return rows
 
 
@@ -450,7 +500,70 @@ def render_table(rows):
             worst = min(per_collection, key=per_collection.get)
             cells += [f"{np.mean(list(per_collection.values())):.1%}", f"{worst} {per_collection[worst]:.1%}"]
         lines.append("| " + " | ".join(cells) + f" | {len(means[model]['ndcg@10'])} |")
-    return "\n".join(lines)
+    return "\n".join(lines + leave_one_out(rows))
+
+
+def criterion(recoveries):
+    """What a selection maximises: the mean of a run's nDCG@10 and R@100 recoveries."""
+    return (recoveries["ndcg@10"] + recoveries["recall@100"]) / 2
+
+
+def leave_one_out(rows):
+    """Per protocol and block count, the choice among CANDIDATES made without each collection, scored on it.
+
+    For every collection X: the candidate with the best mean criterion over the other collections (mean over
+    seeds per collection, then over collections) is chosen, and its recovery on X is the held-out score. Only
+    candidates measured on every collection take part. Also, per candidate, whether it beats the incumbent
+    (distill_student.py's default) on every collection by more than the larger of the two spreads over seeds.
+    Returns markdown lines."""
+    runs = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            runs.setdefault((row["model"], row["collection"]), []).append(row)
+
+    def summary(model, collection):
+        values = runs[model, collection]
+        recoveries = {key: float(np.mean([r[f"recovery {key}"] for r in values])) for key in ("ndcg@10", "recall@100")}
+        spreads = [criterion({key: r[f"recovery {key}"] for key in recoveries}) for r in values]
+        return recoveries, float(np.std(spreads, ddof=1)) if len(spreads) > 1 else float("nan")
+
+    lines = []
+    for protocol in ("noads", "ads"):
+        for blocks in (2, 3):
+            names = [f"{protocol}-{name}-{blocks}" for name in CANDIDATES]
+            collections = sorted({c for (m, c) in runs if m in names})
+            names = [m for m in names if all((m, c) in runs for c in collections)]
+            if len(collections) < 2 or len(names) < 2:
+                continue
+            table = {(m, c): summary(m, c) for m in names for c in collections}
+            title = f"Leave one collection out, {protocol}, {blocks} blocks (candidates: {', '.join(names)}):"
+            lines += ["", title, "",
+                      "| held-out collection | chosen on the others | its nDCG@10 recovery there | R@100 |",
+                      "|---|---|---|---|"]  # fmt: skip
+            held_out = []
+            for collection in collections:
+                others = [c for c in collections if c != collection]
+                chosen = max(names, key=lambda m: np.mean([criterion(table[m, c][0]) for c in others]))
+                recoveries = table[chosen, collection][0]
+                held_out.append(recoveries)
+                lines.append(
+                    f"| {collection} | {chosen} | {recoveries['ndcg@10']:.1%} | {recoveries['recall@100']:.1%} |"
+                )
+            lines.append(f"| mean | | {np.mean([r['ndcg@10'] for r in held_out]):.1%} "
+                         f"| {np.mean([r['recall@100'] for r in held_out]):.1%} |")  # fmt: skip
+            overall = max(names, key=lambda m: np.mean([criterion(table[m, c][0]) for c in collections]))
+            incumbent = f"{protocol}-default-{blocks}"
+            lines.append(f"\nChosen on all {len(collections)} collections: {overall}.")
+            if incumbent in names:
+                for name in names:
+                    if name == incumbent:
+                        continue
+                    margins = [criterion(table[name, c][0]) - criterion(table[incumbent, c][0])
+                               - max(table[name, c][1], table[incumbent, c][1]) for c in collections]  # fmt: skip
+                    verdict = "beats" if all(m > 0 for m in margins) else "does not beat"
+                    lines.append(f"{name} {verdict} {incumbent} on every collection by more than the spread "
+                                 f"(worst margin beyond the spread {min(margins):+.1%}).")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":
