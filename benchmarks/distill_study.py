@@ -21,8 +21,10 @@ For every collection in --data_root (folders with corpus.jsonl, queries.jsonl, q
 teacher's value (mean and spread over --seeds, each trained recipe once per seed; a 95% bootstrap interval over
 queries of one seed), overlap@10 with the teacher's top 10,
 p50 latency at batch 1, parameters and training time; then the mean recovery of each recipe over the
-collections. Rows accumulate in <output_dir>/rows.jsonl across runs (a recipe run again replaces its
-row), so the study can be run a few recipes at a time.
+collections, and the leave-one-collection-out selection. Rows accumulate in --results_file
+(benchmarks/results/distill_study_rows.jsonl, in the repository) across runs: a row already there is kept
+and not measured again unless --retrain, so the study can be run a few recipes, collections or seeds at a
+time, and a stopped run resumes where it stopped.
 
     pip install gensim                                        # the general text
     python benchmarks/distill_study.py                        # every recipe, every collection
@@ -201,9 +203,16 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmarks", "distill_study"))
     parser.add_argument(
+        "--results_file",
+        default=os.path.join(ROOT, "benchmarks", "results", "distill_study_rows.jsonl"),
+        help="The measured rows, kept in the repository so that the study can go on over several sessions: a "
+        "(collection, recipe, seed) already there is not measured again (see --retrain).",
+    )
+    parser.add_argument(
         "--retrain",
         action="store_true",
-        help="Train every student again (default: a student an earlier run in --output_dir finished is re-scored).",
+        help="Measure every row again and train every student again (default: a row in --results_file is kept, "
+        "and a student an earlier run in --output_dir finished is re-scored).",
     )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.recipes or []) - set(RECIPES))
@@ -385,11 +394,16 @@ def main(argv=None):
                 if recipe.dim:
                     truncate_output(model, recipe.dim)
                 rows.append(scorer.row(name, model.eval(), 0.0))
-        save_rows(work, rows)
+        measured = {row_key(row) for row in save_rows(args.results_file, rows)}
         for seed in args.seeds:
             trained = {}  # recipe name -> (output folder, training seconds), this seed's
             for name in [name for name in recipes if RECIPES[name].distill is not None]:
                 recipe = RECIPES[name]
+                if (collection, name, seed) in measured and not args.retrain:
+                    print(
+                        f"{collection}: {name} seed {seed} is in {args.results_file}: kept (--retrain measures it anew)"
+                    )
+                    continue
                 folder = os.path.join(collection_work, "{}", f"seed{seed}")
                 base_results = os.path.join(folder.format(recipe.base or name), "all_results.json")
                 if recipe.base in trained:
@@ -430,8 +444,8 @@ def main(argv=None):
                 trained[name] = (output, train_seconds)
                 row = scorer.row(name, Encoder.from_pretrained(output).eval(), train_seconds)
                 rows.append({**row, "seed": seed})
-                save_rows(work, rows)
-    rows = save_rows(work, rows)
+                save_rows(args.results_file, rows)
+    rows = save_rows(args.results_file, rows)
     table = render_table(rows)
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
@@ -439,20 +453,20 @@ def main(argv=None):
     return rows
 
 
-def save_rows(work, rows):
-    """rows.jsonl: the rows of earlier runs in the same --output_dir, a row measured again replaced (so a study
-    can be run a few recipes at a time, and a stopped one keeps what it measured); returns them all."""
-    results_file = os.path.join(work, "rows.jsonl")
+def row_key(row):
+    return row["collection"], row["model"], row.get("seed")
+
+
+def save_rows(results_file, rows):
+    """Writes the rows of earlier runs in results_file and these rows, a row measured again replacing the
+    earlier one (so a study can be run a few recipes at a time, and a stopped one keeps what it measured);
+    atomically; returns them all."""
     previous = []
     if os.path.exists(results_file):
         with open(results_file, encoding="utf-8") as handle:
             previous = [json.loads(line) for line in handle]
-
-    def key(row):
-        return row["collection"], row["model"], row.get("seed")
-
-    fresh = {key(row) for row in rows}
-    rows = [row for row in previous if key(row) not in fresh] + rows
+    fresh = {row_key(row) for row in rows}
+    rows = [row for row in previous if row_key(row) not in fresh] + rows
     write_jsonl(results_file + ".tmp", rows)
     os.replace(results_file + ".tmp", results_file)
     return rows

@@ -57,3 +57,14 @@ def test_a_challenger_beats_the_default_only_by_more_than_the_spread_on_every_co
         rows += runs("ads-cut-3", collection, [0.90 + margin, 0.91 + margin, 0.92 + margin])
     lines = distill_study.leave_one_out(rows)
     assert f"ads-cut-3 {verdict} ads-default-3 on every collection by more than the spread" in "\n".join(lines)
+
+
+def test_rows_of_earlier_runs_are_kept_and_a_row_measured_again_replaces_its_earlier_one(tmp_path):
+    results_file = str(tmp_path / "results" / "rows.jsonl")
+    first = [*runs("noads-cut-2", "a", [0.90, 0.91]), *runs("noads-cut-2", "b", [0.80])]
+    distill_study.save_rows(results_file, first)
+    again = runs("noads-cut-2", "a", [0.95])  # seed 0 of collection a measured again
+    rows = distill_study.save_rows(results_file, again)
+    by_key = {distill_study.row_key(row): row["recovery ndcg@10"] for row in rows}
+    assert by_key == {("a", "noads-cut-2", 0): 0.95, ("a", "noads-cut-2", 1): 0.91, ("b", "noads-cut-2", 0): 0.80}
+    assert not os.path.exists(results_file + ".tmp")
