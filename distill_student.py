@@ -147,10 +147,18 @@ def parse_args(argv=None):
         "states at every token (students cut from the teacher; the teacher then runs in the loop, no store).",
     )
     group.add_argument(
+        "--kl_ranks",
+        choices=("auto", "ads", "texts", "batch"),
+        default="auto",
+        help="What the kl objective ranks: ads, the teacher's ad vectors (--corpus_file / --ad_store); texts, the "
+        "teacher's vectors of the label-free texts (its query stores); batch, the teacher's vectors of the "
+        "step's batch, gathered across processes. auto (default): ads when given, else batch.",
+    )
+    group.add_argument(
         "--num_ranked_ads",
         type=positive_int,
         default=1024,
-        help="With ads (--corpus_file / --ad_store): the teacher's ad vectors drawn per batch (the same for every "
+        help="With --kl_ranks ads or texts: the teacher's vectors drawn per optimiser step (the same for every "
         "process) whose ranking the kl objective teaches.",
     )
     group.add_argument(
@@ -499,6 +507,41 @@ def open_ad_store(accelerator, args, teacher):
     return ad_store.truncated(args.teacher_dim) if args.teacher_dim else ad_store
 
 
+def open_ranked_store(args, rows, ad_store):
+    """The store whose teacher vectors the kl objective ranks (--num_ranked_ads of them drawn per optimiser
+    step), or None: no kl, or kl over the step's batch. --kl_ranks auto: the ads when given, else the batch."""
+    if "kl" not in [name for _, name in args.alignment_loss]:
+        if args.kl_ranks != "auto":
+            raise UserError(
+                f"--kl_ranks {args.kl_ranks} says what the kl objective ranks; add kl to --alignment_loss "
+                "(e.g. 'l2+kl') or drop --kl_ranks."
+            )
+        return None
+    ranks = args.kl_ranks if args.kl_ranks != "auto" else ("ads" if ad_store is not None else "batch")
+    if ranks == "ads" and ad_store is None:
+        raise UserError(
+            "--kl_ranks ads ranks the teacher's ad vectors; give them with --corpus_file or --ad_store, or use "
+            "--kl_ranks texts (the label-free texts' vectors) or batch."
+        )
+    if ranks != "ads" and ad_store is not None:
+        raise UserError(
+            f"--kl_ranks {ranks} leaves the ads of --corpus_file/--ad_store unused; drop them or use --kl_ranks ads."
+        )
+    if ranks == "ads":
+        return ad_store
+    if ranks == "batch":
+        return None
+    if isinstance(rows, InMemoryTargets):
+        return rows.store  # the teacher's vectors of the query file and the general text, memory-mapped
+    stores = [source.store for source in (rows.queries, rows.general) if hasattr(source, "store")]
+    if not stores:
+        raise UserError(
+            "--kl_ranks texts ranks the teacher's stored vectors of the label-free texts, which --teacher_in_loop "
+            "does not keep; drop --teacher_in_loop or use --kl_ranks batch."
+        )
+    return EmbeddingStore.stack(stores)
+
+
 def make_student(args, teacher, cut_layers):
     """A student in the teacher's output space: --student_model, or `cut_layers` evenly spaced teacher layers
     (--student_layers: those). Same prompts as the teacher; a linear head when the widths differ."""
@@ -556,11 +599,12 @@ def stage_steps(folder):
         return int(json.load(handle)["steps"])
 
 
-def align(accelerator, args, student, rows, teacher, ad_store, stage, step_offset=0):
+def align(accelerator, args, student, rows, teacher, ranked_store, stage, step_offset=0):
     """One stage: the training loop over `rows` (common/targets.py), then the student saved to the stage's
     folder. `teacher` (frozen, on the device) is given with --token_loss_weight (its hidden states are the targets
-    of every token) and with --teacher_in_loop (its vectors are the targets); `ad_store`: the teacher's ads that
-    the kl objective ranks. `step_offset`: the optimiser steps of earlier stages (the trackers count on)."""
+    of every token) and with --teacher_in_loop (its vectors are the targets); `ranked_store`: the teacher's
+    vectors (of ads, or of the label-free texts) that the kl objective ranks, or None. `step_offset`: the
+    optimiser steps of earlier stages (the trackers count on)."""
     # This stage's run, which common/loop.py reads: the script's flags with the stage's folder and budget.
     run = argparse.Namespace(**vars(args))
     run.output_dir, run.push_to_hub = stage.output_dir, args.push_to_hub and stage.final  # stages are never pushed
@@ -607,15 +651,15 @@ def align(accelerator, args, student, rows, teacher, ad_store, stage, step_offse
     model.train()
     for batch in loop:
         with accelerator.accumulate(model):
-            ranked_ad_vectors = None
-            if ad_store is not None:
+            ranked_vectors = None
+            if ranked_store is not None:
                 # One draw per optimiser step, a function of (seed, epoch, step in epoch) only: every process and
-                # micro-batch of the step ranks the same ads, and a resumed run draws them again.
+                # micro-batch of the step ranks the same vectors, and a resumed run draws them again.
                 step_in_epoch = (loop.progress.batch_in_epoch - 1) // args.gradient_accumulation_steps
                 rng = np.random.default_rng([args.seed, loop.progress.epoch, step_in_epoch])
-                ad_rows = rng.integers(len(ad_store), size=min(args.num_ranked_ads, len(ad_store)))
-                ranked_ad_vectors = torch.from_numpy(ad_store.read(ad_rows))  # host memory: moved in the loss
-            loss, logs = distillation_loss(accelerator, model, batch, args, teacher, ranked_ad_vectors)
+                ranked_rows = rng.integers(len(ranked_store), size=min(args.num_ranked_ads, len(ranked_store)))
+                ranked_vectors = torch.from_numpy(ranked_store.read(ranked_rows))  # host memory: moved in the loss
+            loss, logs = distillation_loss(accelerator, model, batch, args, teacher, ranked_vectors)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -634,7 +678,7 @@ def align(accelerator, args, student, rows, teacher, ad_store, stage, step_offse
     return student, results
 
 
-def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_vectors=None):
+def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_vectors=None):
     """(loss, logs) of one batch: the alignment objective of the student's vectors to the teacher's (from the
     batch, or from the frozen teacher in the loop), plus the token-state loss when asked.
 
@@ -652,7 +696,7 @@ def distillation_loss(accelerator, model, batch, args, teacher=None, ranked_ad_v
     else:
         teacher_targets = batch.pop("teacher_vectors").to(device)
     student_vectors, student_states = model(**batch, return_token_states=True)
-    items = ranked_ad_vectors.to(device) if ranked_ad_vectors is not None else None
+    items = ranked_vectors.to(device) if ranked_vectors is not None else None
     loss = alignment_loss(student_vectors, teacher_targets, args.alignment_loss, args.alignment_temperature, items)
     logs = {"alignment_loss": loss.detach()}
     if args.token_loss_weight > 0:
@@ -735,7 +779,7 @@ def main(argv=None):
     if args.token_loss_weight > 0:
         check_token_targets(student, teacher.load_once())
     rows, query_store_folder = open_training_rows(accelerator, args, teacher)
-    ad_store = open_ad_store(accelerator, args, teacher)
+    ranked_store = open_ranked_store(args, rows, open_ad_store(accelerator, args, teacher))
     if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
         teacher = teacher.load_once().eval().requires_grad_(False).to(accelerator.device)
         if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() and args.teacher_in_loop:
@@ -772,7 +816,7 @@ def main(argv=None):
         if stage.prune_to is not None:
             student = student.to(accelerator.device)
             logger.info(f"Stage {stage.number}: " + prune(student, stage.prune_to, args, calibration))
-        student, results = align(accelerator, args, student, rows, teacher, ad_store, stage, steps_before)
+        student, results = align(accelerator, args, student, rows, teacher, ranked_store, stage, steps_before)
         steps_before += results["steps"]
     results["teacher_query_store"] = query_store_folder
     accelerator.end_training()

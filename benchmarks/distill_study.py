@@ -101,11 +101,17 @@ OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before t
 # The candidates of issue 21 in each protocol, by blocks: distill_student.py's default (progressive from
 # min(2K, depth) teacher layers pruned by block influence), the same keeping the first and last blocks, the
 # one-shot cut of K evenly spaced layers at the default learning rate and at the old 2e-4.
+# Without ads, also the one-shot cut with the kl objective over the teacher's vectors of the label-free texts
+# (--kl_ranks texts: 1024 of them drawn per step), the label-free stand-in for ranking the ads.
 CANDIDATES = {
     "default": ["--progressive_from", "auto"],
     "firstlast": ["--progressive_from", "auto", "--layer_importance", "first_last"],
     "cut": [],
     "cut-lr2e-4": OLD,
+}
+PROTOCOL_CANDIDATES = {
+    "noads": {**CANDIDATES, "cut-kltexts": ["--alignment_loss", "l2+kl", "--kl_ranks", "texts"]},
+    "ads": CANDIDATES,
 }
 
 
@@ -113,7 +119,7 @@ def protocol_recipes():
     recipes = {}
     for protocol, extra, text in (("noads", [], "sentences"), ("ads", ["--ad_store", "{document_store}"], DOCS)):
         for blocks in (2, 3):
-            for name, flags in CANDIDATES.items():
+            for name, flags in PROTOCOL_CANDIDATES[protocol].items():
                 recipes[f"{protocol}-{name}-{blocks}"] = Recipe(blocks, [*flags, *extra], text=text)
             recipes[f"{protocol}-default-{blocks}+refine"] = Recipe(
                 blocks, [*CANDIDATES["default"], *extra], refine=[], base=f"{protocol}-default-{blocks}", text=text
@@ -544,7 +550,7 @@ def leave_one_out(rows):
     lines = []
     for protocol in ("noads", "ads"):
         for blocks in (2, 3):
-            names = [f"{protocol}-{name}-{blocks}" for name in CANDIDATES]
+            names = [f"{protocol}-{name}-{blocks}" for name in PROTOCOL_CANDIDATES[protocol]]
             collections = sorted({c for (m, c) in runs if m in names})
             names = [m for m in names if all((m, c) in runs for c in collections)]
             if len(collections) < 2 or len(names) < 2:

@@ -223,6 +223,33 @@ def test_kl_ranks_ads_of_the_teachers_ad_store(small_data, tiny_bert, tiny_bert_
                               "--output_dir", str(tmp_path / "y")])  # fmt: skip
 
 
+def test_kl_ranks_the_teachers_vectors_of_the_label_free_texts_without_ads(small_data, streams, tiny_bert, tmp_path):
+    """--kl_ranks texts: without ads, kl ranks vectors drawn from the teacher's query stores (in memory and
+    streamed), so a batch of one query still has a ranking to learn; contradictory flags are refused."""
+    common = ["--teacher_model", tiny_bert, "--student_num_layers", "1", "--max_train_steps", "2", *FAST,
+              "--per_device_train_batch_size", "1", "--store_dir", str(tmp_path / "stores")]  # fmt: skip
+    in_memory = [*common, "--query_file", small_data["queries"]]
+    in_batch = distill_student.main([*in_memory, "--alignment_loss", "kl", "--output_dir", str(tmp_path / "b")])
+    assert in_batch["train_alignment_loss"] == 0  # one item ranked against itself
+    over_texts = distill_student.main([*in_memory, "--alignment_loss", "kl", "--kl_ranks", "texts",
+                                       "--num_ranked_ads", "16", "--output_dir", str(tmp_path / "t")])  # fmt: skip
+    assert over_texts["train_alignment_loss"] > 1e-6
+    streamed = distill_student.main([*common, "--query_file", streams["queries"], "--streaming", "--alignment_loss",
+                                     "l2+kl", "--kl_ranks", "texts", "--output_dir", str(tmp_path / "s")])  # fmt: skip
+    assert np.isfinite(streamed["train_alignment_loss"]) and streamed["train_alignment_loss"] > 0
+    ad_store = str(tmp_path / "ad-store")
+    encode.main(["--model_name_or_path", tiny_bert, "--input_file", small_data["ads"], "--kind", "ad",
+                 "--output_dir", ad_store])  # fmt: skip
+    for flags, message in (
+        (["--alignment_loss", "l2", "--kl_ranks", "texts"], "add kl to --alignment_loss"),
+        (["--alignment_loss", "l2+kl", "--kl_ranks", "ads"], "give them with --corpus_file or --ad_store"),
+        (["--alignment_loss", "l2+kl", "--kl_ranks", "texts", "--ad_store", ad_store], "leaves the ads"),
+    ):
+        with pytest.raises(UserError, match=message):
+            distill_student.main([*in_memory, *flags, "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
 def test_max_length_sets_the_length_of_a_student_cut_from_the_teacher(small_data, tiny_bert, tmp_path):
     """--max_length applies to every student: one cut from the teacher (which reads the teacher's own config)
     included, not only --student_model."""
