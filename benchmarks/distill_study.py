@@ -30,6 +30,7 @@ time, and a stopped run resumes where it stopped.
     python benchmarks/distill_study.py                        # every recipe, every collection
     python benchmarks/distill_study.py --recipes l2-2 cut-2 --collections med
     python benchmarks/distill_study.py --list                 # the recipes and their flags
+    python benchmarks/distill_study.py --table                # the table of the rows measured so far
 """
 
 import argparse
@@ -202,6 +203,9 @@ def parse_args(argv=None):
     parser.add_argument("--collections", nargs="+", default=None, help="Folder names; default: all found.")
     parser.add_argument("--recipes", nargs="+", default=None, help="Recipe names; default: all.")
     parser.add_argument("--list", action="store_true", help="Print the recipes and exit.")
+    parser.add_argument(
+        "--table", action="store_true", help="Print the table of the rows in --results_file and exit (no training)."
+    )
     parser.add_argument("--latency_queries", type=int, default=200)
     parser.add_argument("--bootstrap_samples", type=int, default=2000)
     parser.add_argument(
@@ -360,6 +364,11 @@ def main(argv=None):
         for name in recipes:
             print(f"{name}: {RECIPES[name].describe()}")
         return
+    if args.table:
+        with open(args.results_file, encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle]
+        print(render_table(rows))
+        return rows
     data_root = os.path.abspath(args.data_root)
     names = args.collections or sorted(
         name for name in os.listdir(data_root) if os.path.exists(os.path.join(data_root, name, "qrels.tsv"))
@@ -580,6 +589,10 @@ def leave_one_out(rows):
                         continue
                     margins = [criterion(table[name, c][0]) - criterion(table[incumbent, c][0])
                                - max(table[name, c][1], table[incumbent, c][1]) for c in collections]  # fmt: skip
+                    if any(np.isnan(m) for m in margins):  # a spread needs two seeds
+                        lines.append(f"{name} against {incumbent}: undecided, a collection has one seed (the "
+                                     "spread needs two or more).")  # fmt: skip
+                        continue
                     verdict = "beats" if all(m > 0 for m in margins) else "does not beat"
                     lines.append(f"{name} {verdict} {incumbent} on every collection by more than the spread "
                                  f"(worst margin beyond the spread {min(margins):+.1%}).")  # fmt: skip

@@ -68,3 +68,9 @@ def test_rows_of_earlier_runs_are_kept_and_a_row_measured_again_replaces_its_ear
     by_key = {distill_study.row_key(row): row["recovery ndcg@10"] for row in rows}
     assert by_key == {("a", "noads-cut-2", 0): 0.95, ("a", "noads-cut-2", 1): 0.91, ("b", "noads-cut-2", 0): 0.80}
     assert not os.path.exists(results_file + ".tmp")
+
+
+def test_with_one_seed_the_verdict_is_undecided():
+    rows = [*runs("ads-default-2", "a", [0.90]), *runs("ads-cut-2", "a", [0.99])]
+    rows += [*runs("ads-default-2", "b", [0.90]), *runs("ads-cut-2", "b", [0.99])]
+    assert "ads-cut-2 against ads-default-2: undecided" in "\n".join(distill_study.leave_one_out(rows))
