@@ -100,13 +100,15 @@ DOCS = "sentences+documents"
 OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before this study
 
 # The candidates of issue 21 in each protocol, by blocks: distill_student.py's default (progressive from
-# min(2K, depth) teacher layers pruned by block influence), the same keeping the first and last blocks, the
-# one-shot cut of K evenly spaced layers at the default learning rate and at the old 2e-4.
+# min(2K, depth) teacher layers pruned by block influence), the same keeping the first and last blocks or
+# ranking blocks by norm ratio, the one-shot cut of K evenly spaced layers at the default learning rate and
+# at the old 2e-4.
 # Without ads, also the one-shot cut with the kl objective over the teacher's vectors of the label-free texts
 # (--kl_ranks texts: 1024 of them drawn per step), the label-free stand-in for ranking the ads.
 CANDIDATES = {
     "default": ["--progressive_from", "auto"],
     "firstlast": ["--progressive_from", "auto", "--layer_importance", "first_last"],
+    "normratio": ["--progressive_from", "auto", "--layer_importance", "norm_ratio"],
     "cut": [],
     "cut-lr2e-4": OLD,
 }
