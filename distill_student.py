@@ -507,9 +507,9 @@ def open_ad_store(accelerator, args, teacher):
     return ad_store.truncated(args.teacher_dim) if args.teacher_dim else ad_store
 
 
-def open_ranked_store(args, rows, ad_store):
-    """The store whose teacher vectors the kl objective ranks (--num_ranked_ads of them drawn per optimiser
-    step), or None: no kl, or kl over the step's batch. --kl_ranks auto: the ads when given, else the batch."""
+def kl_ranks(args, with_ads):
+    """What the kl objective ranks ('ads', 'texts', 'batch'; None without kl), checked before any work:
+    --kl_ranks auto means the ads when given, else the batch."""
     if "kl" not in [name for _, name in args.alignment_loss]:
         if args.kl_ranks != "auto":
             raise UserError(
@@ -517,29 +517,34 @@ def open_ranked_store(args, rows, ad_store):
                 "(e.g. 'l2+kl') or drop --kl_ranks."
             )
         return None
-    ranks = args.kl_ranks if args.kl_ranks != "auto" else ("ads" if ad_store is not None else "batch")
-    if ranks == "ads" and ad_store is None:
+    ranks = args.kl_ranks if args.kl_ranks != "auto" else ("ads" if with_ads else "batch")
+    if ranks == "ads" and not with_ads:
         raise UserError(
             "--kl_ranks ads ranks the teacher's ad vectors; give them with --corpus_file or --ad_store, or use "
             "--kl_ranks texts (the label-free texts' vectors) or batch."
         )
-    if ranks != "ads" and ad_store is not None:
+    if ranks != "ads" and with_ads:
         raise UserError(
             f"--kl_ranks {ranks} leaves the ads of --corpus_file/--ad_store unused; drop them or use --kl_ranks ads."
         )
-    if ranks == "ads":
-        return ad_store
-    if ranks == "batch":
-        return None
-    if isinstance(rows, InMemoryTargets):
-        return rows.store  # the teacher's vectors of the query file and the general text, memory-mapped
-    stores = [source.store for source in (rows.queries, rows.general) if hasattr(source, "store")]
-    if not stores:
+    if ranks == "texts" and args.teacher_in_loop:
         raise UserError(
             "--kl_ranks texts ranks the teacher's stored vectors of the label-free texts, which --teacher_in_loop "
             "does not keep; drop --teacher_in_loop or use --kl_ranks batch."
         )
-    return EmbeddingStore.stack(stores)
+    return ranks
+
+
+def open_ranked_store(ranks, rows, ad_store):
+    """The store whose teacher vectors the kl objective ranks (--num_ranked_ads of them drawn per optimiser
+    step), or None (no kl, or kl over the step's batch); `ranks` from kl_ranks()."""
+    if ranks == "ads":
+        return ad_store
+    if ranks != "texts":
+        return None
+    if isinstance(rows, InMemoryTargets):
+        return rows.store  # the teacher's vectors of the query file and the general text, memory-mapped
+    return EmbeddingStore.stack([source.store for source in (rows.queries, rows.general) if source is not None])
 
 
 def make_student(args, teacher, cut_layers):
@@ -743,6 +748,7 @@ def main(argv=None):
             "--corpus_file/--ad_store give the ads that the kl objective ranks; add kl to --alignment_loss "
             "(e.g. 'l2+kl') or drop them."
         )
+    ranks = kl_ranks(args, with_ads)
     check_run_args(
         args,
         SCRIPT,
@@ -779,7 +785,7 @@ def main(argv=None):
     if args.token_loss_weight > 0:
         check_token_targets(student, teacher.load_once())
     rows, query_store_folder = open_training_rows(accelerator, args, teacher)
-    ranked_store = open_ranked_store(args, rows, open_ad_store(accelerator, args, teacher))
+    ranked_store = open_ranked_store(ranks, rows, open_ad_store(accelerator, args, teacher))
     if args.token_loss_weight > 0 or args.teacher_in_loop:  # the teacher stays, frozen, in the loop
         teacher = teacher.load_once().eval().requires_grad_(False).to(accelerator.device)
         if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() and args.teacher_in_loop:

@@ -367,8 +367,7 @@ def main(argv=None):
             print(f"{name}: {RECIPES[name].describe()}")
         return
     if args.table:
-        with open(args.results_file, encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle]
+        rows = read_rows(args.results_file)
         print(render_table(rows))
         return rows
     data_root = os.path.abspath(args.data_root)
@@ -474,14 +473,19 @@ def row_key(row):
     return row["collection"], row["model"], row.get("seed")
 
 
+def read_rows(results_file):
+    """The rows of earlier runs in results_file ([] when there is none yet)."""
+    if not os.path.exists(results_file):
+        return []
+    with open(results_file, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def save_rows(results_file, rows):
     """Writes the rows of earlier runs in results_file and these rows, a row measured again replacing the
     earlier one (so a study can be run a few recipes at a time, and a stopped one keeps what it measured);
     atomically; returns them all."""
-    previous = []
-    if os.path.exists(results_file):
-        with open(results_file, encoding="utf-8") as handle:
-            previous = [json.loads(line) for line in handle]
+    previous = read_rows(results_file)
     fresh = {row_key(row) for row in rows}
     rows = [row for row in previous if row_key(row) not in fresh] + rows
     write_jsonl(results_file + ".tmp", rows)
