@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from common.args import (
     add_common_training_args,
+    add_graph_args,
     check_has_negatives,
     check_run_args,
     finite_float,
@@ -48,6 +49,7 @@ from common.data import (
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
+from common.graph import draw_neighbours, log_graph, read_graph
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -57,7 +59,7 @@ from common.loop import (
     resume_from_checkpoint,
     save_final_model,
 )
-from common.loss import contrastive_loss
+from common.loss import contrastive_loss, graph_loss
 from common.model_files import model_depth
 from common.run_folder import tracker_config, tracker_init_kwargs
 from common.runtime import log_banner, log_truncation, logger, make_accelerator
@@ -120,6 +122,8 @@ def parse_args(argv=None):
     group.add_argument(
         "--false_negative_margin", type=finite_float, default=0.1, help="Negative value: no margin mask."
     )
+    group = parser.add_argument_group("Graph regulariser")
+    add_graph_args(group, "the ad ids of --corpus_file")
     # Output
     group = parser.add_argument_group("Output")
     group.add_argument("--output_dir", default=os.path.join(DEMO_ROOT, "student"))
@@ -239,11 +243,13 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
 
 class ClickCollator:
     """A batch of clicks: the queries tokenised, their clicked and hard-negative ads as the teacher's vectors
-    read from the ad store (only these rows), with the keys that mask duplicates and same-group ads."""
+    read from the ad store (only these rows), with the keys that mask duplicates and same-group ads. With a
+    graph over ads, also `graph_neighbours` neighbours of each clicked ad (store rows, drawn per query)."""
 
-    def __init__(self, encoder, ad_store, num_hard_negatives, seed):
+    def __init__(self, encoder, ad_store, num_hard_negatives, seed, graph=None, graph_neighbours=0, weighted=True):
         self.encoder, self.ad_store = encoder, ad_store
         self.num_hard_negatives, self.seed = num_hard_negatives, seed
+        self.graph, self.graph_neighbours, self.weighted = graph, graph_neighbours, weighted
 
     def __call__(self, rows):
         hard = []
@@ -258,11 +264,22 @@ class ClickCollator:
         batch["hard_negative_vectors"] = torch.from_numpy(self.ad_store.read(hard_rows))
         batch["hard_negative_keys"] = ad_keys(self.ad_store, hard_rows)
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
+        if self.graph is not None:  # padding: the clicked ad itself, at weight 0 (masked in the loss)
+            query_keys = [text_key(row["query"]) for row in rows]
+            neighbours, weights = draw_neighbours(
+                self.graph, positive_rows, self.graph_neighbours, self.seed, query_keys, self.weighted
+            )
+            neighbours = np.where(neighbours >= 0, neighbours, positive_rows[:, None]).ravel()
+            batch["graph_vectors"] = torch.from_numpy(self.ad_store.read(neighbours))
+            batch["graph_keys"] = ad_keys(self.ad_store, neighbours)
+            batch["graph_weights"] = torch.from_numpy(weights.ravel())
         return batch
 
 
 def refinement_loss(model, batch, random_vectors, random_keys, args):
-    """InfoNCE of one batch: each query against its clicked ad, the hard negatives and the step's random ads.
+    """InfoNCE of one batch: each query against its clicked ad, the hard negatives and the step's random ads;
+    with a graph, plus --graph_weight x the graph term (the clicked ad's neighbours as extra targets of the
+    query, never its negatives). Returns the loss and the values to log.
 
     The prepared data loader has moved `batch` to the model's device; the random negatives are read from the
     store in host memory during the step, so they are moved here (on a GPU, mixing the two is an error:
@@ -272,17 +289,34 @@ def refinement_loss(model, batch, random_vectors, random_keys, args):
     negatives = torch.cat([batch.pop("hard_negative_vectors"), random_vectors.to(device)])
     negative_keys = torch.cat([batch.pop("hard_negative_keys"), random_keys.to(device)])
     positive_groups = batch.pop("positive_groups")
+    graph = {name: batch.pop(name) for name in ("graph_vectors", "graph_keys", "graph_weights") if name in batch}
     query_vectors = model(**batch)
-    return contrastive_loss(
+    positives, negatives = positives.to(query_vectors), negatives.to(query_vectors)
+    loss, accuracy = contrastive_loss(
         query_vectors,
-        positives.to(query_vectors),
-        negatives.to(query_vectors),
+        positives,
+        negatives,
         temperature=args.temperature,
         positive_keys=positive_keys,
         negative_keys=negative_keys,
         positive_groups=positive_groups,
         false_negative_margin=args.false_negative_margin if args.false_negative_margin >= 0 else None,
+        not_negative_keys=graph["graph_keys"].view(len(positive_keys), -1) if graph else None,
     )
+    logs = {"accuracy": accuracy}
+    if graph and args.graph_weight > 0:
+        logs["graph_loss"] = graph_loss(
+            query_vectors,
+            graph["graph_vectors"].to(query_vectors),
+            graph["graph_weights"],
+            temperature=args.temperature,
+            anchor_keys=positive_keys,
+            neighbour_keys=graph["graph_keys"],
+            candidates=torch.cat([positives, negatives]),
+            candidate_keys=torch.cat([positive_keys, negative_keys]),
+        )
+        loss = loss + args.graph_weight * logs["graph_loss"]
+    return loss, logs
 
 
 def main(argv=None):
@@ -336,6 +370,13 @@ def main(argv=None):
         clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column))
     else:
         clicks = read_clicks(args, ad_store)
+    graph = None
+    if args.ad_graph_file:  # ad ids -> store rows through the store's own index
+        columns = (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
+        graph = read_graph(
+            args.ad_graph_file, ad_store.find_rows, len(ad_store), columns=columns, what="an ad of the ad store"
+        )
+        log_graph(logger, graph, np.array([click["positive"] for click in clicks]), "clicked ad")
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     layers = evenly_spaced_layers(student_files.depth, args.student_num_layers) if args.student_num_layers else None
@@ -353,7 +394,15 @@ def main(argv=None):
         student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # The collator holds the encoder itself (prepare() wraps the model in DDP below) for tokenising.
-    collate = ClickCollator(student, ad_store, args.num_hard_negatives, args.seed)
+    collate = ClickCollator(
+        student,
+        ad_store,
+        args.num_hard_negatives,
+        args.seed,
+        graph,
+        args.graph_neighbours,
+        weighted=args.graph_sampling == "weighted",
+    )
     dataloader = DataLoader(
         clicks,
         batch_size=args.per_device_train_batch_size,
@@ -400,7 +449,7 @@ def main(argv=None):
                 args, len(ad_store), progress.epoch, progress.batch_in_epoch, accelerator
             )
             random_vectors = torch.from_numpy(ad_store.read(random_rows))  # host memory: moved in the loss
-            loss, accuracy = refinement_loss(model, batch, random_vectors, ad_keys(ad_store, random_rows), args)
+            loss, logs = refinement_loss(model, batch, random_vectors, ad_keys(ad_store, random_rows), args)
             check_finite_loss(loss, loop.step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -408,7 +457,7 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(loss=loss, accuracy=accuracy, lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(loss=loss, **logs, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results.update(loop.speed())

@@ -21,6 +21,7 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 from common.args import (
     add_common_training_args,
     add_context_args,
+    add_graph_args,
     check_has_negatives,
     check_run_args,
     finite_float,
@@ -39,6 +41,7 @@ from common.args import (
 )
 from common.data import (
     check_context,
+    check_id,
     check_text,
     check_text_list,
     has_optional_column,
@@ -52,6 +55,7 @@ from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.grad_cache import backward_through_chunks, embed_without_graph
+from common.graph import CorpusIds, draw_neighbours, log_graph, read_graph
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -62,9 +66,9 @@ from common.loop import (
     save_final_model,
 )
 from common.lora import add_lora, merge_lora
-from common.loss import contrastive_loss
+from common.loss import contrastive_loss, graph_loss
 from common.run_folder import tracker_config, tracker_init_kwargs
-from common.runtime import log_banner, log_truncation, make_accelerator
+from common.runtime import log_banner, log_truncation, logger, make_accelerator
 
 SCRIPT = "train_teacher.py"
 
@@ -88,6 +92,9 @@ def parse_args(argv=None):
     group.add_argument("--negatives_column", default="negatives", help="List of hard-negative ad texts (optional).")
     group.add_argument("--group_column", default="group", help="Ad group / advertiser of the positive (optional).")
     group.add_argument(
+        "--positive_id_column", default="positive_id", help="Ad id of the positive; read only with --ad_graph_file."
+    )
+    group.add_argument(
         "--num_hard_negatives", type=non_negative_int, default=1, help="Per query; missing ones are random ads."
     )
     add_context_args(group, where="--train_file")
@@ -106,6 +113,16 @@ def parse_args(argv=None):
         help="Gradient caching: embed the batch's rows (queries, positives, negatives) this many at a time, so a "
         "large contrastive batch needs the activation memory of one chunk; same gradients as the plain batch.",
     )
+    group = parser.add_argument_group("Graph regulariser")
+    add_graph_args(group, "ids of --corpus_file, or without it of --train_file's --positive_id_column")
+    group.add_argument(
+        "--corpus_file",
+        default=None,
+        help="Ads (id, text) that the graph may name, streamed: only the training ads' neighbours' texts are kept. "
+        "Default: the built-in ads with the built-in data; otherwise none (the graph names training ads only).",
+    )
+    group.add_argument("--id_column", default="id")
+    group.add_argument("--text_column", default="text")
     # LoRA
     group = parser.add_argument_group("LoRA (peft): train low-rank adapters instead of every weight")
     group.add_argument("--lora_r", type=non_negative_int, default=0, help="Adapter rank; 0: full fine-tuning.")
@@ -139,9 +156,12 @@ def read_pairs(args):
     negatives = table[args.negatives_column] if has_negatives else [None] * len(table)
     groups = table[args.group_column] if has_groups else [None] * len(table)
     contexts = table[args.query_context_column] if args.query_context_column else [None] * len(table)
+    if args.ad_graph_file:  # the graph names ads by id: the positive's id is needed
+        require_columns(table, [args.positive_id_column], source, "--positive_id_column (needed by --ad_graph_file)")
+    positive_ids = table[args.positive_id_column] if args.ad_graph_file else [None] * len(table)
     rows = []
-    for row, (query, positive, row_negatives, group, context) in enumerate(
-        zip(table[args.query_column], table[args.positive_column], negatives, groups, contexts)
+    for row, (query, positive, row_negatives, group, context, positive_id) in enumerate(
+        zip(table[args.query_column], table[args.positive_column], negatives, groups, contexts, positive_ids)
     ):
         query = check_text(query, args.train_file, row, args.query_column)
         context = check_context(context, args.train_file, row, args.query_context_column)
@@ -154,19 +174,71 @@ def read_pairs(args):
                 "group": optional_key(group),
             }
         )
+        if args.ad_graph_file:
+            rows[-1]["positive_id"] = check_id(positive_id, source, row, args.positive_id_column)
     if not rows:
         raise UserError(f"{args.train_file} has no rows; point --train_file at the training pairs.")
     return rows
 
 
+def read_ad_graph(args, rows):
+    """The graph over ads, each row's positive a node (by --positive_id_column). Nodes are the ads of
+    --corpus_file (streamed; the texts kept are those of the training ads' neighbours only) or, without it,
+    the training positives. Returns the Graph and {node: text}; one id with two texts is refused."""
+    columns = (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
+    if args.corpus_file:
+        corpus = CorpusIds(args.corpus_file, args.id_column, args.text_column)
+        nodes = corpus.find_rows([row["positive_id"] for row in rows])
+        for row_number, (row, node) in enumerate(zip(rows, nodes)):
+            if node < 0:
+                raise UserError(
+                    f"{args.train_file} row {row_number}: ad id '{row['positive_id']}' is not in {args.corpus_file}; "
+                    "add the ad to the corpus or fix the id."
+                )
+            row["positive_node"] = int(node)
+        keep = np.zeros(len(corpus), dtype=bool)
+        keep[nodes] = True
+        graph = read_graph(args.ad_graph_file, corpus.find_rows, len(corpus), columns=columns,
+                           what=f"an ad of {args.corpus_file}", keep=keep)  # fmt: skip
+        node_texts = corpus.texts(np.concatenate([nodes, graph.targets]))
+        for row_number, row in enumerate(rows):
+            check_one_text(args, row_number, row, node_texts, args.corpus_file)
+    else:
+        node_of, node_texts = {}, {}
+        for row_number, row in enumerate(rows):
+            row["positive_node"] = node_of.setdefault(row["positive_id"], len(node_of))
+            check_one_text(args, row_number, row, node_texts, "an earlier row")
+        graph = read_graph(
+            args.ad_graph_file,
+            lambda ids: [node_of.get(item_id, -1) for item_id in ids],
+            len(node_of),
+            columns=columns,
+            what=f"the id of a positive of {args.train_file} (give the ads with --corpus_file)",
+        )
+    log_graph(logger, graph, [row["positive_node"] for row in rows], "positive")
+    return graph, node_texts
+
+
+def check_one_text(args, row_number, row, node_texts, where):
+    """One ad id is one ad text: the row's positive must be the text its id has in `node_texts` (set if new)."""
+    if node_texts.setdefault(row["positive_node"], row["positive"]) != row["positive"]:
+        raise UserError(
+            f"{args.train_file} row {row_number}: ad id '{row['positive_id']}' has another text than in {where}; "
+            f"one id is one ad text, so fix column '{args.positive_id_column}'."
+        )
+
+
 class PairCollator:
-    """Tokenises a batch as one sequence list: queries (query prompt), positives, hard negatives (ad prompt).
+    """Tokenises a batch as one sequence list: queries (query prompt), positives, hard negatives and, with a
+    graph, `graph_neighbours` graph neighbours of each positive (ad prompt).
 
     One forward pass per step covers both sides: DDP expects exactly one forward per backward.
     """
 
-    def __init__(self, encoder, num_hard_negatives, ad_pool, seed):
+    def __init__(self, encoder, num_hard_negatives, ad_pool, seed, graph=None, graph_neighbours=0, weighted=True):
         self.encoder, self.num_hard_negatives, self.ad_pool, self.seed = encoder, num_hard_negatives, ad_pool, seed
+        self.graph, self.graph_neighbours, self.weighted = graph, graph_neighbours, weighted
+        self.node_texts = None  # with a graph: the training ads' texts by node (set by main)
 
     def __call__(self, rows):
         negatives = []
@@ -179,24 +251,49 @@ class PairCollator:
             negatives.extend(chosen)
         positives = [row["positive"] for row in rows]
         queries = [row["teacher_query"] for row in rows]  # with teacher-only context, if any
-        return {
-            "inputs": self.encoder.tokenize_mixed(queries, positives + negatives),
+        neighbours, weights = [], torch.zeros(0)
+        if self.graph is not None:  # padding: the positive itself, at weight 0 (masked in the loss)
+            drawn, drawn_weights = draw_neighbours(
+                self.graph,
+                [row["positive_node"] for row in rows],
+                self.graph_neighbours,
+                self.seed,
+                [text_key(row["query"]) for row in rows],
+                self.weighted,
+            )
+            for row, nodes in zip(rows, drawn):
+                neighbours += [self.node_texts[node] if node >= 0 else row["positive"] for node in nodes]
+            weights = torch.from_numpy(drawn_weights.ravel())
+        batch = {
+            "inputs": self.encoder.tokenize_mixed(queries, positives + negatives + neighbours),
             "query_keys": torch.tensor([text_key(row["query"]) for row in rows]),
             "positive_keys": torch.tensor([text_key(text) for text in positives]),
             "negative_keys": torch.tensor([text_key(text) for text in negatives], dtype=torch.long),
             "positive_groups": torch.tensor([text_key(row["group"] or row["positive"]) for row in rows]),
         }
+        if self.graph is not None:
+            batch["graph_keys"] = torch.tensor([text_key(text) for text in neighbours], dtype=torch.long)
+            batch["graph_weights"] = weights
+        return batch
 
 
 def teacher_loss(vectors, batch, args):
-    """InfoNCE of one batch from the vectors of its rows (queries, positives, then the hard negatives), which
-    the model computed on its device from the batch the prepared loader moved there."""
-    batch_size = len(batch["query_keys"])
+    """InfoNCE of one batch from the vectors of its rows (queries, positives, the hard negatives, then any graph
+    neighbours), which the model computed on its device from the batch the prepared loader moved there. With a
+    graph, plus --graph_weight x the graph term: the positive's neighbours are extra targets of the query and
+    of the positive itself (both encoders are one model here), never negatives. Returns the loss and the
+    values to log."""
+    batch_size, num_negatives = len(batch["query_keys"]), len(batch["negative_keys"])
     query_vectors, positives = vectors[:batch_size], vectors[batch_size : 2 * batch_size]
-    return contrastive_loss(
+    negatives, neighbours = (
+        vectors[2 * batch_size : 2 * batch_size + num_negatives],
+        vectors[2 * batch_size + num_negatives :],
+    )
+    graph_keys = batch.get("graph_keys")
+    loss, accuracy = contrastive_loss(
         query_vectors,
         positives,
-        vectors[2 * batch_size :],
+        negatives,
         temperature=args.temperature,
         positive_keys=batch["positive_keys"],
         negative_keys=batch["negative_keys"],
@@ -205,7 +302,26 @@ def teacher_loss(vectors, batch, args):
         false_negative_margin=args.false_negative_margin if args.false_negative_margin >= 0 else None,
         query_query=not args.no_query_query,
         ad_ad=not args.no_ad_ad,
+        not_negative_keys=graph_keys.view(batch_size, -1) if graph_keys is not None else None,
     )
+    logs = {"accuracy": accuracy}
+    if graph_keys is not None and args.graph_weight > 0:
+        terms = [
+            graph_loss(
+                anchors,
+                neighbours,
+                batch["graph_weights"],
+                temperature=args.temperature,
+                anchor_keys=batch["positive_keys"],
+                neighbour_keys=graph_keys,
+                candidates=torch.cat([positives, negatives]),
+                candidate_keys=torch.cat([batch["positive_keys"], batch["negative_keys"]]),
+            )
+            for anchors in (query_vectors, positives)
+        ]
+        logs["graph_loss"] = (terms[0] + terms[1]) / 2
+        loss = loss + args.graph_weight * logs["graph_loss"]
+    return loss, logs
 
 
 def main(argv=None):
@@ -220,6 +336,8 @@ def main(argv=None):
     if args.train_file is None:
         with accelerator.main_process_first():
             args.train_file = demo_paths()["train"]
+            if args.ad_graph_file and args.corpus_file is None:
+                args.corpus_file = demo_paths()["ads"]
     args.model_name_or_path = args.model_name_or_path or demo_base_model()
     set_seed(args.seed)
 
@@ -245,12 +363,16 @@ def main(argv=None):
     log_truncation(encoder, [row["positive"] for row in rows], "ad", args.train_file)
     ad_pool = sorted({row["positive"] for row in rows})
     # The collator holds the encoder itself (not the DDP-wrapped model prepare returns) for tokenising.
+    collate = PairCollator(encoder, args.num_hard_negatives, ad_pool, args.seed)
+    if args.ad_graph_file:
+        collate.graph, collate.node_texts = read_ad_graph(args, rows)
+        collate.graph_neighbours, collate.weighted = args.graph_neighbours, args.graph_sampling == "weighted"
     dataloader = DataLoader(
         rows,
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         drop_last=True,
-        collate_fn=PairCollator(encoder, args.num_hard_negatives, ad_pool, args.seed),
+        collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
     if len(rows) < args.per_device_train_batch_size * accelerator.num_processes:
@@ -291,7 +413,7 @@ def main(argv=None):
                 vectors, random_states = embed_without_graph(model, batch["inputs"], args.grad_cache_chunk_size)
             else:
                 vectors = model(**batch["inputs"])  # queries, positives, then the hard negatives
-            loss, accuracy = teacher_loss(vectors, batch, args)
+            loss, logs = teacher_loss(vectors, batch, args)
             check_finite_loss(loss, loop.step)
             if args.grad_cache_chunk_size:
                 loss.backward()  # d loss / d vector, into vectors.grad (no parameter is touched)
@@ -305,7 +427,7 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        loop.end_of_batch(loss=loss, accuracy=accuracy, lr=scheduler.get_last_lr()[0])
+        loop.end_of_batch(loss=loss, **logs, lr=scheduler.get_last_lr()[0])
 
     results = {f"train_{key}": value for key, value in loop.last_logs.items() if key != "step"}
     results.update(loop.speed())

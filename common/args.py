@@ -180,6 +180,35 @@ def add_context_args(group, where="the query file"):
     )
 
 
+def add_graph_args(group, nodes):
+    """The graph regulariser's flags (one set for phases 1 and 3); `nodes` says which ids the graph names."""
+    group.add_argument(
+        "--ad_graph_file",
+        default=None,
+        help=f"Graph metadata over ads (node id, neighbour id, optional weight; ids are {nodes}): each query's "
+        "clicked ad's neighbours become extra targets of the query, weighted (the graph regulariser, after "
+        "RAMEN). Training only: the saved model is an ordinary encoder.",
+    )
+    group.add_argument("--graph_node_column", default="node_id")
+    group.add_argument("--graph_neighbor_column", default="neighbor_id")
+    group.add_argument("--graph_weight_column", default="weight", help="Optional column; absent: every edge weighs 1.")
+    group.add_argument(
+        "--graph_neighbours", type=positive_int, default=4, help="Neighbours drawn per query at each step."
+    )
+    group.add_argument(
+        "--graph_weight",
+        type=non_negative_float,
+        default=0.1,
+        help="Weight of the graph term in the loss; 0 keeps only its mask (a drawn neighbour is never a negative).",
+    )
+    group.add_argument(
+        "--graph_sampling",
+        choices=["weighted", "uniform"],
+        default="weighted",
+        help="Draw neighbours in proportion to the edge weights, or uniformly (without replacement either way).",
+    )
+
+
 def add_stream_filter_args(group):
     """Filters applied on the fly to a streamed query file (--streaming), by encode.py and distill_student.py
     alike: a chunked store records them, and phase 2 refuses a store built with others."""

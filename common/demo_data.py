@@ -236,8 +236,8 @@ def generate(
     general_text_share=0.0,
     seed=13,
 ):
-    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels. Every query row also has a
-    teacher-only `context` (drawn from a generator of its own, so the other columns do not depend on it)."""
+    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels, ad_graph. Every query row also
+    has a teacher-only `context` (drawn from a generator of its own, so the other columns do not depend on it)."""
     rng = random.Random(seed)
     context_rng = random.Random(seed + 1)
     brands = _brands(rng, 40)
@@ -313,7 +313,30 @@ def generate(
         text, product, intent, _ = draw_query()
         if text not in seen:
             unlabeled.append({"query": text, "context": _context(context_rng, product, intent)})
-    return {"ads": ads, "train": train, "queries": unlabeled, "test_queries": test, "qrels": qrels}
+    return {
+        "ads": ads,
+        "train": train,
+        "queries": unlabeled,
+        "test_queries": test,
+        "qrels": qrels,
+        "ad_graph": ad_graph(ads),
+    }
+
+
+def ad_graph(ads):
+    """Graph metadata over the ads, as an advertiser's account gives it: ads of one ad group are linked with
+    weight 2, ads of one advertiser for the same product (another intent) with weight 1. Both directions, no
+    self-loop; made from the ads' metadata only, never from the queries or judgments."""
+    by_brand_product = {}
+    for ad in ads:
+        by_brand_product.setdefault((ad["advertiser"], ad["product"]), []).append(ad)
+    edges = []
+    for ad in ads:
+        for other in by_brand_product[(ad["advertiser"], ad["product"])]:
+            if other["id"] != ad["id"]:
+                weight = 2 if other["group"] == ad["group"] else 1
+                edges.append({"node_id": ad["id"], "neighbor_id": other["id"], "weight": weight})
+    return edges
 
 
 def _write_jsonl(path, rows):
@@ -329,6 +352,7 @@ DEMO_FILES = {
     "queries": "queries.jsonl",
     "test_queries": "test_queries.jsonl",
     "qrels": "qrels.tsv",
+    "ad_graph": "ad_graph.tsv",
 }
 
 
@@ -345,11 +369,16 @@ def write_demo_data(data_dir, **generate_kwargs):
         for row in data["qrels"]:
             handle.write(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n")
     os.replace(tmp, paths["qrels"])
+    tmp = paths["ad_graph"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write("node_id\tneighbor_id\tweight\n")
+        handle.writelines(f"{e['node_id']}\t{e['neighbor_id']}\t{e['weight']}\n" for e in data["ad_graph"])
+    os.replace(tmp, paths["ad_graph"])
     return paths
 
 
 # Raised when the files gain a column; older files are rewritten (the rows they had stay the same).
-DEMO_DATA_VERSION = "2"  # 2: teacher-only `context` on every query row
+DEMO_DATA_VERSION = "3"  # 2: teacher-only `context` on every query row; 3: ad_graph.tsv
 
 
 def ensure_demo_data(data_dir):

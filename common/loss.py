@@ -58,6 +58,7 @@ def contrastive_loss(
     false_negative_margin=0.1,
     query_query=False,
     ad_ad=False,
+    not_negative_keys=None,
     gather=True,
 ):
     """InfoNCE of each local query against its positive, with every other candidate as a negative.
@@ -68,7 +69,9 @@ def contrastive_loss(
     Qwen3-Embedding / GTE formulation). Keys (int64 per row, e.g. hashed ad ids or texts) mark
     duplicates: a candidate with the key of the query's positive is never a negative. With
     `positive_groups` (int64 per row, e.g. hashed ad-group ids), another positive of the same group is
-    not a negative either. With `false_negative_margin` m, a negative scoring above s(q, p) + m is
+    not a negative either. `not_negative_keys` (B, K) int64, e.g. the keys of the graph neighbours of each
+    query's positive: a candidate with one of these keys is not a negative of that query (pad a row with its
+    positive's key). With `false_negative_margin` m, a negative scoring above s(q, p) + m is
     dropped as a likely false negative. Returns (loss, accuracy of the positive being ranked first).
     """
     batch = queries.shape[0]
@@ -100,6 +103,9 @@ def contrastive_loss(
     if positive_groups is not None:
         same_group = keys_fn(positive_groups).unsqueeze(0) == positive_groups.unsqueeze(1)
         mask[:, : same_group.shape[1]] |= same_group & ~is_label[:, : same_group.shape[1]]
+    if not_negative_keys is not None:
+        related = (candidate_keys[None, :, None] == not_negative_keys[:, None, :]).any(dim=2)
+        mask |= related & ~is_label
     blocks, masks = [scores], [mask]
     if query_query:
         all_queries = gather_fn(queries)
@@ -116,6 +122,8 @@ def contrastive_loss(
         ad_mask = (all_positive_keys.unsqueeze(0) == positive_keys.unsqueeze(1)) | is_label[:, : block.shape[1]]
         if same_group is not None:
             ad_mask |= same_group
+        if not_negative_keys is not None:
+            ad_mask |= (all_positive_keys[None, :, None] == not_negative_keys[:, None, :]).any(dim=2)
         blocks.append(block)
         masks.append(ad_mask)
     logits, mask = torch.cat(blocks, dim=1), torch.cat(masks, dim=1)
@@ -127,3 +135,71 @@ def contrastive_loss(
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return loss, accuracy
+
+
+def graph_loss(
+    anchors,
+    neighbours,
+    neighbour_weights,
+    *,
+    temperature,
+    anchor_keys,
+    neighbour_keys,
+    candidates=None,
+    candidate_keys=None,
+    gather=True,
+):
+    """The graph regulariser: each anchor's graph neighbours as extra targets (after RAMEN, arXiv 2402.18434).
+
+    anchors (B, D): local rows, e.g. the queries, or their clicked ads. neighbours (B*K, D): K drawn graph
+    neighbours per anchor (rows i*K .. i*K+K-1 are anchor i's), with neighbour_weights (B*K,) >= 0 (the edge
+    weights; 0 marks padding). For every pair (anchor i, neighbour k) of weight > 0, a cross-entropy picks the
+    neighbour among the candidates: the neighbours of all processes and the gathered `candidates` (e.g. the
+    main loss's positives and negatives). Not negatives for anchor i: padding, any candidate with the key of
+    `anchor_keys[i]` (the anchor's clicked ad, or the anchor itself) or of one of its own neighbours. Within an
+    anchor the pairs weigh w_k / sum_k w_k, so every anchor with a neighbour counts once.
+
+    Returns the weighted sum over every process's pairs divided by the number of anchors with a neighbour over
+    all processes, times the number of processes: averaged over the processes (what DDP does to gradients and
+    the training loop to logged values), it is exactly the one-process loss of the whole batch, however the
+    anchors with neighbours fall across processes. Every process must call it (it gathers).
+    """
+    batch = anchors.shape[0]
+    count = neighbours.shape[0] // batch
+    gather_fn = gather_with_grad if gather else (lambda tensor: tensor)
+    keys_fn = gather_no_grad if gather else (lambda tensor: tensor)
+    world = dist.get_world_size() if gather and distributed() else 1
+    offset = dist.get_rank() * batch * count if world > 1 else 0
+
+    weights = neighbour_weights.float().view(batch, count)
+    totals = weights.sum(dim=1, keepdim=True)
+    weights = torch.where(totals > 0, weights / totals.clamp_min(1e-30), torch.zeros_like(weights)).flatten()
+    anchors_with_neighbours = (totals > 0).sum().float()
+    if world > 1:
+        dist.all_reduce(anchors_with_neighbours)
+    if anchors_with_neighbours.item() == 0:  # the same answer on every process: none gathers
+        return anchors.sum() * 0.0
+
+    all_neighbours = gather_fn(neighbours)
+    all_keys = keys_fn(neighbour_keys)
+    is_padding = keys_fn(neighbour_weights.float()) <= 0
+    blocks, key_blocks = [all_neighbours], [all_keys]
+    if candidates is not None and candidates.numel():
+        blocks.append(gather_fn(candidates))
+        key_blocks.append(keys_fn(candidate_keys))
+        is_padding = torch.cat(
+            [is_padding, torch.zeros(blocks[-1].shape[0], dtype=torch.bool, device=is_padding.device)]
+        )
+    columns, column_keys = torch.cat(blocks), torch.cat(key_blocks)
+
+    own_keys = torch.cat([anchor_keys.view(batch, 1), neighbour_keys.view(batch, count)], dim=1)  # (B, 1+K)
+    mask = (column_keys[None, :, None] == own_keys[:, None, :]).any(dim=2) | is_padding[None, :]  # (B, C)
+    pairs = torch.nonzero(weights > 0).squeeze(1)  # this process's (anchor, neighbour) pairs
+    pair_anchor = torch.div(pairs, count, rounding_mode="floor")
+    targets = offset + pairs
+    scores = anchors[pair_anchor] @ columns.T  # (P, C)
+    pair_mask = mask[pair_anchor]
+    pair_mask[torch.arange(len(pairs), device=pairs.device), targets] = False
+    logits = (scores / temperature).float().masked_fill(pair_mask, float("-inf"))
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    return (weights[pairs] * losses).sum() * world / anchors_with_neighbours

@@ -252,10 +252,14 @@ class EmbeddingStore:
                 result.append((folder, int(self.offsets[part])))
         return result
 
+    def find_rows(self, ids):
+        """Row numbers of the given ids; -1 for an id not in the store."""
+        return self._lookup("id", [str(item_id) for item_id in ids])
+
     def rows(self, ids):
         """Row numbers of the given ids; an unknown id is an error naming it."""
         ids = [str(item_id) for item_id in ids]
-        rows = self._lookup("id", ids)
+        rows = self.find_rows(ids)
         if (rows < 0).any():
             missing = ids[int(np.flatnonzero(rows < 0)[0])]
             raise UserError(

@@ -45,6 +45,10 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 
 def script_args(name, data, model, stores):
+    if name.endswith("+graph"):  # the graph regulariser over the demo's ad graph (38.5% of the clicks reach it)
+        graph = ["--ad_graph_file", data["ad_graph"], "--graph_weight", "0.5"]
+        graph += ["--corpus_file", data["ads"]] if name == "train_teacher+graph" else []
+        return script_args(name.removesuffix("+graph"), data, model, stores) + graph
     common = [
         "--max_train_steps", str(STEPS), "--num_warmup_steps", str(WARMUP), "--learning_rate", "1e-3",
         "--logging_steps", "1", "--checkpointing_steps", "4",
@@ -75,6 +79,7 @@ MAINS = {
     "distill_student": distill_student.main,
     "refine_contrastive": refine_contrastive.main,
 }
+CASES = [*MAINS, "train_teacher+graph", "refine_contrastive+graph"]
 
 
 DDP = ["--multi_gpu", "--num_processes", "2"]
@@ -137,9 +142,10 @@ def expected_learning_rates():
     return rates  # 2.5e-4, 5e-4, 7.5e-4, 1e-3, 8.3e-4, ..., 0
 
 
-@pytest.mark.parametrize("name", list(MAINS))
-def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data, tiny_bert_no_dropout, tmp_path):
-    args = script_args(name, small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_equal_one_and_resume_to_the_same_weights(case, small_data, tiny_bert_no_dropout, tmp_path):
+    args = script_args(case, small_data, tiny_bert_no_dropout, str(tmp_path / "stores"))
+    name = case.removesuffix("+graph")
     one, two, resumed = (str(tmp_path / run) for run in ("one", "two", "resumed"))
     MAINS[name]([*args, "--per_device_train_batch_size", str(GLOBAL_BATCH), "--output_dir", one])
     half = ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
@@ -153,6 +159,9 @@ def test_two_processes_equal_one_and_resume_to_the_same_weights(name, small_data
     # ~1e-6 and an L2 loss of ~2e-4 by up to 2 x ||s - t|| x ||ds|| ~ 1e-7 absolute (6.7e-8 seen: 3e-4 relative),
     # so a relative tolerance alone fails at random; the absolute floor is ten times that bound.
     np.testing.assert_allclose(history(two, loss_key), history(one, loss_key), rtol=1e-4, atol=1e-6)
+    if case.endswith("+graph"):  # the graph term itself, reduced over both processes as on one
+        assert min(history(one, "graph_loss")) > 0
+        np.testing.assert_allclose(history(two, "graph_loss"), history(one, "graph_loss"), rtol=1e-4, atol=1e-6)
     # The same weights.
     assert_same_weights(two, one, atol=2e-5)
     # Every rank's files are inside each checkpoint before it is renamed into place; no partial is left.
@@ -389,9 +398,9 @@ calls, real_loss, real_check = [0], train_teacher.teacher_loss, train_teacher.cl
 
 
 def teacher_loss(vectors, batch, args):
-    loss, accuracy = real_loss(vectors, batch, args)
+    loss, logs = real_loss(vectors, batch, args)
     calls[0] += 1
-    return (NanGradient.apply(loss) if calls[0] == {nan_step} else loss), accuracy
+    return (NanGradient.apply(loss) if calls[0] == {nan_step} else loss), logs
 
 
 def clip_and_check_gradients(accelerator, model, args, step):
