@@ -250,3 +250,26 @@ def test_teacher_with_the_demo_ad_graph(small_data, tiny_bert, tmp_path, caplog)
     with pytest.raises(UserError, match=r"two_texts.jsonl row 0: ad id 'ad00001' has another text than in .*ads.jsonl"):
         train_teacher.main([*args, "--train_file", jsonl("two_texts.jsonl", rows), "--corpus_file", small_data["ads"],
                             "--output_dir", str(tmp_path / "z")])  # fmt: skip
+
+
+def test_the_graph_study_table_pairs_each_variant_with_the_run_without_the_graph_of_its_seed(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import graph_study
+
+    def row(variant, seed, ndcg, top10):
+        return {"dataset": "cisi", "phase": "refine", "graph": variant, "seed": seed, "train_s": 10.0, "steps": 5,
+                "ndcg@10": ndcg, "recall@100": [1.0, 1.0], "top10": top10}  # fmt: skip
+
+    path = str(tmp_path / "rows.jsonl")
+    ten, other = [list("abcdefghij")], [list("abcdeFGHIJ")]
+    graph_study.save_rows(path, [row(False, 0, [0.4, 0.6], ten), row(True, 0, [0.6, 0.6], other)])
+    graph_study.save_rows(path, [row("none", 1, [0.5, 0.5], ten), row("graph", 1, [0.5, 0.5], ten)])
+    rows = graph_study.read_rows(path)
+    assert sorted(r["graph"] for r in rows) == ["graph", "graph", "none", "none"]  # the first rows said true/false
+    table = graph_study.render_table(rows, samples=200)
+    assert "| none | 2 | 0.5000 (0.0000) | 1.0000 (0.0000) | 10 |" in table
+    assert "| graph | 2 | 0.5500 (0.0707) |" in table
+    assert "| graph | 0 | 1.200 [1.000, 1.500] | 1.000 [1.000, 1.000] | 0.500 |" in table  # 0.6 / 0.5; 5 of 10 shared
+    assert "| graph | 1 | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 |" in table
