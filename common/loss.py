@@ -177,8 +177,6 @@ def graph_loss(
     anchors_with_neighbours = (totals > 0).sum().float()
     if world > 1:
         dist.all_reduce(anchors_with_neighbours)
-    if anchors_with_neighbours.item() == 0:  # the same answer on every process: none gathers
-        return anchors.sum() * 0.0
 
     all_neighbours = gather_fn(neighbours)
     all_keys = keys_fn(neighbour_keys)
@@ -187,19 +185,18 @@ def graph_loss(
     if candidates is not None and candidates.numel():
         blocks.append(gather_fn(candidates))
         key_blocks.append(keys_fn(candidate_keys))
-        is_padding = torch.cat(
-            [is_padding, torch.zeros(blocks[-1].shape[0], dtype=torch.bool, device=is_padding.device)]
-        )
+        is_padding = torch.cat([is_padding, is_padding.new_zeros(blocks[-1].shape[0])])
     columns, column_keys = torch.cat(blocks), torch.cat(key_blocks)
 
+    # One row per (anchor, neighbour) slot, padding included: no data-dependent shapes (no sync with the device).
     own_keys = torch.cat([anchor_keys.view(batch, 1), neighbour_keys.view(batch, count)], dim=1)  # (B, 1+K)
     mask = (column_keys[None, :, None] == own_keys[:, None, :]).any(dim=2) | is_padding[None, :]  # (B, C)
-    pairs = torch.nonzero(weights > 0).squeeze(1)  # this process's (anchor, neighbour) pairs
-    pair_anchor = torch.div(pairs, count, rounding_mode="floor")
-    targets = offset + pairs
-    scores = anchors[pair_anchor] @ columns.T  # (P, C)
-    pair_mask = mask[pair_anchor]
-    pair_mask[torch.arange(len(pairs), device=pairs.device), targets] = False
+    slots = torch.arange(batch * count, device=anchors.device)
+    targets = offset + slots
+    pair_mask = mask.repeat_interleave(count, dim=0)
+    pair_mask[slots, targets] = False
+    scores = anchors.repeat_interleave(count, dim=0) @ columns.T  # (B*K, C)
     logits = (scores / temperature).float().masked_fill(pair_mask, float("-inf"))
+    logits = torch.where((weights > 0)[:, None], logits, torch.zeros_like(logits))  # padding: finite, weight 0
     losses = F.cross_entropy(logits, targets, reduction="none")
-    return (weights[pairs] * losses).sum() * world / anchors_with_neighbours
+    return (weights * losses).sum() * world / anchors_with_neighbours.clamp_min(1.0)

@@ -22,6 +22,7 @@ from common.alignment import parse_objectives
 from common.data import read_texts
 from common.encoder import Encoder
 from common.grad_cache import embed_without_graph
+from common.graph import read_graph
 from common.store import build_store, rows_of_lists
 
 DEVICE = torch.device("meta")
@@ -76,6 +77,43 @@ def test_refinement_step_moves_store_reads_to_the_device(encoder, ad_store):
         OnDevice(encoder), batch, random_vectors, refine_contrastive.ad_keys(store, random_rows), args
     )
     assert loss.device == DEVICE and logs["accuracy"].device == DEVICE
+
+
+def test_refinement_step_with_an_ad_graph_moves_store_reads_to_the_device(encoder, ad_store, tmp_path):
+    store = ad_store
+    args = refine_contrastive.parse_args(["--graph_weight", "0.5", "--graph_neighbours", "2"])
+    ids = store.ids_of(np.arange(6))
+    edges = [(ids[0], ids[1]), (ids[0], ids[2]), (ids[0], ids[3]), (ids[1], ids[0])]  # 3 of 4 clicks: no neighbour
+    path = tmp_path / "graph.tsv"
+    path.write_text("node_id\tneighbor_id\n" + "".join(f"{a}\t{b}\n" for a, b in edges))
+    graph = read_graph(str(path), store.find_rows, len(store), columns=("node_id", "neighbor_id", "weight"), what="ad")
+    clicks = [{"query": f"query {i}", "positive": i, "negatives": [i + 1], "group": i} for i in range(4)]
+    collate = refine_contrastive.ClickCollator(encoder, store, 1, args.seed, graph, 2)
+    batch = send_to_device(collate(clicks), DEVICE)
+    random_rows = np.arange(5, 13)
+    loss, logs = refine_contrastive.refinement_loss(
+        OnDevice(encoder),
+        batch,
+        torch.from_numpy(store.read(random_rows)),
+        refine_contrastive.ad_keys(store, random_rows),
+        args,
+    )
+    assert loss.device == DEVICE and logs["graph_loss"].device == DEVICE
+
+
+def test_teacher_step_with_an_ad_graph_stays_on_the_device(encoder, tmp_path):
+    args = train_teacher.parse_args(["--graph_weight", "0.5", "--graph_neighbours", "2"])
+    rows = [{"query": f"query {i}", "teacher_query": f"query {i}", "positive": f"ad {i}", "negatives": [],
+             "group": None, "positive_node": i} for i in range(4)]  # fmt: skip
+    path = tmp_path / "graph.tsv"
+    path.write_text("node_id\tneighbor_id\tweight\n0\t1\t2\n0\t2\t1\n1\t0\t2\n")
+    graph = read_graph(str(path), lambda ids: [int(i) for i in ids], 4, columns=("node_id", "neighbor_id", "weight"),
+                       what="ad")  # fmt: skip
+    collate = train_teacher.PairCollator(encoder, 1, [f"ad {i}" for i in range(8)], args.seed, graph, 2)
+    collate.node_texts = {i: f"ad {i}" for i in range(4)}
+    batch = send_to_device(collate(rows), DEVICE)
+    loss, logs = train_teacher.teacher_loss(OnDevice(encoder)(**batch["inputs"]), batch, args)
+    assert loss.device == DEVICE and logs["graph_loss"].device == DEVICE
 
 
 @pytest.mark.parametrize(
