@@ -111,6 +111,9 @@ CANDIDATES = {
     "normratio": ["--progressive_from", "auto", "--layer_importance", "norm_ratio"],
     "cut": [],
     "cut-lr2e-4": OLD,
+    # The whole 6-layer teacher pruned to K blocks by block influence, one stage with the whole budget: the
+    # default's pruning without its first stage (for 3 blocks this is the default itself).
+    "fromteacher": ["--progressive_from", "6"],
 }
 PROTOCOL_CANDIDATES = {
     "noads": {**CANDIDATES, "cut-kltexts": ["--alignment_loss", "l2+kl", "--kl_ranks", "texts"]},
@@ -124,9 +127,10 @@ def protocol_recipes():
         for blocks in (2, 3):
             for name, flags in PROTOCOL_CANDIDATES[protocol].items():
                 recipes[f"{protocol}-{name}-{blocks}"] = Recipe(blocks, [*flags, *extra], text=text)
-            recipes[f"{protocol}-default-{blocks}+refine"] = Recipe(
-                blocks, [*CANDIDATES["default"], *extra], refine=[], base=f"{protocol}-default-{blocks}", text=text
-            )
+            for name in ("default", "cut"):  # phase 3 on pseudo-clicks (no clicks) after either schedule
+                recipes[f"{protocol}-{name}-{blocks}+refine"] = Recipe(
+                    blocks, [*CANDIDATES[name], *extra], refine=[], base=f"{protocol}-{name}-{blocks}", text=text
+                )
     return recipes
 
 
