@@ -49,7 +49,7 @@ from common.data import (
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
-from common.graph import draw_neighbours, log_graph, read_graph
+from common.graph import draw_neighbours, log_graph, read_graph, read_query_graph
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -181,6 +181,8 @@ def read_clicks(args, store):
     has_groups = has_optional_column(table, args.group_column, "group", args.train_file, "--group_column")
     groups = table[args.group_column] if has_groups else [None] * len(table)
     positive_keys = store.keys_of(np.asarray(positive_rows, dtype=np.int64))
+    if args.query_graph_file:  # the graph names queries by id
+        require_columns(table, [args.query_id_column], source, "--query_id_column (needed by --query_graph_file)")
     clicks = []
     for row, query in enumerate(table[args.query_column]):
         clicks.append(
@@ -191,6 +193,8 @@ def read_clicks(args, store):
                 "group": group_key(optional_key(groups[row]), int(positive_keys[row])),
             }
         )
+        if args.query_graph_file:
+            clicks[-1]["query_id"] = check_id(table[args.query_id_column][row], source, row, args.query_id_column)
     if not clicks:
         raise UserError(f"{args.train_file} has no rows; point --train_file at the clicks.")
     return clicks
@@ -243,13 +247,15 @@ def random_negative_rows(args, num_ads, epoch, batch_in_epoch, accelerator):
 
 class ClickCollator:
     """A batch of clicks: the queries tokenised, their clicked and hard-negative ads as the teacher's vectors
-    read from the ad store (only these rows), with the keys that mask duplicates and same-group ads. With a
-    graph over ads, also `graph_neighbours` neighbours of each clicked ad (store rows, drawn per query)."""
+    read from the ad store (only these rows), with the keys that mask duplicates and same-group ads. With
+    graphs, also `graph_neighbours` extra targets (store rows, drawn per query) from each: `graphs` pairs a
+    Graph whose targets are store rows with the click field naming its node (the clicked ad's row for a graph
+    over ads, the query's node for a graph over queries)."""
 
-    def __init__(self, encoder, ad_store, num_hard_negatives, seed, graph=None, graph_neighbours=0, weighted=True):
+    def __init__(self, encoder, ad_store, num_hard_negatives, seed, graphs=(), graph_neighbours=0, weighted=True):
         self.encoder, self.ad_store = encoder, ad_store
         self.num_hard_negatives, self.seed = num_hard_negatives, seed
-        self.graph, self.graph_neighbours, self.weighted = graph, graph_neighbours, weighted
+        self.graphs, self.graph_neighbours, self.weighted = list(graphs), graph_neighbours, weighted
 
     def __call__(self, rows):
         hard = []
@@ -264,11 +270,15 @@ class ClickCollator:
         batch["hard_negative_vectors"] = torch.from_numpy(self.ad_store.read(hard_rows))
         batch["hard_negative_keys"] = ad_keys(self.ad_store, hard_rows)
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
-        if self.graph is not None:  # padding: the clicked ad itself, at weight 0 (masked in the loss)
+        if self.graphs:  # padding: the clicked ad itself, at weight 0 (masked in the loss)
             query_keys = [text_key(row["query"]) for row in rows]
-            neighbours, weights = draw_neighbours(
-                self.graph, positive_rows, self.graph_neighbours, self.seed, query_keys, self.weighted
-            )
+            draws = [
+                draw_neighbours(graph, [row[field] for row in rows], self.graph_neighbours, self.seed, query_keys,
+                                self.weighted)
+                for graph, field in self.graphs
+            ]  # fmt: skip
+            neighbours = np.concatenate([drawn for drawn, _ in draws], axis=1)
+            weights = np.concatenate([drawn_weights for _, drawn_weights in draws], axis=1)
             neighbours = np.where(neighbours >= 0, neighbours, positive_rows[:, None]).ravel()
             batch["graph_vectors"] = torch.from_numpy(self.ad_store.read(neighbours))
             batch["graph_keys"] = ad_keys(self.ad_store, neighbours)
@@ -278,8 +288,8 @@ class ClickCollator:
 
 def refinement_loss(model, batch, random_vectors, random_keys, args):
     """InfoNCE of one batch: each query against its clicked ad, the hard negatives and the step's random ads;
-    with a graph, plus --graph_weight x the graph term (the clicked ad's neighbours as extra targets of the
-    query, never its negatives). Returns the loss and the values to log.
+    with a graph, plus --graph_weight x the graph term (the clicked ad's neighbours, and the ads the query's
+    neighbours clicked, as extra targets of the query, never its negatives). Returns the loss and the values to log.
 
     The prepared data loader has moved `batch` to the model's device; the random negatives are read from the
     store in host memory during the step, so they are moved here (on a GPU, mixing the two is an error:
@@ -322,6 +332,8 @@ def refinement_loss(model, batch, random_vectors, random_keys, args):
 def main(argv=None):
     args = parse_args(argv)
     check_has_negatives(args, args.num_random_negatives)
+    if args.pseudo_queries and args.query_graph_file:
+        raise UserError("--query_graph_file names the queries of --train_file; pseudo-clicks have none, so drop it.")
     if args.pseudo_queries and args.train_file:
         raise UserError(
             "--pseudo_queries makes the clicks from the corpus; drop --train_file, or drop --pseudo_queries."
@@ -370,13 +382,25 @@ def main(argv=None):
         clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column))
     else:
         clicks = read_clicks(args, ad_store)
-    graph = None
+    graphs, columns = [], (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
     if args.ad_graph_file:  # ad ids -> store rows through the store's own index
-        columns = (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
         graph = read_graph(
             args.ad_graph_file, ad_store.find_rows, len(ad_store), columns=columns, what="an ad of the ad store"
         )
         log_graph(logger, graph, np.array([click["positive"] for click in clicks]), "clicked ad")
+        graphs.append((graph, "positive"))
+    if args.query_graph_file:  # query ids -> the ads their neighbours clicked (store rows)
+        graph, query_nodes = read_query_graph(
+            args.query_graph_file,
+            [click["query_id"] for click in clicks],
+            [click["positive"] for click in clicks],
+            columns=columns,
+            what=f"a query id of {args.train_file}",
+        )
+        for click, node in zip(clicks, query_nodes):
+            click["query_node"] = int(node)
+        log_graph(logger, graph, query_nodes, "query")
+        graphs.append((graph, "query_node"))
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     layers = evenly_spaced_layers(student_files.depth, args.student_num_layers) if args.student_num_layers else None
@@ -399,7 +423,7 @@ def main(argv=None):
         ad_store,
         args.num_hard_negatives,
         args.seed,
-        graph,
+        graphs,
         args.graph_neighbours,
         weighted=args.graph_sampling == "weighted",
     )

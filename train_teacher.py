@@ -55,7 +55,7 @@ from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.grad_cache import backward_through_chunks, embed_without_graph
-from common.graph import CorpusIds, draw_neighbours, log_graph, read_graph
+from common.graph import CorpusIds, draw_neighbours, log_graph, read_graph, read_query_graph
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -159,9 +159,12 @@ def read_pairs(args):
     if args.ad_graph_file:  # the graph names ads by id: the positive's id is needed
         require_columns(table, [args.positive_id_column], source, "--positive_id_column (needed by --ad_graph_file)")
     positive_ids = table[args.positive_id_column] if args.ad_graph_file else [None] * len(table)
+    if args.query_graph_file:  # the graph names queries by id
+        require_columns(table, [args.query_id_column], source, "--query_id_column (needed by --query_graph_file)")
+    query_ids = table[args.query_id_column] if args.query_graph_file else [None] * len(table)
     rows = []
-    for row, (query, positive, row_negatives, group, context, positive_id) in enumerate(
-        zip(table[args.query_column], table[args.positive_column], negatives, groups, contexts, positive_ids)
+    for row, (query, positive, row_negatives, group, context, positive_id, query_id) in enumerate(
+        zip(table[args.query_column], table[args.positive_column], negatives, groups, contexts, positive_ids, query_ids)
     ):
         query = check_text(query, args.train_file, row, args.query_column)
         context = check_context(context, args.train_file, row, args.query_context_column)
@@ -176,6 +179,8 @@ def read_pairs(args):
         )
         if args.ad_graph_file:
             rows[-1]["positive_id"] = check_id(positive_id, source, row, args.positive_id_column)
+        if args.query_graph_file:
+            rows[-1]["query_id"] = check_id(query_id, source, row, args.query_id_column)
     if not rows:
         raise UserError(f"{args.train_file} has no rows; point --train_file at the training pairs.")
     return rows
@@ -219,6 +224,35 @@ def read_ad_graph(args, rows):
     return graph, node_texts
 
 
+def read_graphs(args, rows):
+    """The graphs of --ad_graph_file and --query_graph_file as (Graph, row field naming its node) pairs whose
+    targets are ad nodes, and {ad node: text}. Without a graph over ads, the ad nodes are the distinct training
+    positives (by text); a graph over queries reaches the ads its neighbour queries were clicked on."""
+    graphs, node_texts = [], {}
+    if args.ad_graph_file:
+        graph, node_texts = read_ad_graph(args, rows)
+        graphs.append((graph, "positive_node"))
+    else:
+        node_of = {}
+        for row in rows:
+            row["positive_node"] = node_of.setdefault(row["positive"], len(node_of))
+            node_texts[row["positive_node"]] = row["positive"]
+    if args.query_graph_file:
+        columns = (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
+        graph, query_nodes = read_query_graph(
+            args.query_graph_file,
+            [row["query_id"] for row in rows],
+            [row["positive_node"] for row in rows],
+            columns=columns,
+            what=f"a query id of {args.train_file}",
+        )
+        for row, node in zip(rows, query_nodes):
+            row["query_node"] = int(node)
+        log_graph(logger, graph, query_nodes, "query")
+        graphs.append((graph, "query_node"))
+    return graphs, node_texts
+
+
 def check_one_text(args, row_number, row, node_texts, where):
     """One ad id is one ad text: the row's positive must be the text its id has in `node_texts` (set if new)."""
     if node_texts.setdefault(row["positive_node"], row["positive"]) != row["positive"]:
@@ -229,16 +263,17 @@ def check_one_text(args, row_number, row, node_texts, where):
 
 
 class PairCollator:
-    """Tokenises a batch as one sequence list: queries (query prompt), positives, hard negatives and, with a
-    graph, `graph_neighbours` graph neighbours of each positive (ad prompt).
+    """Tokenises a batch as one sequence list: queries (query prompt), positives, hard negatives and, with
+    graphs, `graph_neighbours` extra targets of each row from each graph (ad prompt): `graphs` pairs a Graph
+    whose targets are ad nodes with the row field naming its node (the positive's, or the query's).
 
     One forward pass per step covers both sides: DDP expects exactly one forward per backward.
     """
 
-    def __init__(self, encoder, num_hard_negatives, ad_pool, seed, graph=None, graph_neighbours=0, weighted=True):
+    def __init__(self, encoder, num_hard_negatives, ad_pool, seed, graphs=(), graph_neighbours=0, weighted=True):
         self.encoder, self.num_hard_negatives, self.ad_pool, self.seed = encoder, num_hard_negatives, ad_pool, seed
-        self.graph, self.graph_neighbours, self.weighted = graph, graph_neighbours, weighted
-        self.node_texts = None  # with a graph: the training ads' texts by node (set by main)
+        self.graphs, self.graph_neighbours, self.weighted = list(graphs), graph_neighbours, weighted
+        self.node_texts = None  # with graphs: the ads' texts by node (set by main)
 
     def __call__(self, rows):
         negatives = []
@@ -252,15 +287,15 @@ class PairCollator:
         positives = [row["positive"] for row in rows]
         queries = [row["teacher_query"] for row in rows]  # with teacher-only context, if any
         neighbours, weights = [], torch.zeros(0)
-        if self.graph is not None:  # padding: the positive itself, at weight 0 (masked in the loss)
-            drawn, drawn_weights = draw_neighbours(
-                self.graph,
-                [row["positive_node"] for row in rows],
-                self.graph_neighbours,
-                self.seed,
-                [text_key(row["query"]) for row in rows],
-                self.weighted,
-            )
+        if self.graphs:  # padding: the positive itself, at weight 0 (masked in the loss)
+            query_keys = [text_key(row["query"]) for row in rows]
+            draws = [
+                draw_neighbours(graph, [row[field] for row in rows], self.graph_neighbours, self.seed, query_keys,
+                                self.weighted)
+                for graph, field in self.graphs
+            ]  # fmt: skip
+            drawn = np.concatenate([nodes for nodes, _ in draws], axis=1)
+            drawn_weights = np.concatenate([weights for _, weights in draws], axis=1)
             for row, nodes in zip(rows, drawn):
                 neighbours += [self.node_texts[node] if node >= 0 else row["positive"] for node in nodes]
             weights = torch.from_numpy(drawn_weights.ravel())
@@ -271,7 +306,7 @@ class PairCollator:
             "negative_keys": torch.tensor([text_key(text) for text in negatives], dtype=torch.long),
             "positive_groups": torch.tensor([text_key(row["group"] or row["positive"]) for row in rows]),
         }
-        if self.graph is not None:
+        if self.graphs:
             batch["graph_keys"] = torch.tensor([text_key(text) for text in neighbours], dtype=torch.long)
             batch["graph_weights"] = weights
         return batch
@@ -364,8 +399,8 @@ def main(argv=None):
     ad_pool = sorted({row["positive"] for row in rows})
     # The collator holds the encoder itself (not the DDP-wrapped model prepare returns) for tokenising.
     collate = PairCollator(encoder, args.num_hard_negatives, ad_pool, args.seed)
-    if args.ad_graph_file:
-        collate.graph, collate.node_texts = read_ad_graph(args, rows)
+    if args.ad_graph_file or args.query_graph_file:
+        collate.graphs, collate.node_texts = read_graphs(args, rows)
         collate.graph_neighbours, collate.weighted = args.graph_neighbours, args.graph_sampling == "weighted"
     dataloader = DataLoader(
         rows,

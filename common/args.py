@@ -189,11 +189,27 @@ def add_graph_args(group, nodes):
         "clicked ad's neighbours become extra targets of the query, weighted (the graph regulariser, after "
         "RAMEN). Training only: the saved model is an ordinary encoder.",
     )
+    group.add_argument(
+        "--query_graph_file",
+        default=None,
+        help="Graph metadata over queries (node id, neighbour id, optional weight; ids are --query_id_column's, of "
+        "the training queries): queries of one session, queries that click the same ads. The ads a query's "
+        "neighbours clicked in the training data become its extra targets, weighted (the same term as "
+        "--ad_graph_file; the two may be combined).",
+    )
+    group.add_argument(
+        "--query_id_column",
+        default="query_id",
+        help="Query id column of --train_file; read only with --query_graph_file.",
+    )
     group.add_argument("--graph_node_column", default="node_id")
     group.add_argument("--graph_neighbor_column", default="neighbor_id")
     group.add_argument("--graph_weight_column", default="weight", help="Optional column; absent: every edge weighs 1.")
     group.add_argument(
-        "--graph_neighbours", type=positive_int, default=4, help="Neighbours drawn per query at each step."
+        "--graph_neighbours",
+        type=positive_int,
+        default=4,
+        help="Neighbours drawn per query at each step (from each graph given).",
     )
     group.add_argument(
         "--graph_weight",

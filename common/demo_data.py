@@ -236,8 +236,9 @@ def generate(
     general_text_share=0.0,
     seed=13,
 ):
-    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels, ad_graph. Every query row also
-    has a teacher-only `context` (drawn from a generator of its own, so the other columns do not depend on it)."""
+    """Return dict of lists: ads, train, queries (label-free), test_queries, qrels, ad_graph, query_graph. Every
+    query row also has a teacher-only `context` (drawn from a generator of its own, so the other columns do not
+    depend on it), and every training row a `query_id` (one per distinct query text)."""
     rng = random.Random(seed)
     context_rng = random.Random(seed + 1)
     brands = _brands(rng, 40)
@@ -285,7 +286,7 @@ def generate(
         for ad_id, grade in relevant(product, intent, brand).items():
             qrels.append({"query_id": qid, "doc_id": ad_id, "relevance": grade})
 
-    train = []
+    train, train_cells, query_ids = [], {}, {}
     while len(train) < train_pairs:
         text, product, intent, brand = draw_query()
         if text in seen:
@@ -296,8 +297,11 @@ def generate(
         other_intent = rng.choice([i for i in INTENTS if i != intent])
         other_product = rng.choice([p for p in PRODUCTS if p != product])
         negatives = [rng.choice(cells[(product, other_intent)]), rng.choice(cells[(other_product, intent)])]
+        query_id = query_ids.setdefault(text, f"t{len(query_ids):05d}")
+        train_cells[query_id] = (product, intent)
         train.append(
             {
+                "query_id": query_id,
                 "query": text,
                 "positive": clicked["text"],
                 "positive_id": clicked["id"],
@@ -320,7 +324,28 @@ def generate(
         "test_queries": test,
         "qrels": qrels,
         "ad_graph": ad_graph(ads),
+        "query_graph": session_graph(train_cells, random.Random(seed + 2)),
     }
+
+
+def session_graph(cells, rng, partners=2, same_intent=0.7):
+    """Graph metadata over the training queries, as search sessions give it: each query is linked (weight 1,
+    both directions) to `partners` other training queries a user typed in the same session, of the same
+    product and, with probability `same_intent`, the same intent (otherwise another intent: a session drifts).
+    Made from the generator's hidden product and intent, never from the clicks or judgments. `cells` maps query
+    id -> (product, intent); drawn from a generator of its own, so the other files do not depend on it."""
+    by_cell, by_product = {}, {}
+    for query_id, (product, intent) in cells.items():
+        by_cell.setdefault((product, intent), []).append(query_id)
+        by_product.setdefault(product, []).append(query_id)
+    edges = set()
+    for query_id, (product, intent) in cells.items():
+        for _ in range(partners):
+            pool = by_cell[(product, intent)] if rng.random() < same_intent else by_product[product]
+            other = rng.choice(pool)
+            if other != query_id:
+                edges.update({(query_id, other), (other, query_id)})
+    return [{"node_id": node, "neighbor_id": neighbour, "weight": 1} for node, neighbour in sorted(edges)]
 
 
 def ad_graph(ads):
@@ -353,6 +378,7 @@ DEMO_FILES = {
     "test_queries": "test_queries.jsonl",
     "qrels": "qrels.tsv",
     "ad_graph": "ad_graph.tsv",
+    "query_graph": "query_graph.tsv",
 }
 
 
@@ -369,16 +395,17 @@ def write_demo_data(data_dir, **generate_kwargs):
         for row in data["qrels"]:
             handle.write(f"{row['query_id']}\t{row['doc_id']}\t{row['relevance']}\n")
     os.replace(tmp, paths["qrels"])
-    tmp = paths["ad_graph"] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("node_id\tneighbor_id\tweight\n")
-        handle.writelines(f"{e['node_id']}\t{e['neighbor_id']}\t{e['weight']}\n" for e in data["ad_graph"])
-    os.replace(tmp, paths["ad_graph"])
+    for name in ("ad_graph", "query_graph"):
+        tmp = paths[name] + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write("node_id\tneighbor_id\tweight\n")
+            handle.writelines(f"{e['node_id']}\t{e['neighbor_id']}\t{e['weight']}\n" for e in data[name])
+        os.replace(tmp, paths[name])
     return paths
 
 
 # Raised when the files gain a column; older files are rewritten (the rows they had stay the same).
-DEMO_DATA_VERSION = "3"  # 2: teacher-only `context` on every query row; 3: ad_graph.tsv
+DEMO_DATA_VERSION = "4"  # 2: teacher-only `context` on every query row; 3: ad_graph.tsv; 4: query ids, query_graph.tsv
 
 
 def ensure_demo_data(data_dir):

@@ -1,5 +1,7 @@
-"""Graph metadata over ads (co-clicked ads, ads of one group or advertiser, linked documents) for the graph
-regulariser of phases 1 and 3 (common/loss.py `graph_loss`, after RAMEN, arXiv 2402.18434).
+"""Graph metadata over ads (co-clicked ads, ads of one group or advertiser, linked documents) and over queries
+(queries of one session, queries that click the same ads) for the graph regulariser of phases 1 and 3
+(common/loss.py `graph_loss`, after RAMEN, arXiv 2402.18434). A graph over queries becomes targets through the
+training clicks: a query's extra targets are the ads its neighbours clicked (`read_query_graph`).
 
 A graph file has one edge per row: node id, neighbour id, optional weight (> 0; 1 when the column is absent),
 as .tsv/.csv with a header line, .jsonl or .parquet. Edges are directed as written: give both directions for
@@ -75,7 +77,7 @@ def _rows_of_text_file(path, delimiter):
                 yield line, cells
 
 
-def _records(path, columns):
+def _records(path, columns, flag):
     """(where, {column: value}) per edge, and the columns the file has, for every supported file type."""
     extension = os.path.splitext(path)[1].lower()
     node_column, neighbor_column, _ = columns
@@ -83,7 +85,7 @@ def _records(path, columns):
         rows = _rows_of_text_file(path, "\t" if extension == ".tsv" else ",")
         first = next(rows, None)
         if first is None:
-            raise UserError(f"{path} is empty; point --ad_graph_file at a file with a header line and edges.")
+            raise UserError(f"{path} is empty; point {flag} at a file with a header line and edges.")
         header = [name.strip() for name in first[1]]
         if node_column not in header or neighbor_column not in header:
             missing = [name for name in (node_column, neighbor_column) if name not in header]
@@ -185,7 +187,7 @@ def _check_weight(value, path, where, column):
     return number
 
 
-def read_graph(path, find_nodes, num_nodes, *, columns, what, keep=None, chunk_rows=1 << 20):
+def read_graph(path, find_nodes, num_nodes, *, columns, what, keep=None, chunk_rows=1 << 20, flag="--ad_graph_file"):
     """The Graph of an edge file, every row checked: ids known to `find_nodes` (a list of ids -> node numbers,
     -1 for an unknown id), no self-loop, no edge twice, weights finite and > 0.
 
@@ -195,11 +197,11 @@ def read_graph(path, find_nodes, num_nodes, *, columns, what, keep=None, chunk_r
     large graph costs its CSR arrays (8 + 8 + 4 bytes per edge held, 8 per node), never a table of its ids.
     """
     if not os.path.exists(path):
-        raise UserError(f"Graph file '{path}' does not exist; check --ad_graph_file.")
+        raise UserError(f"Graph file '{path}' does not exist; check {flag}.")
     if os.path.getsize(path) == 0:
-        raise UserError(f"{path} is empty; point --ad_graph_file at a file with a header line and edges.")
+        raise UserError(f"{path} is empty; point {flag} at a file with a header line and edges.")
     node_column, neighbor_column, weight_column = columns
-    records, header = _records(path, columns)
+    records, header = _records(path, columns, flag)
     has_weight = header is not None and weight_column in header
     sources, targets, weights, places = [], [], [], []
 
@@ -238,7 +240,7 @@ def read_graph(path, find_nodes, num_nodes, *, columns, what, keep=None, chunk_r
     if chunk:
         resolve(chunk)
     if not sources:
-        raise UserError(f"{path} has a header but no edge; add edges or drop --ad_graph_file.")
+        raise UserError(f"{path} has a header but no edge; add edges or drop {flag}.")
     sources, targets, weights = np.concatenate(sources), np.concatenate(targets), np.concatenate(weights)
     order = np.lexsort((targets, sources))
     sources, targets, weights = sources[order], targets[order], weights[order]
@@ -320,3 +322,45 @@ class CorpusIds:
             if row in wanted:
                 found[row] = text
         return found
+
+
+def read_query_graph(path, query_ids, clicked, *, columns, what):
+    """A graph over queries (queries of one session, queries that click the same ads) turned into extra targets:
+    query q's targets are the ads its graph neighbours q' were clicked on in the training data, each weighing
+    w(q, q') / (the number of ads q' clicked), summed over the neighbours that clicked it; an ad q itself
+    clicked is left out (it is already q's positive). Returns (that Graph from query nodes to the ads' node
+    numbers, the query node of each training row).
+
+    query_ids: the id of each training row's query; clicked: the node number of each row's clicked ad. The
+    query graph's ids must be ids of training queries (`what` names them in messages); its rows are checked as
+    read_graph checks them.
+    """
+    node_of = {}
+    nodes = (node_of.setdefault(str(query_id), len(node_of)) for query_id in query_ids)
+    query_nodes = np.fromiter(nodes, dtype=np.int64, count=len(query_ids))
+    clicked = np.asarray(clicked, dtype=np.int64)
+    queries = read_graph(path, lambda ids: [node_of.get(str(i), -1) for i in ids], len(node_of), columns=columns,
+                         what=what, flag="--query_graph_file")  # fmt: skip
+    # The distinct ads each query clicked, in CSR form over the query nodes.
+    pairs = np.unique(np.stack([query_nodes, clicked], axis=1), axis=0)
+    click_offsets = np.zeros(len(node_of) + 1, dtype=np.int64)
+    np.add.at(click_offsets, pairs[:, 0] + 1, 1)
+    click_offsets = np.cumsum(click_offsets)
+    click_counts = np.diff(click_offsets)
+    # Every (query, neighbour, ad the neighbour clicked) triple, then summed per (query, ad).
+    sources = np.repeat(np.arange(len(node_of)), np.diff(queries.offsets))
+    per_edge = click_counts[queries.targets]
+    starts = np.repeat(click_offsets[queries.targets], per_edge)
+    within = np.arange(per_edge.sum()) - np.repeat(np.cumsum(per_edge) - per_edge, per_edge)
+    ads = pairs[starts + within, 1]
+    weights = np.repeat(queries.weights.astype(np.float64) / per_edge.clip(min=1), per_edge)
+    sources = np.repeat(sources, per_edge)
+    num_ads = int(clicked.max()) + 1
+    edge_keys = sources * num_ads + ads
+    own_keys = pairs[:, 0] * num_ads + pairs[:, 1]
+    kept = ~np.isin(edge_keys, own_keys)
+    edge_keys, inverse = np.unique(edge_keys[kept], return_inverse=True)
+    summed = np.bincount(inverse, weights=weights[kept], minlength=len(edge_keys)).astype(np.float32)
+    offsets = np.zeros(len(node_of) + 1, dtype=np.int64)
+    np.add.at(offsets, edge_keys // num_ads + 1, 1)
+    return Graph(np.cumsum(offsets), edge_keys % num_ads, summed, path), query_nodes

@@ -1,9 +1,10 @@
-"""The graph regulariser: the term by hand, N processes = 1 process, the graph file's checks, the draws, and the
-flags of phases 1 and 3 on the demo data's ad graph."""
+"""The graph regulariser: the term by hand, N processes = 1 process, the graph file's checks, the draws, a graph
+over queries turned into targets by hand, and the flags of phases 1 and 3 on the demo data's ad and query graphs."""
 
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import run_on_two_gloo_ranks
 import refine_contrastive
 import train_teacher
 from common.errors import UserError
-from common.graph import draw_neighbours, read_graph
+from common.graph import draw_neighbours, read_graph, read_query_graph
 from common.loss import contrastive_loss, graph_loss
 
 NODES = {"a": 0, "b": 1, "c": 2, "7": 3, "92": 4}
@@ -208,6 +209,59 @@ def test_neighbours_are_drawn_by_weight_without_replacement_and_padded(tmp_path)
     assert two[2].tolist() == [-1, -1] and two_weights[2].tolist() == [0.0, 0.0]  # c has none
     again, _ = draw_neighbours(graph, [0, 1, 2], 2, seed=3, keys=[5, 6, 7])
     assert (again == two).all()  # a function of (seed, key) only: any process, any worker, a resumed run
+
+
+def test_a_query_graph_gives_each_query_the_ads_its_neighbours_clicked(tmp_path):
+    # Queries A..E (A twice) clicked ads 0..3; each neighbour's edge weight is split over the ads it clicked.
+    edges = "A\tB\t2\nA\tC\t1\nB\tA\t1\nD\tA\t4\nE\tA\t1\nE\tB\t1\n"
+    path = write(tmp_path, "sessions.tsv", HEADER + edges)
+    graph, query_nodes = read_query_graph(path, ["A", "A", "B", "C", "D", "E"], [0, 1, 1, 2, 3, 3], columns=COLUMNS,
+                                          what="a training query")  # fmt: skip
+    assert query_nodes.tolist() == [0, 0, 1, 2, 3, 4]
+    # A: B clicked only ad 1, which A clicked itself (already its positive); C clicked ad 2 -> (2, 1).
+    # B: A clicked ads 0 and 1 (weight 1 / 2 each); ad 1 is B's own -> (0, 0.5).  C: no edge.
+    # D: A at weight 4 -> ads 0 and 1 at 2 each.  E: A (1) -> 0.5 to each of 0, 1; B (1) -> 1 to ad 1: summed 1.5.
+    assert graph.offsets.tolist() == [0, 1, 2, 2, 4, 6]
+    assert graph.targets.tolist() == [2, 0, 0, 1, 0, 1]
+    assert graph.weights.tolist() == [1.0, 0.5, 2.0, 2.0, 0.5, 1.5]
+    with pytest.raises(UserError, match=r"sessions.tsv line 2, column 'neighbor_id': id 'Z' is not a training query"):
+        read_query_graph(write(tmp_path, "sessions.tsv", HEADER + "A\tZ\t1\n"), ["A"], [0], columns=COLUMNS,
+                         what="a training query")  # fmt: skip
+    with pytest.raises(UserError, match=r"gone.tsv' does not exist; check --query_graph_file"):
+        read_query_graph(str(tmp_path / "gone.tsv"), ["A"], [0], columns=COLUMNS, what="a training query")
+
+
+def test_refinement_with_the_demo_query_graph(small_data, tiny_bert, tmp_path, caplog):
+    caplog.set_level("INFO", logger="harness")
+    args = ["--student_model", tiny_bert, "--teacher_model", tiny_bert, "--train_file", small_data["train"],
+            "--corpus_file", small_data["ads"], "--store_dir", str(tmp_path / "stores"), "--max_train_steps", "2",
+            "--per_device_train_batch_size", "16", "--num_random_negatives", "8", "--logging_steps", "1",
+            "--query_graph_file", small_data["query_graph"]]  # fmt: skip
+    results = refine_contrastive.main([*args, "--output_dir", str(tmp_path / "queries")])
+    assert re.search(r"query_graph.tsv: \d+ edges; \d+ of 96 training rows \([\d.]+%\) have a query with", caplog.text)
+    assert results["train_graph_loss"] > 0 and math.isfinite(results["train_loss"])
+    both = refine_contrastive.main([*args, "--ad_graph_file", small_data["ad_graph"], "--output_dir",
+                                    str(tmp_path / "both")])  # fmt: skip
+    assert both["train_graph_loss"] != results["train_graph_loss"]
+    no_ids = write(tmp_path, "no_ids.jsonl", "".join(json.dumps({"query": f"q {i}", "positive_id": "ad00000"}) + "\n"
+                                                     for i in range(32)))  # fmt: skip
+    with pytest.raises(UserError, match=r"no_ids.jsonl has no column 'query_id'.*--query_id_column \(needed by"):
+        refine_contrastive.main([*args, "--train_file", no_ids, "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(UserError, match=r"--query_graph_file names the queries of --train_file; pseudo-clicks"):
+        refine_contrastive.main([*args, "--pseudo_queries", "first_sentence", "--output_dir", str(tmp_path / "y")])
+    assert not os.path.exists(tmp_path / "x" / "model.safetensors") and not os.path.exists(tmp_path / "y")
+
+
+def test_teacher_with_the_demo_query_graph(small_data, tiny_bert, tmp_path, caplog):
+    caplog.set_level("INFO", logger="harness")
+    args = ["--model_name_or_path", tiny_bert, "--max_train_steps", "2", "--per_device_train_batch_size", "16",
+            "--train_file", small_data["train"], "--query_graph_file", small_data["query_graph"]]  # fmt: skip
+    results = train_teacher.main([*args, "--output_dir", str(tmp_path / "queries")])  # the ads are the positives
+    assert re.search(r"query_graph.tsv: \d+ edges; \d+ of 96 training rows \([\d.]+%\) have a query with", caplog.text)
+    assert results["train_graph_loss"] > 0
+    both = train_teacher.main([*args, "--ad_graph_file", small_data["ad_graph"], "--corpus_file", small_data["ads"],
+                               "--output_dir", str(tmp_path / "both")])  # fmt: skip
+    assert both["train_graph_loss"] > 0 and both["train_graph_loss"] != results["train_graph_loss"]
 
 
 def test_refinement_with_the_demo_ad_graph(small_data, tiny_bert, tmp_path, caplog):

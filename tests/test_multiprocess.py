@@ -45,8 +45,15 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 
 def script_args(name, data, model, stores):
-    if name.endswith("+graph"):  # the graph regulariser over the demo's ad graph (38.5% of the clicks reach it)
-        graph = ["--ad_graph_file", data["ad_graph"], "--graph_weight", "0.5"]
+    if name.endswith("+graph"):  # the graph regulariser over the demo's ad graph and query graph, combined
+        graph = [
+            "--ad_graph_file",
+            data["ad_graph"],
+            "--query_graph_file",
+            data["query_graph"],
+            "--graph_weight",
+            "0.5",
+        ]
         graph += ["--corpus_file", data["ads"]] if name == "train_teacher+graph" else []
         return script_args(name.removesuffix("+graph"), data, model, stores) + graph
     common = [
