@@ -13,11 +13,12 @@ When the student's width differs from the teacher's, a linear head is added and 
 scored against the teacher's ad index as they are (--teacher_dim: against its first N coordinates).
 
 The student is any HF model (--student_model) or K layers of the teacher (--student_num_layers). A student
-cut from the teacher is made progressively by default: min(2K, depth) evenly spaced teacher layers are aligned,
-pruned to the K blocks that turn the hidden state most (1 - cos(input, output) on calibration queries) and
-re-aligned, the two stages together at the compute of one alignment of the K-block student
-(--progressive_from none: the one-shot cut of K evenly spaced layers; --progressive_from P: another start;
-the comparison on real collections is in benchmarks/README.md).
+cut from the teacher is pruned by default to the K blocks that turn the hidden state most (1 - cos(input, output)
+on calibration queries): from the whole teacher when it has at most 3K layers (one stage, then aligned with the
+whole budget), otherwise from 2K evenly spaced layers aligned first and re-aligned after pruning, the two stages
+together at the compute of one alignment of the K-block student (--progressive_from none: the one-shot cut of K
+evenly spaced layers; --progressive_from P: another start; the comparison on real collections is in
+benchmarks/README.md).
 
 With --prune_schedule 14,7,4 any student is pruned step by step instead: at each step the most important
 blocks (--layer_importance norm_ratio for the paper's ||output||/||input||, first_last to keep the ends) are
@@ -186,8 +187,9 @@ def parse_args(argv=None):
         default="auto",
         help="A student cut from the teacher (--student_num_layers K) starts as this many evenly spaced teacher "
         "layers, is aligned, pruned to K blocks and re-aligned, both stages together at the compute of one "
-        "--num_train_epochs run of the K-block student. auto (default): min(2K, the teacher's depth), the "
-        "study's best recipe (4 -> 2 blocks); none: the one-shot cut of K evenly spaced layers.",
+        "--num_train_epochs run of the K-block student. auto (default): the whole teacher when it has at most 3K "
+        "layers (one stage, the whole budget: the study's best recipe for 2 and 3 blocks of 6), else 2K; none: "
+        "the one-shot cut of K evenly spaced layers.",
     )
     # Data
     group = parser.add_argument_group("Data")
@@ -295,10 +297,21 @@ class Stage:
     final: bool
 
 
+def auto_progressive_start(blocks, teacher_depth):
+    """--progressive_from auto: the whole teacher when it is at most 3x the student's depth (it is aligned
+    already, so pruning it to K blocks is one stage with the whole budget: the study's best recipe for 2 and 3
+    blocks of a 6-layer teacher); a deeper teacher: 2K evenly spaced layers aligned, then pruned to K (one-shot
+    pruning by a large factor loses: the paper's 28 -> 4 in one shot gave 50.2 P@100 against 60.4
+    progressively). None for a cut as deep as the teacher (refused elsewhere)."""
+    if teacher_depth <= blocks:
+        return None
+    return teacher_depth if teacher_depth <= 3 * blocks else 2 * blocks
+
+
 def plan_stages(args, teacher_depth):
     """(teacher layers the student is cut to, the stages). One stage without pruning; with --prune_schedule one
     more stage per step, each with the whole budget. A plain cut of K layers (--student_num_layers K alone) is
-    progressive by default: --progressive_from P (auto: P = min(2K, depth)) cuts P layers, aligns them, prunes to
+    progressive by default: --progressive_from P (auto: `auto_progressive_start`) cuts P layers, aligns them, prunes to
     K blocks and re-aligns, each stage given K / (P + K) of the epochs (and of --max_train_steps), so that
     P x share + K x share = K passes-of-a-block: the compute of aligning the K-block student once. A P-layer cut
     that is the whole teacher is already aligned: its one stage (pruning to K) gets the whole budget. Every stage
@@ -308,8 +321,7 @@ def plan_stages(args, teacher_depth):
     plain_cut = not (args.student_model or args.student_layers or args.prune_schedule)
     start = None  # the layers a progressive run starts from; None: not progressive
     if args.progressive_from == "auto":
-        if plain_cut and min(2 * blocks, teacher_depth) > blocks:  # not: a cut as deep as the teacher (refused)
-            start = min(2 * blocks, teacher_depth)
+        start = auto_progressive_start(blocks, teacher_depth) if plain_cut else None
     elif args.progressive_from != "none":
         start = args.progressive_from
         if not plain_cut:

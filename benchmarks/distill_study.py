@@ -99,20 +99,22 @@ BEST = ["--learning_rate", "1e-3", "--alignment_loss", "l2+kl", "--ad_store", "{
 DOCS = "sentences+documents"
 OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before this study
 
-# The candidates of issue 21 in each protocol, by blocks: distill_student.py's default (progressive from
-# min(2K, depth) teacher layers pruned by block influence), the same keeping the first and last blocks or
+# The candidates of issue 21 in each protocol, by blocks: distill_student.py's old default (progressive from
+# min(2K, depth) teacher layers pruned by block influence; pinned, so that its rows keep their meaning after
+# the default changed to `fromteacher` for a teacher of at most 3K layers), the same keeping the first and last blocks or
 # ranking blocks by norm ratio, the one-shot cut of K evenly spaced layers at the default learning rate and
 # at the old 2e-4.
 # Without ads, also the one-shot cut with the kl objective over the teacher's vectors of the label-free texts
 # (--kl_ranks texts: 1024 of them drawn per step), the label-free stand-in for ranking the ads.
 CANDIDATES = {
-    "default": ["--progressive_from", "auto"],
-    "firstlast": ["--progressive_from", "auto", "--layer_importance", "first_last"],
-    "normratio": ["--progressive_from", "auto", "--layer_importance", "norm_ratio"],
+    "default": ["--progressive_from", "{old_auto}"],
+    "firstlast": ["--progressive_from", "{old_auto}", "--layer_importance", "first_last"],
+    "normratio": ["--progressive_from", "{old_auto}", "--layer_importance", "norm_ratio"],
     "cut": [],
     "cut-lr2e-4": OLD,
     # The whole 6-layer teacher pruned to K blocks by block influence, one stage with the whole budget: the
-    # default's pruning without its first stage (for 3 blocks this is the default itself).
+    # old default's pruning without its first stage (for 3 blocks this is the old default itself); the
+    # default of distill_student.py since this study.
     "fromteacher": ["--progressive_from", "6"],
 }
 PROTOCOL_CANDIDATES = {
@@ -125,11 +127,19 @@ def protocol_recipes():
     recipes = {}
     for protocol, extra, text in (("noads", [], "sentences"), ("ads", ["--ad_store", "{document_store}"], DOCS)):
         for blocks in (2, 3):
+
+            def pinned(flags):  # the old `auto` of the 6-layer teacher: min(2K, depth)
+                return [str(min(2 * blocks, 6)) if flag == "{old_auto}" else flag for flag in flags]
+
             for name, flags in PROTOCOL_CANDIDATES[protocol].items():
-                recipes[f"{protocol}-{name}-{blocks}"] = Recipe(blocks, [*flags, *extra], text=text)
-            for name in ("default", "cut"):  # phase 3 on pseudo-clicks (no clicks) after either schedule
+                recipes[f"{protocol}-{name}-{blocks}"] = Recipe(blocks, [*pinned(flags), *extra], text=text)
+            for name in ("default", "cut", "fromteacher"):  # phase 3 on pseudo-clicks (no clicks) after a schedule
                 recipes[f"{protocol}-{name}-{blocks}+refine"] = Recipe(
-                    blocks, [*CANDIDATES[name], *extra], refine=[], base=f"{protocol}-{name}-{blocks}", text=text
+                    blocks,
+                    [*pinned(CANDIDATES[name]), *extra],
+                    refine=[],
+                    base=f"{protocol}-{name}-{blocks}",
+                    text=text,
                 )
     return recipes
 

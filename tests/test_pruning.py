@@ -111,11 +111,16 @@ def test_first_last_keeps_the_ends_then_ranks_by_block_influence(tmp_path):
     assert prune_layers(encoder, scores, 3) == sorted([0, middle, 3])
 
 
+def test_auto_starts_from_the_whole_teacher_up_to_3x_the_student_and_from_2k_layers_beyond():
+    assert [distill_student.auto_progressive_start(k, depth) for k, depth in
+            ((2, 6), (3, 6), (2, 4), (4, 12), (4, 13), (4, 36), (6, 6), (7, 6))] == [6, 6, 4, 12, 8, 8, None, None]  # fmt: skip
+
+
 def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_run(small_data, tmp_path):
     """--student_num_layers 2 --progressive_from 4 = a 4-layer cut pruned to 2, each stage 2/(4+2) of the budget:
-    the same student as the explicit schedule given that share by hand. It is the default for a cut of 2 layers
-    from 6 (auto: min(2K, depth)); a cut of 3 starts from the whole teacher (one stage, the whole budget); none is
-    the one-shot cut of evenly spaced layers."""
+    the same student as the explicit schedule given that share by hand. The default for a cut of 2 (or 3) layers
+    from 6 (auto: the whole teacher, at most 3K layers) prunes the teacher at once: one stage, the whole budget,
+    the same student as --progressive_from 6; none is the one-shot cut of evenly spaced layers."""
     from conftest import make_tiny_bert
 
     from common.errors import UserError
@@ -125,20 +130,29 @@ def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_r
               "--calibration_queries", "16"]  # fmt: skip
     planned = distill_student.main([*common, "--student_num_layers", "2", "--progressive_from", "4",
                                     "--max_train_steps", "6", "--output_dir", str(tmp_path / "planned")])  # fmt: skip
-    by_default = distill_student.main([*common, "--student_num_layers", "2", "--max_train_steps", "6",
-                                       "--output_dir", str(tmp_path / "default")])  # fmt: skip
     by_hand = distill_student.main([*common, "--student_num_layers", "4", "--prune_schedule", "2",
                                     "--max_train_steps", "2", "--output_dir", str(tmp_path / "by-hand")])  # fmt: skip
-    assert planned["steps"] == by_default["steps"] == by_hand["steps"] == 2  # 6 x 2 / (4 + 2) per stage
+    assert planned["steps"] == by_hand["steps"] == 2  # 6 x 2 / (4 + 2) per stage
     stage0 = Encoder.from_pretrained(str(tmp_path / "planned" / "stages" / "stage0"))
     assert stage0.config.extra["teacher_layers"] == [0, 2, 3, 5]
     student = Encoder.from_pretrained(str(tmp_path / "planned"))
     assert student.backbone.config.num_hidden_layers == 2
     assert set(student.config.extra["teacher_layers"]) < {0, 2, 3, 5}
-    for other in ("by-hand", "default"):
-        np.testing.assert_allclose(
-            student.encode(QUERIES, "query"), Encoder.from_pretrained(str(tmp_path / other)).encode(QUERIES, "query")
-        )
+    np.testing.assert_allclose(
+        student.encode(QUERIES, "query"), Encoder.from_pretrained(str(tmp_path / "by-hand")).encode(QUERIES, "query")
+    )
+
+    by_default = distill_student.main([*common, "--student_num_layers", "2", "--max_train_steps", "6",
+                                       "--output_dir", str(tmp_path / "default")])  # fmt: skip
+    from_six = distill_student.main([*common, "--student_num_layers", "2", "--progressive_from", "6",
+                                     "--max_train_steps", "6", "--output_dir", str(tmp_path / "from-six")])  # fmt: skip
+    assert by_default["steps"] == from_six["steps"] == 6 and not (tmp_path / "default" / "stages").exists()
+    default_student = Encoder.from_pretrained(str(tmp_path / "default"))
+    assert len(default_student.config.extra["teacher_layers"]) == 2
+    np.testing.assert_allclose(
+        default_student.encode(QUERIES, "query"),
+        Encoder.from_pretrained(str(tmp_path / "from-six")).encode(QUERIES, "query"),
+    )
 
     whole = distill_student.main([*common, "--student_num_layers", "3", "--max_train_steps", "4",
                                   "--output_dir", str(tmp_path / "three")])  # fmt: skip
