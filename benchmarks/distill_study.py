@@ -101,7 +101,8 @@ OLD = ["--learning_rate", "2e-4"]  # distill_student.py's learning rate before t
 
 # The candidates of issue 21 in each protocol, by blocks: distill_student.py's old default (progressive from
 # min(2K, depth) teacher layers pruned by block influence; pinned, so that its rows keep their meaning after
-# the default changed to `fromteacher` for a teacher of at most 3K layers), the same keeping the first and last blocks or
+# the default changed to `fromteacher` for a teacher of at most 3K layers), the same keeping the first and
+# last blocks or
 # ranking blocks by norm ratio, the one-shot cut of K evenly spaced layers at the default learning rate and
 # at the old 2e-4.
 # Without ads, also the one-shot cut with the kl objective over the teacher's vectors of the label-free texts
@@ -128,7 +129,7 @@ def protocol_recipes():
     for protocol, extra, text in (("noads", [], "sentences"), ("ads", ["--ad_store", "{document_store}"], DOCS)):
         for blocks in (2, 3):
 
-            def pinned(flags):  # the old `auto` of the 6-layer teacher: min(2K, depth)
+            def pinned(flags, blocks=blocks):  # the old `auto` of the 6-layer teacher: min(2K, depth)
                 return [str(min(2 * blocks, 6)) if flag == "{old_auto}" else flag for flag in flags]
 
             for name, flags in PROTOCOL_CANDIDATES[protocol].items():

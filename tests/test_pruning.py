@@ -112,8 +112,9 @@ def test_first_last_keeps_the_ends_then_ranks_by_block_influence(tmp_path):
 
 
 def test_auto_starts_from_the_whole_teacher_up_to_3x_the_student_and_from_2k_layers_beyond():
-    assert [distill_student.auto_progressive_start(k, depth) for k, depth in
-            ((2, 6), (3, 6), (2, 4), (4, 12), (4, 13), (4, 36), (6, 6), (7, 6))] == [6, 6, 4, 12, 8, 8, None, None]  # fmt: skip
+    cases = ((2, 6), (3, 6), (2, 4), (4, 12), (4, 13), (4, 36), (6, 6), (7, 6))
+    starts = [distill_student.auto_progressive_start(blocks, depth) for blocks, depth in cases]
+    assert starts == [6, 6, 4, 12, 8, 8, None, None]
 
 
 def test_progressive_from_is_the_explicit_schedule_at_the_compute_of_one_small_run(small_data, tmp_path):
