@@ -235,7 +235,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(small_data, tiny_ber
 def test_a_progressive_distillation_on_two_processes_equals_one_and_resumes(small_data, tmp_path):
     """A two-stage progressive distillation (--progressive_from 4 of a 6-layer teacher; the default for a teacher
     deeper than 3K layers): 4 layers aligned, pruned to 2 blocks, re-aligned. 2 processes end with 1 process's
-    weights (every process ranks the blocks on the same queries), and a run SIGKILLed inside the first stage resumes through both stages to the uninterrupted run's weights."""
+    weights (every process ranks the blocks on the same queries), and a run SIGKILLed inside the first stage
+    resumes through both stages to the uninterrupted run's weights."""
     teacher = make_tiny_bert(tmp_path / "teacher6", layers=6, dropout=0.0)
     args = script_args("distill_student", small_data, teacher, str(tmp_path / "stores"))
     args[args.index("--student_num_layers") + 1] = "2"
