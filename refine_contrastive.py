@@ -49,7 +49,7 @@ from common.data import (
 from common.demo_data import DEMO_ROOT, demo_paths
 from common.encoder import EncoderSpec, check_student_of
 from common.errors import UserError, run_cli
-from common.graph import draw_neighbours, log_graph, read_graph, read_query_graph
+from common.graph import draw_from_graphs, log_graph, read_graph, read_query_graph_of_rows
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -272,13 +272,9 @@ class ClickCollator:
         batch["positive_groups"] = torch.tensor([row["group"] for row in rows])
         if self.graphs:  # padding: the clicked ad itself, at weight 0 (masked in the loss)
             query_keys = [text_key(row["query"]) for row in rows]
-            draws = [
-                draw_neighbours(graph, [row[field] for row in rows], self.graph_neighbours, self.seed, query_keys,
-                                self.weighted)
-                for graph, field in self.graphs
-            ]  # fmt: skip
-            neighbours = np.concatenate([drawn for drawn, _ in draws], axis=1)
-            weights = np.concatenate([drawn_weights for _, drawn_weights in draws], axis=1)
+            neighbours, weights = draw_from_graphs(
+                self.graphs, rows, self.graph_neighbours, self.seed, query_keys, self.weighted
+            )
             neighbours = np.where(neighbours >= 0, neighbours, positive_rows[:, None]).ravel()
             batch["graph_vectors"] = torch.from_numpy(self.ad_store.read(neighbours))
             batch["graph_keys"] = ad_keys(self.ad_store, neighbours)
@@ -390,17 +386,8 @@ def main(argv=None):
         log_graph(logger, graph, np.array([click["positive"] for click in clicks]), "clicked ad")
         graphs.append((graph, "positive"))
     if args.query_graph_file:  # query ids -> the ads their neighbours clicked (store rows)
-        graph, query_nodes = read_query_graph(
-            args.query_graph_file,
-            [click["query_id"] for click in clicks],
-            [click["positive"] for click in clicks],
-            columns=columns,
-            what=f"a query id of {args.train_file}",
-        )
-        for click, node in zip(clicks, query_nodes):
-            click["query_node"] = int(node)
-        log_graph(logger, graph, query_nodes, "query")
-        graphs.append((graph, "query_node"))
+        graphs.append(read_query_graph_of_rows(args.query_graph_file, clicks, "positive", columns=columns,
+                                               what=f"a query id of {args.train_file}", logger=logger))  # fmt: skip
 
     # fp32 master weights whatever dtype the checkpoint was saved in; bf16 comes from mixed precision.
     layers = evenly_spaced_layers(student_files.depth, args.student_num_layers) if args.student_num_layers else None

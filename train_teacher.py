@@ -55,7 +55,7 @@ from common.demo_data import DEMO_ROOT, demo_base_model, demo_paths
 from common.encoder import Encoder
 from common.errors import UserError, run_cli
 from common.grad_cache import backward_through_chunks, embed_without_graph
-from common.graph import CorpusIds, draw_neighbours, log_graph, read_graph, read_query_graph
+from common.graph import CorpusIds, draw_from_graphs, log_graph, read_graph, read_query_graph_of_rows
 from common.loop import (
     TrainLoop,
     check_finite_loss,
@@ -237,19 +237,10 @@ def read_graphs(args, rows):
         for row in rows:
             row["positive_node"] = node_of.setdefault(row["positive"], len(node_of))
             node_texts[row["positive_node"]] = row["positive"]
-    if args.query_graph_file:
+    if args.query_graph_file:  # query ids -> the ads their neighbours clicked (ad nodes)
         columns = (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)
-        graph, query_nodes = read_query_graph(
-            args.query_graph_file,
-            [row["query_id"] for row in rows],
-            [row["positive_node"] for row in rows],
-            columns=columns,
-            what=f"a query id of {args.train_file}",
-        )
-        for row, node in zip(rows, query_nodes):
-            row["query_node"] = int(node)
-        log_graph(logger, graph, query_nodes, "query")
-        graphs.append((graph, "query_node"))
+        graphs.append(read_query_graph_of_rows(args.query_graph_file, rows, "positive_node", columns=columns,
+                                               what=f"a query id of {args.train_file}", logger=logger))  # fmt: skip
     return graphs, node_texts
 
 
@@ -289,13 +280,9 @@ class PairCollator:
         neighbours, weights = [], torch.zeros(0)
         if self.graphs:  # padding: the positive itself, at weight 0 (masked in the loss)
             query_keys = [text_key(row["query"]) for row in rows]
-            draws = [
-                draw_neighbours(graph, [row[field] for row in rows], self.graph_neighbours, self.seed, query_keys,
-                                self.weighted)
-                for graph, field in self.graphs
-            ]  # fmt: skip
-            drawn = np.concatenate([nodes for nodes, _ in draws], axis=1)
-            drawn_weights = np.concatenate([weights for _, weights in draws], axis=1)
+            drawn, drawn_weights = draw_from_graphs(
+                self.graphs, rows, self.graph_neighbours, self.seed, query_keys, self.weighted
+            )
             for row, nodes in zip(rows, drawn):
                 neighbours += [self.node_texts[node] if node >= 0 else row["positive"] for node in nodes]
             weights = torch.from_numpy(drawn_weights.ravel())

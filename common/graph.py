@@ -269,6 +269,28 @@ def draw_neighbours(graph, nodes, count, seed, keys, weighted=True):
     return drawn, drawn_weights
 
 
+def draw_from_graphs(graphs, rows, count, seed, keys, weighted=True):
+    """`count` targets per row from each (Graph, row field naming the row's node) pair, side by side: nodes and
+    weights of shape (len(rows), count x len(graphs)), drawn as draw_neighbours draws."""
+    draws = [
+        draw_neighbours(graph, [row[field] for row in rows], count, seed, keys, weighted) for graph, field in graphs
+    ]
+    return np.concatenate([nodes for nodes, _ in draws], axis=1), np.concatenate([w for _, w in draws], axis=1)
+
+
+def read_query_graph_of_rows(path, rows, ad_field, *, columns, what, logger):
+    """read_query_graph over training rows (each with a "query_id" and its clicked ad's node in `ad_field`):
+    sets each row's "query_node", logs the coverage, and returns the (Graph, "query_node") pair the collators
+    draw from."""
+    graph, query_nodes = read_query_graph(
+        path, [row["query_id"] for row in rows], [row[ad_field] for row in rows], columns=columns, what=what
+    )
+    for row, node in zip(rows, query_nodes):
+        row["query_node"] = int(node)
+    log_graph(logger, graph, query_nodes, "query")
+    return graph, "query_node"
+
+
 def log_graph(logger, graph, anchor_nodes, what):
     """How much of the training data the graph reaches (a graph that reaches nothing is an error)."""
     degrees = graph.degree(anchor_nodes)

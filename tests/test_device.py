@@ -88,7 +88,7 @@ def test_refinement_step_with_an_ad_graph_moves_store_reads_to_the_device(encode
     path.write_text("node_id\tneighbor_id\n" + "".join(f"{a}\t{b}\n" for a, b in edges))
     graph = read_graph(str(path), store.find_rows, len(store), columns=("node_id", "neighbor_id", "weight"), what="ad")
     clicks = [{"query": f"query {i}", "positive": i, "negatives": [i + 1], "group": i} for i in range(4)]
-    collate = refine_contrastive.ClickCollator(encoder, store, 1, args.seed, graph, 2)
+    collate = refine_contrastive.ClickCollator(encoder, store, 1, args.seed, [(graph, "positive")], 2)
     batch = send_to_device(collate(clicks), DEVICE)
     random_rows = np.arange(5, 13)
     loss, logs = refine_contrastive.refinement_loss(
@@ -109,7 +109,8 @@ def test_teacher_step_with_an_ad_graph_stays_on_the_device(encoder, tmp_path):
     path.write_text("node_id\tneighbor_id\tweight\n0\t1\t2\n0\t2\t1\n1\t0\t2\n")
     graph = read_graph(str(path), lambda ids: [int(i) for i in ids], 4, columns=("node_id", "neighbor_id", "weight"),
                        what="ad")  # fmt: skip
-    collate = train_teacher.PairCollator(encoder, 1, [f"ad {i}" for i in range(8)], args.seed, graph, 2)
+    graphs = [(graph, "positive_node")]  # the graph and the row field naming each row's node in it
+    collate = train_teacher.PairCollator(encoder, 1, [f"ad {i}" for i in range(8)], args.seed, graphs, 2)
     collate.node_texts = {i: f"ad {i}" for i in range(4)}
     batch = send_to_device(collate(rows), DEVICE)
     loss, logs = train_teacher.teacher_loss(OnDevice(encoder)(**batch["inputs"]), batch, args)
