@@ -204,7 +204,7 @@ def test_stages_are_never_pushed_keep_the_runs_flags_and_continue_the_trackers_s
 
     import common.hub
 
-    teacher = make_tiny_bert(tmp_path / "teacher6", layers=6)  # the default: 4 layers aligned, pruned to 2
+    teacher = make_tiny_bert(tmp_path / "teacher6", layers=6)  # --progressive_from 4: 4 layers aligned, pruned to 2
     pushed, tracker_steps, checkpointing, loads = [], [], [], []
     monkeypatch.setattr(common.hub, "push_to_hub", lambda folder, *args, **kwargs: pushed.append(folder))
     real_log = accelerate.Accelerator.log
@@ -225,7 +225,8 @@ def test_stages_are_never_pushed_keep_the_runs_flags_and_continue_the_trackers_s
     monkeypatch.setattr(Encoder, "from_pretrained", from_pretrained)
     output = str(tmp_path / "student")
     run = ["--teacher_model", teacher, "--query_file", small_data["queries"], "--student_num_layers", "2",
-           "--per_device_train_batch_size", "8", "--max_train_steps", "6", "--calibration_queries", "16",
+           "--progressive_from", "4", "--per_device_train_batch_size", "8", "--max_train_steps", "6",
+           "--calibration_queries", "16",
            "--logging_steps", "1", "--gradient_checkpointing", "--output_dir", output]  # fmt: skip
     distill_student.main([*run, "--push_to_hub", "--hub_model_id", "you/student"])
     assert pushed == [output]  # not stages/stage0
