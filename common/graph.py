@@ -26,8 +26,10 @@ class Graph:
     """Weighted directed edges between nodes 0..num_nodes-1 in CSR form: the neighbours of node n are
     targets[offsets[n]:offsets[n+1]] with their weights, sorted by neighbour."""
 
-    def __init__(self, offsets, targets, weights, source):
+    def __init__(self, offsets, targets, weights, source, file_edges=None):
         self.offsets, self.targets, self.weights, self.source = offsets, targets, weights, source
+        # A graph derived from a file's edges (a query graph turned into query -> ad targets): the file's count.
+        self.file_edges = file_edges
 
     @property
     def num_nodes(self):
@@ -300,8 +302,11 @@ def log_graph(logger, graph, anchor_nodes, what):
             f"{graph.source}: none of the {len(anchor_nodes):,} training rows' {what} has a neighbour in the graph; "
             "check that the graph names the same ids as the training data."
         )
+    edges = f"{graph.num_edges:,} edges"
+    if graph.file_edges is not None:
+        edges = f"{graph.file_edges:,} edges between queries, giving {graph.num_edges:,} query -> ad targets"
     logger.info(
-        f"Graph {graph.source}: {graph.num_edges:,} edges; {covered:,} of {len(anchor_nodes):,} training rows "
+        f"Graph {graph.source}: {edges}; {covered:,} of {len(anchor_nodes):,} training rows "
         f"({100 * covered / len(anchor_nodes):.1f}%) have a {what} with neighbours (mean degree "
         f"{degrees[degrees > 0].mean():.1f})"
     )
@@ -385,4 +390,5 @@ def read_query_graph(path, query_ids, clicked, *, columns, what):
     summed = np.bincount(inverse, weights=weights[kept], minlength=len(edge_keys)).astype(np.float32)
     offsets = np.zeros(len(node_of) + 1, dtype=np.int64)
     np.add.at(offsets, edge_keys // num_ads + 1, 1)
-    return Graph(np.cumsum(offsets), edge_keys % num_ads, summed, path), query_nodes
+    targets = Graph(np.cumsum(offsets), edge_keys % num_ads, summed, path, file_edges=queries.num_edges)
+    return targets, query_nodes

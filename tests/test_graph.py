@@ -224,11 +224,18 @@ def test_a_query_graph_gives_each_query_the_ads_its_neighbours_clicked(tmp_path)
     assert graph.offsets.tolist() == [0, 1, 2, 2, 4, 6]
     assert graph.targets.tolist() == [2, 0, 0, 1, 0, 1]
     assert graph.weights.tolist() == [1.0, 0.5, 2.0, 2.0, 0.5, 1.5]
+    assert graph.file_edges == 6  # the file's edges between queries, which the log reports beside the 6 targets
     with pytest.raises(UserError, match=r"sessions.tsv line 2, column 'neighbor_id': id 'Z' is not a training query"):
         read_query_graph(write(tmp_path, "sessions.tsv", HEADER + "A\tZ\t1\n"), ["A"], [0], columns=COLUMNS,
                          what="a training query")  # fmt: skip
     with pytest.raises(UserError, match=r"gone.tsv' does not exist; check --query_graph_file"):
         read_query_graph(str(tmp_path / "gone.tsv"), ["A"], [0], columns=COLUMNS, what="a training query")
+
+
+QUERY_GRAPH_LOG = (
+    r"query_graph.tsv: \d+ edges between queries, giving \d+ query -> ad targets; \d+ of 96 training rows "
+    r"\([\d.]+%\) have a query with"
+)
 
 
 def test_refinement_with_the_demo_query_graph(small_data, tiny_bert, tmp_path, caplog):
@@ -238,7 +245,7 @@ def test_refinement_with_the_demo_query_graph(small_data, tiny_bert, tmp_path, c
             "--per_device_train_batch_size", "16", "--num_random_negatives", "8", "--logging_steps", "1",
             "--query_graph_file", small_data["query_graph"]]  # fmt: skip
     results = refine_contrastive.main([*args, "--output_dir", str(tmp_path / "queries")])
-    assert re.search(r"query_graph.tsv: \d+ edges; \d+ of 96 training rows \([\d.]+%\) have a query with", caplog.text)
+    assert re.search(QUERY_GRAPH_LOG, caplog.text)
     assert results["train_graph_loss"] > 0 and math.isfinite(results["train_loss"])
     both = refine_contrastive.main([*args, "--ad_graph_file", small_data["ad_graph"], "--output_dir",
                                     str(tmp_path / "both")])  # fmt: skip
@@ -257,7 +264,7 @@ def test_teacher_with_the_demo_query_graph(small_data, tiny_bert, tmp_path, capl
     args = ["--model_name_or_path", tiny_bert, "--max_train_steps", "2", "--per_device_train_batch_size", "16",
             "--train_file", small_data["train"], "--query_graph_file", small_data["query_graph"]]  # fmt: skip
     results = train_teacher.main([*args, "--output_dir", str(tmp_path / "queries")])  # the ads are the positives
-    assert re.search(r"query_graph.tsv: \d+ edges; \d+ of 96 training rows \([\d.]+%\) have a query with", caplog.text)
+    assert re.search(QUERY_GRAPH_LOG, caplog.text)
     assert results["train_graph_loss"] > 0
     both = train_teacher.main([*args, "--ad_graph_file", small_data["ad_graph"], "--corpus_file", small_data["ads"],
                                "--output_dir", str(tmp_path / "both")])  # fmt: skip
