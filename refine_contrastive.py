@@ -91,10 +91,18 @@ def parse_args(argv=None):
     group.add_argument("--train_file", default=None, help="Clicks; default: the built-in data.")
     group.add_argument(
         "--pseudo_queries",
-        choices=["first_sentence"],
+        choices=["first_sentence", "first_words"],
         default=None,
         help="No clicks: train on pseudo-clicks made from the corpus instead of --train_file: each ad's first "
-        "sentence (its title, when the text starts with one) is a query whose click is that ad.",
+        "sentence (its title, when the text starts with one) is a query whose click is that ad; first_words: its "
+        "first --pseudo_query_words words (for texts without sentence punctuation).",
+    )
+    group.add_argument(
+        "--pseudo_query_words",
+        type=positive_int,
+        default=None,
+        help="With --pseudo_queries first_words: the words of each pseudo-query (ads of no more words give none); "
+        "default 8.",
     )
     group.add_argument("--train_split", default="train")
     group.add_argument("--query_column", default="query")
@@ -200,22 +208,35 @@ def read_clicks(args, store):
     return clicks
 
 
-def pseudo_clicks(ads, min_words=3):
+def pseudo_clicks(ads, min_words=3, words=None):
     """Clicks made from the corpus alone: (first sentence of an ad -> that ad), for ads whose first sentence
-    has at least `min_words` words and is not the whole text (the query must say less than the ad). `ads` gives
-    (id, text) in the store's row order (the corpus file the store was built from, streamed)."""
+    has at least `min_words` words and is not the whole text (the query must say less than the ad); with
+    `words`, (the ad's first `words` words -> the ad) for ads of more words. `ads` gives (id, text) in the
+    store's row order (the corpus file the store was built from, streamed)."""
     clicks, count = [], 0
     for row, (_, text) in enumerate(ads):
         count += 1
-        first = re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0].strip()
-        if len(first.split()) >= min_words and len(first) < len(text.strip()):
+        if words is None:
+            first = re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0].strip()
+            made = len(first.split()) >= min_words and len(first) < len(text.strip())
+        else:
+            split = text.split()
+            first, made = " ".join(split[:words]), len(split) > words
+        if made:
             clicks.append({"query": first, "positive": row, "negatives": [], "group": text_key(text)})
-    if not clicks:
+    if not clicks and words is None:
         raise UserError(
             f"No ad has a first sentence of at least {min_words} words followed by more text, so --pseudo_queries "
-            "makes no click; give real clicks with --train_file."
+            "first_sentence makes no click; use --pseudo_queries first_words for texts without sentence "
+            "punctuation, or give real clicks with --train_file."
         )
-    logger.info(f"Pseudo-clicks: {len(clicks)} of {count} ads give their first sentence as a query")
+    if not clicks:
+        raise UserError(
+            f"No ad has more than {words} words, so --pseudo_queries first_words makes no click; lower "
+            "--pseudo_query_words, or give real clicks with --train_file."
+        )
+    made_of = "first sentence" if words is None else f"first {words} words"
+    logger.info(f"Pseudo-clicks: {len(clicks)} of {count} ads give their {made_of} as a query")
     return clicks
 
 
@@ -330,6 +351,8 @@ def main(argv=None):
     check_has_negatives(args, args.num_random_negatives)
     if args.pseudo_queries and args.query_graph_file:
         raise UserError("--query_graph_file names the queries of --train_file; pseudo-clicks have none, so drop it.")
+    if args.pseudo_query_words is not None and args.pseudo_queries != "first_words":
+        raise UserError("--pseudo_query_words sets the length of --pseudo_queries first_words; add that, or drop it.")
     if args.pseudo_queries and args.train_file:
         raise UserError(
             "--pseudo_queries makes the clicks from the corpus; drop --train_file, or drop --pseudo_queries."
@@ -375,7 +398,8 @@ def main(argv=None):
     )
     teacher.release()
     if args.pseudo_queries:
-        clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column))
+        words = (args.pseudo_query_words or 8) if args.pseudo_queries == "first_words" else None
+        clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column), words=words)
     else:
         clicks = read_clicks(args, ad_store)
     graphs, columns = [], (args.graph_node_column, args.graph_neighbor_column, args.graph_weight_column)

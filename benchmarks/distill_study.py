@@ -53,9 +53,10 @@ import distill_student  # noqa: E402
 import encode  # noqa: E402
 import evaluate  # noqa: E402  (the repository's evaluate.py)
 import refine_contrastive  # noqa: E402
-from common.data import read_qrels  # noqa: E402
+from common.data import iter_corpus, read_qrels  # noqa: E402
 from common.demo_data import demo_base_model  # noqa: E402
 from common.encoder import Encoder  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.retrieval import (  # noqa: E402
     bootstrap_ratio_interval,
     build_index,
@@ -143,6 +144,16 @@ def protocol_recipes():
                     text=text,
                 )
     return recipes
+
+
+def pseudo_queries(documents_file):
+    """Phase 3's pseudo-clicks: each document's first sentence, or its first 8 words where no document has a
+    sentence end (NPL's texts are unpunctuated)."""
+    try:
+        refine_contrastive.pseudo_clicks(iter_corpus(documents_file, "id", "text"))
+        return "first_sentence"
+    except UserError:
+        return "first_words"
 
 
 # One pass over the label-free texts at batch 64 for every trained student (the reference budget).
@@ -467,7 +478,8 @@ def main(argv=None):
                     started = time.perf_counter()
                     refine_contrastive.main([
                         "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries",
-                        "first_sentence", "--corpus_file", paths["documents"], "--ad_store", document_store.folder,
+                        pseudo_queries(paths["documents"]), "--corpus_file", paths["documents"], "--ad_store",
+                        document_store.folder,
                         "--output_dir", refined, "--overwrite_output_dir", "--logging_steps", "100",
                         "--seed", str(seed), *recipe.refine,
                     ])  # fmt: skip

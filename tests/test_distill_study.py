@@ -74,3 +74,11 @@ def test_with_one_seed_the_verdict_is_undecided():
     rows = [*runs("ads-default-2", "a", [0.90]), *runs("ads-cut-2", "a", [0.99])]
     rows += [*runs("ads-default-2", "b", [0.90]), *runs("ads-cut-2", "b", [0.99])]
     assert "ads-cut-2 against ads-default-2: undecided" in "\n".join(distill_study.leave_one_out(rows))
+
+
+def test_phase_3_pseudo_queries_are_first_words_only_where_no_document_has_a_sentence_end(tmp_path):
+    punctuated, unpunctuated = tmp_path / "cisi.jsonl", tmp_path / "npl.jsonl"
+    punctuated.write_text('{"id": "1", "text": "A study of libraries. They keep books."}\n')
+    unpunctuated.write_text('{"id": "1", "text": "compact memories have flexible capacities a digital data storage"}\n')
+    assert distill_study.pseudo_queries(str(punctuated)) == "first_sentence"
+    assert distill_study.pseudo_queries(str(unpunctuated)) == "first_words"

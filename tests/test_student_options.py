@@ -133,8 +133,20 @@ def test_pseudo_clicks_are_first_sentences_of_the_ads():
     clicks = refine_contrastive.pseudo_clicks(enumerate(texts))  # (id, text) as the corpus is streamed
     assert [(click["query"], click["positive"]) for click in clicks] == [("Cheap boats for rent.", 0), ("A b c?", 3)]
     assert clicks[0]["group"] == text_key(texts[0])  # masks only ads of the same text
-    with pytest.raises(UserError, match="makes no click"):
+    with pytest.raises(UserError, match="first_sentence makes no click; use --pseudo_queries first_words"):
         refine_contrastive.pseudo_clicks([("x", "One sentence only.")])
+
+
+def test_pseudo_clicks_of_unpunctuated_ads_are_their_first_words():
+    texts = ["compact memories have flexible capacities a digital data storage", "too short an ad", "a b c d e"]
+    clicks = refine_contrastive.pseudo_clicks(enumerate(texts), words=4)
+    assert [(click["query"], click["positive"]) for click in clicks] == [("compact memories have flexible", 0),
+                                                                         ("a b c d", 2)]  # fmt: skip
+    assert clicks[1]["group"] == text_key(texts[2])
+    with pytest.raises(UserError, match="first_sentence makes no click"):  # no sentence ends: nothing to click
+        refine_contrastive.pseudo_clicks(enumerate(texts))
+    with pytest.raises(UserError, match=r"No ad has more than 9 words.*lower --pseudo_query_words"):
+        refine_contrastive.pseudo_clicks(enumerate(texts), words=9)
 
 
 def test_refinement_on_pseudo_clicks_without_a_train_file(small_data, tiny_bert, tmp_path):
@@ -147,6 +159,17 @@ def test_refinement_on_pseudo_clicks_without_a_train_file(small_data, tiny_bert,
                                        "--num_random_negatives", "8", "--store_dir", str(tmp_path / "stores"),
                                        *FAST])  # fmt: skip
     assert results["steps"] == 2 and np.isfinite(results["train_loss"])
+    words = refine_contrastive.main(["--student_model", str(student), "--teacher_model", tiny_bert,
+                                     "--corpus_file", small_data["ads"], "--pseudo_queries", "first_words",
+                                     "--pseudo_query_words", "3", "--output_dir", str(tmp_path / "words"),
+                                     "--max_train_steps", "2", "--num_random_negatives", "8", "--store_dir",
+                                     str(tmp_path / "stores"), *FAST])  # fmt: skip
+    assert words["steps"] == 2 and words["train_loss"] != results["train_loss"]
+    with pytest.raises(UserError, match="--pseudo_query_words sets the length of --pseudo_queries first_words"):
+        refine_contrastive.main(["--student_model", str(student), "--corpus_file", small_data["ads"],
+                                 "--pseudo_queries", "first_sentence", "--pseudo_query_words", "3",
+                                 "--output_dir", str(tmp_path / "y")])  # fmt: skip
+    assert not (tmp_path / "y").exists()
     with pytest.raises(UserError, match="drop --train_file"):  # fmt: skip
         refine_contrastive.main(
             [
