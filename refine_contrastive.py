@@ -69,6 +69,9 @@ from common.surgery import evenly_spaced_layers
 SCRIPT = "refine_contrastive.py"
 
 
+PSEUDO_QUERY_WORDS = 8  # --pseudo_queries first_words: the words of a pseudo-query when not given
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Models
@@ -102,7 +105,7 @@ def parse_args(argv=None):
         type=positive_int,
         default=None,
         help="With --pseudo_queries first_words: the words of each pseudo-query (ads of no more words give none); "
-        "default 8.",
+        f"default {PSEUDO_QUERY_WORDS}.",
     )
     group.add_argument("--train_split", default="train")
     group.add_argument("--query_column", default="query")
@@ -398,7 +401,7 @@ def main(argv=None):
     )
     teacher.release()
     if args.pseudo_queries:
-        words = (args.pseudo_query_words or 8) if args.pseudo_queries == "first_words" else None
+        words = (args.pseudo_query_words or PSEUDO_QUERY_WORDS) if args.pseudo_queries == "first_words" else None
         clicks = pseudo_clicks(iter_corpus(args.corpus_file, args.id_column, args.text_column), words=words)
     else:
         clicks = read_clicks(args, ad_store)

@@ -147,8 +147,8 @@ def protocol_recipes():
 
 
 def pseudo_queries(documents_file):
-    """Phase 3's pseudo-clicks: each document's first sentence, or its first 8 words where no document has a
-    sentence end (NPL's texts are unpunctuated)."""
+    """Phase 3's pseudo-clicks: each document's first sentence, or its first words (refine_contrastive.py's
+    --pseudo_query_words) where no document has a sentence end (NPL's texts are unpunctuated)."""
     try:
         refine_contrastive.pseudo_clicks(iter_corpus(documents_file, "id", "text"))
         return "first_sentence"
@@ -416,6 +416,7 @@ def main(argv=None):
     for collection in names:
         collection_work = os.path.join(work, collection)
         paths = prepare_collection(os.path.join(data_root, collection), collection_work)
+        pseudo_query_mode = None  # phase 3's --pseudo_queries for this collection, found at its first +refine row
         document_store = encode_store(
             teacher_path, paths["documents"], "ad", os.path.join(collection_work, "stores", "teacher-documents"), "text"
         )
@@ -475,11 +476,11 @@ def main(argv=None):
                 ):
                     output = refined  # refined by an earlier study run
                 elif recipe.refine is not None:
+                    pseudo_query_mode = pseudo_query_mode or pseudo_queries(paths["documents"])
                     started = time.perf_counter()
                     refine_contrastive.main([
                         "--student_model", output, "--teacher_model", teacher_path, "--pseudo_queries",
-                        pseudo_queries(paths["documents"]), "--corpus_file", paths["documents"], "--ad_store",
-                        document_store.folder,
+                        pseudo_query_mode, "--corpus_file", paths["documents"], "--ad_store", document_store.folder,
                         "--output_dir", refined, "--overwrite_output_dir", "--logging_steps", "100",
                         "--seed", str(seed), *recipe.refine,
                     ])  # fmt: skip
