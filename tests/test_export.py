@@ -229,7 +229,8 @@ print(json.dumps(model.encode(json.loads(sys.argv[3]), batch_size=1).tolist()))
 def test_sentence_transformers_onnx_backend_loads_the_export(projected_student, tiny_bert, small_data, tmp_path):
     """sentence-transformers' ONNX backend needs optimum, whose releases pin transformers < 4.58 while this
     project runs transformers 5: the check runs in a separate virtual environment with the newest
-    sentence-transformers[onnx] that installs (5.7), as a user's serving image would have it."""
+    sentence-transformers[onnx] that installs (5.7), installed from its lock file as a user's serving image
+    would have it (tests/st_onnx_serving.txt says how the lock was made)."""
     out = str(tmp_path / "serving")
     export.main(
         gate_args(projected_student, tiny_bert, small_data, out, "--min_overlap", "0.9", "--speed_queries", "0")
@@ -237,12 +238,15 @@ def test_sentence_transformers_onnx_backend_loads_the_export(projected_student, 
     venv = tmp_path / "st-onnx"
     root = os.path.dirname(export.__file__)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # --no-compile: no bytecode for the whole of torch and transformers up front (only what is imported)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile",
-                              "sentence-transformers[onnx]==5.7.0"],
+    # --no-compile: no bytecode for the whole of torch and transformers up front (only what is imported);
+    # --no-deps: the lock file is the whole environment, and `pip check` proves it is consistent
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "--no-deps", "-r",
+                              os.path.join(root, "tests", "st_onnx_serving.txt")],
                              env={**os.environ, "PIP_CONSTRAINT": os.path.join(root, "constraints.txt")},
                              capture_output=True, text=True)  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]
+    consistent = subprocess.run([str(venv / "bin" / "pip"), "check"], capture_output=True, text=True)
+    assert consistent.returncode == 0, consistent.stdout[-2000:]
     student = Encoder.from_pretrained(projected_student)
     for file_name in ("onnx/model.onnx", "onnx/model_qint8.onnx"):
         loaded = subprocess.run([str(venv / "bin" / "python"), "-c", ST_ONNX_CHECK, out, file_name,
